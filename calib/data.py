@@ -1,0 +1,203 @@
+"""Text sources and calibration sampling.
+
+Named sources (``wikitext2``, ``c4``, ``ptb``) load from a local data directory when one is given
+(``--data-dir`` or the ``COMPRESS_DATA_DIR`` environment variable) and from the Hugging Face hub
+otherwise. Local layout, one folder per source::
+
+    wikitext-2-raw/wiki.<split>.raw  or  wikitext-2-raw/<split>.hf_rows.jsonl   ({"text"} rows)
+    c4/c4-<split>.*.jsonl[.gz]                                                  ({"text"} docs)
+    ptb/ptb.<split>.txt                                                         (one sentence a line)
+
+Any other source is a path to a ``.txt``, ``.jsonl`` (a ``text`` field) or ``.parquet`` file.
+
+Calibration sampling: the documents are joined with "\\n\\n" and tokenized once; the token stream
+is cut into non-overlapping ``seqlen`` chunks and ``samples`` of them are drawn without replacement
+with a seeded generator. The same (source, tokenizer, samples, seqlen, seed) always gives the same
+tensor; a source with fewer than samples × seqlen tokens is an error.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CompressError
+
+DATA_DIR_ENV = "COMPRESS_DATA_DIR"
+NAMED_SOURCES = ("wikitext2", "c4", "ptb")
+_SPLIT_ALIASES = {"validation": "valid", "val": "valid", "dev": "valid"}
+
+
+@dataclass
+class CalibConfig:
+    """Calibration settings: source, number of sequences, their length, seed, forward batch size."""
+
+    source: str = "c4"
+    samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        for k in ("samples", "seqlen", "batch_size"):
+            if int(getattr(self, k)) < 1:
+                raise CompressError(f"calibration {k} must be a positive integer, got {getattr(self, k)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CalibConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CompressError(f"unknown calibration key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        types = {"samples": int, "seqlen": int, "seed": int, "batch_size": int, "source": str, "split": str}
+        try:
+            return cls(**{k: types[k](v) for k, v in d.items()})
+        except (TypeError, ValueError) as e:
+            raise CompressError(f"invalid calibration setting: {e}") from None
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
+    """The local data directory: the argument, else $COMPRESS_DATA_DIR, else None (use the hub)."""
+    d = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    if d is None:
+        return None
+    p = Path(d).expanduser()
+    if not p.is_dir():
+        raise CompressError(f"data directory '{p}' does not exist; pass --data-dir or set {DATA_DIR_ENV} to a folder holding wikitext-2-raw/, c4/, ptb/")
+    return p
+
+
+def _read_jsonl(path: Path, field: str = "text") -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if field not in row:
+                raise CompressError(f"{path}: line {i + 1} has no '{field}' field")
+            out.append(str(row[field]))
+    return out
+
+
+def _read_file(path: Path) -> list[str]:
+    suffixes = "".join(path.suffixes[-2:])
+    if path.suffix == ".txt" or path.suffix == ".raw":
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix == ".jsonl" or suffixes == ".jsonl.gz":
+        return _read_jsonl(path)
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise CompressError("reading .parquet needs pyarrow: pip install 'compress[parquet]'") from None
+        table = pq.read_table(path, columns=["text"])
+        return [str(t) for t in table.column("text").to_pylist()]
+    raise CompressError(f"unsupported data file '{path}': use .txt, .jsonl (a 'text' field) or .parquet")
+
+
+def _local_named(source: str, split: str, root: Path) -> list[str]:
+    s = _SPLIT_ALIASES.get(split, split)
+    if source == "wikitext2":
+        raw = root / "wikitext-2-raw" / f"wiki.{s}.raw"
+        rows = root / "wikitext-2-raw" / f"{s}.hf_rows.jsonl"
+        if rows.is_file():
+            return _read_jsonl(rows)
+        if raw.is_file():
+            return [raw.read_text(encoding="utf-8")]
+        candidates = [rows, raw]
+    elif source == "c4":
+        hf_split = "validation" if s == "valid" else s
+        files = sorted(glob.glob(str(root / "c4" / f"c4-{hf_split}.*.json*")))
+        if files:
+            return [d for f in files for d in _read_jsonl(Path(f))]
+        candidates = [root / "c4" / f"c4-{hf_split}.*.jsonl"]
+    else:  # ptb
+        p = root / "ptb" / f"ptb.{s}.txt"
+        if p.is_file():
+            return [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+        candidates = [p]
+    raise CompressError(
+        f"{source} split '{split}' not found in data directory '{root}' (looked for {', '.join(map(str, candidates))}); "
+        "use another source or split (e.g. --calib c4), or add the file"
+    )
+
+
+def _hub_named(source: str, split: str) -> list[str]:
+    from ..hub import hub_reachable
+
+    if not hub_reachable():
+        raise CompressError(
+            f"no local data directory for {source} and the Hugging Face hub is unreachable: "
+            f"pass --data-dir DIR or set {DATA_DIR_ENV} to a folder holding wikitext-2-raw/, c4/, ptb/"
+        )
+    try:
+        import datasets
+    except ImportError:
+        raise CompressError(
+            f"no local data directory and the 'datasets' package is missing: pass --data-dir or set {DATA_DIR_ENV}, "
+            "or pip install 'compress[hub]'"
+        ) from None
+    try:
+        if source == "wikitext2":
+            return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
+        if source == "ptb":
+            return list(datasets.load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
+        shard = "en/c4-train.00000-of-01024.json.gz" if split == "train" else "en/c4-validation.00000-of-00008.json.gz"
+        hf_split = "train" if split == "train" else "validation"
+        return list(datasets.load_dataset("allenai/c4", data_files={hf_split: shard}, split=hf_split)["text"])
+    except Exception as e:  # network, missing dataset, ...
+        raise CompressError(
+            f"could not load {source} ({split}) from the hub ({type(e).__name__}); offline? "
+            f"pass --data-dir or set {DATA_DIR_ENV} to a local data folder"
+        ) from None
+
+
+def load_documents(source: str, split: str = "train", data_dir: str | Path | None = None) -> list[str]:
+    """Documents of a named source (wikitext2, c4, ptb) or of a local file."""
+    if source not in NAMED_SOURCES:
+        p = Path(source).expanduser()
+        if not p.is_file():
+            raise CompressError(
+                f"unknown data source '{source}': use one of {', '.join(NAMED_SOURCES)} or a path to a .txt/.jsonl/.parquet file"
+            )
+        return _read_file(p)
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        return _local_named(source, split, root)
+    return _hub_named(source, split)
+
+
+def join_documents(source: str, docs: list[str]) -> str:
+    """The evaluation/calibration text: PTB sentences joined by spaces, other sources by blank lines
+    (the convention of the GPTQ/SparseGPT evaluation code)."""
+    return (" " if source == "ptb" else "\n\n").join(docs)
+
+
+def calibration_ids(tokenizer: Any, cfg: CalibConfig, data_dir: str | Path | None = None) -> torch.Tensor:
+    """``cfg.samples`` sequences of ``cfg.seqlen`` tokens, shape (samples, seqlen), reproducible."""
+    docs = load_documents(cfg.source, cfg.split, data_dir)
+    text = join_documents(cfg.source, docs)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n_chunks = ids.numel() // cfg.seqlen
+    if n_chunks < cfg.samples:
+        raise CompressError(
+            f"calibration source '{cfg.source}' has {ids.numel()} tokens, fewer than samples x seqlen = "
+            f"{cfg.samples} x {cfg.seqlen}; lower --calib-samples/--calib-seqlen or use a larger source"
+        )
+    g = torch.Generator().manual_seed(cfg.seed)
+    picks = torch.randperm(n_chunks, generator=g)[: cfg.samples]
+    chunks = ids[: n_chunks * cfg.seqlen].view(n_chunks, cfg.seqlen)
+    return chunks[picks].clone()

@@ -1,0 +1,29 @@
+"""compress: post-training compression of Hugging Face causal LMs.
+
+``from compress import compress, load``. Heavy or optional packages (transformers, lm-eval, CUDA
+extensions) are imported only when a function needs them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .version import __version__
+
+__all__ = ["__version__", "compress", "load", "run", "evaluate", "CalibConfig", "CompressError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("compress", "load", "run", "evaluate"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "CalibConfig":
+        from .calib.data import CalibConfig
+
+        return CalibConfig
+    if name == "CompressError":
+        from .errors import CompressError
+
+        return CompressError
+    raise AttributeError(f"module 'compress' has no attribute {name!r}")

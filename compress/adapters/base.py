@@ -1,0 +1,67 @@
+"""Architecture adapters.
+
+To add a new model family: create ``compress/adapters/<family>.py`` with a :class:`ModelAdapter`
+instance naming the ``config.model_type`` values it covers, where the decoder layers live and the
+sequential sub-groups of linears (modules whose inputs do not depend on each other, in execution
+order), then add it to ``ADAPTERS`` in ``compress/adapters/__init__.py``. Families not listed fall
+back to :data:`GENERIC`, which treats every ``nn.Linear`` inside the decoder layers as a target in
+one group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Declarative knowledge of one model family."""
+
+    name: str
+    #: ``config.model_type`` values this adapter covers (empty for the generic fallback)
+    model_types: tuple[str, ...] = ()
+    #: dotted path of the ``nn.ModuleList`` of decoder layers
+    layers_path: str = "model.layers"
+    #: linears (names relative to a decoder layer) in groups that run one after the other;
+    #: a later group is calibrated on the outputs of the already compressed earlier groups
+    sequential_groups: tuple[tuple[str, ...], ...] = ()
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of ``model``."""
+        obj: nn.Module = model
+        for part in self.layers_path.split("."):
+            obj = getattr(obj, part)
+        assert isinstance(obj, nn.ModuleList)
+        return obj
+
+    def groups(self, layer: nn.Module) -> list[list[str]]:
+        """Sequential groups of the linears of ``layer`` that exist; linears not named in any
+        group are appended as a last group so that nothing is silently skipped."""
+        linears = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
+        present = set(linears)
+        groups = [[n for n in g if n in present] for g in self.sequential_groups]
+        groups = [g for g in groups if g]
+        named = {n for g in groups for n in g}
+        rest = [n for n in linears if n not in named]
+        if rest:
+            groups.append(rest)
+        return groups
+
+
+def find_layers_path(model: nn.Module) -> str | None:
+    """Locate the decoder layers of an unknown architecture: the ``nn.ModuleList`` whose length is
+    ``config.num_hidden_layers`` (or the longest one holding linears)."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best: tuple[int, str] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+            continue
+        if n_layers is not None and len(mod) == n_layers:
+            return name
+        if best is None or len(mod) > best[0]:
+            best = (len(mod), name)
+    return None if best is None else best[1]

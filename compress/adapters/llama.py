@@ -1,0 +1,18 @@
+"""Llama-family decoders: Llama, Mistral, Qwen2, Qwen3 (GQA included; the k/v projections are
+simply narrower than q)."""
+
+from .base import ModelAdapter
+
+_ATTN_MLP_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+LLAMA = ModelAdapter(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    layers_path="model.layers",
+    sequential_groups=_ATTN_MLP_GROUPS,
+)

@@ -1,0 +1,264 @@
+"""The compressed checkpoint: save, load, dense export.
+
+Layout of an output directory::
+
+    config.json, generation_config.json    the source model's HF config
+    tokenizer files
+    model.safetensors                      compressed state dict (or model-0000i-of-0000N.safetensors
+                                           + model.safetensors.index.json when larger than a shard)
+    manifest.json                          format version, library version, source model and weight
+                                           fingerprint, resolved recipe, calibration, and per module:
+                                           compressed type, constructor spec, pass, measured error
+    recipe.yaml                            the resolved recipe
+    dense/                                 (--export dense) plain HF checkpoint, factors multiplied out
+
+Every write goes to a temporary sibling directory that is renamed into place at the end, so a crash
+never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import CompressError
+from .modules import MODULE_TYPES
+from .version import FORMAT_VERSION, __version__
+
+MANIFEST = "manifest.json"
+SHARD_BYTES = 2 * 1024**3
+_FORMAT = "compress-checkpoint"
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out`` only when the block finishes without error."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CompressError(f"output directory '{out}' exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _apply_umask(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _apply_umask(root: Path) -> None:
+    """mkdtemp and some writers create private files; give the finished tree the usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for dirpath, _dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied weights); return (tensors, alias → kept name)."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_ptr: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    # the input embedding is kept over a tied output head
+    for name in sorted(state, key=lambda n: ("lm_head" in n, n)):
+        t = state[name]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in by_ptr:
+            aliases[name] = by_ptr[key]
+            continue
+        by_ptr[key] = name
+        kept[name] = t.detach().to("cpu").contiguous()
+    return kept, aliases
+
+
+def write_weights(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Write safetensors, sharded in the HF layout when larger than ``shard_bytes``."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    files = []
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        files.append(fname)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True)
+    )
+    return files
+
+
+def _read_weights(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        p = directory / f
+        if not p.is_file():
+            raise CompressError(f"checkpoint '{directory}' is incomplete: weight file '{f}' is missing")
+        state.update(load_file(str(p)))
+    return state
+
+
+def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every compressed module of ``model`` by name (types listed in MODULE_TYPES)."""
+    types = tuple(MODULE_TYPES.values())
+    return {n: m for n, m in model.named_modules() if isinstance(m, types)}
+
+
+def save_checkpoint(
+    model: nn.Module,
+    tokenizer: Any,
+    directory: Path,
+    manifest: dict[str, Any],
+    recipe_yaml: str | None = None,
+) -> None:
+    """Write the compressed model into ``directory`` (which must exist and be empty)."""
+    model.config.save_pretrained(directory)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        with contextlib.suppress(Exception):
+            gen.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    state, aliases = _dedupe(model.state_dict())
+    files = write_weights(state, directory)
+    modules = {
+        name: {"type": type(m).__name__, "spec": m.spec()}  # type: ignore[operator]
+        for name, m in compressed_modules(model).items()
+    }
+    for name, entry in modules.items():
+        entry.update(manifest.get("modules", {}).get(name, {}))
+    full = {
+        "format": _FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        **{k: v for k, v in manifest.items() if k != "modules"},
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "weights": {"files": files, "tied": aliases},
+        "modules": modules,
+    }
+    (directory / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str) + "\n")
+    if recipe_yaml is not None:
+        (directory / "recipe.yaml").write_text(recipe_yaml)
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    d = Path(directory)
+    p = d / MANIFEST
+    if not p.is_file():
+        raise CompressError(f"'{d}' is not a compressed checkpoint (no {MANIFEST}); run 'compress run' to make one")
+    try:
+        manifest = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise CompressError(f"'{p}' is not valid JSON; the checkpoint is damaged") from None
+    if manifest.get("format") != _FORMAT:
+        raise CompressError(f"'{p}' is not a compress manifest")
+    version = int(manifest.get("format_version", 0))
+    if version > FORMAT_VERSION:
+        raise CompressError(
+            f"checkpoint '{d}' has format version {version}, newer than this library reads ({FORMAT_VERSION}); upgrade compress"
+        )
+    return manifest
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def load_checkpoint(
+    directory: str | Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> tuple[nn.Module, Any]:
+    """Rebuild a compressed model with its compressed modules and load its weights exactly."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d = Path(directory)
+    manifest = read_manifest(d)
+    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    try:
+        config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CompressError(f"checkpoint '{d}' is incomplete: cannot read config.json ({str(e).splitlines()[0][:120]})") from None
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, entry in manifest.get("modules", {}).items():
+        cls = MODULE_TYPES.get(entry["type"])
+        if cls is None:
+            raise CompressError(
+                f"checkpoint '{d}' uses module type '{entry['type']}' unknown to this version; upgrade compress"
+            )
+        _set_submodule(model, name, cls.from_spec(entry["spec"], dtype=dtype))  # type: ignore[attr-defined]
+    state = _read_weights(d, manifest["weights"]["files"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = manifest["weights"].get("tied", {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CompressError(
+            f"checkpoint '{d}' does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for alias, src in tied.items():
+            if alias in params and src in params and params[alias] is not params[src]:
+                params[alias].copy_(params[src])
+    model.to(device)
+    model.eval()
+    tokenizer = None
+    with contextlib.suppress(Exception):
+        tokenizer = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the equivalent plain model: every compressed module multiplied out."""
+    state = dict(model.state_dict())
+    for name, m in compressed_modules(model).items():
+        for k in [k for k in state if k.startswith(name + ".")]:
+            del state[k]
+        with torch.no_grad():
+            state[f"{name}.weight"] = m.dense_weight().detach()  # type: ignore[operator]
+            bias = getattr(m, "bias", None)
+            if bias is not None:
+                state[f"{name}.bias"] = bias.detach()
+    return state
+
+
+def export_dense(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """Write a plain HF checkpoint (``from_pretrained`` without trust_remote_code) into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        with contextlib.suppress(Exception):
+            gen.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    state, _ = _dedupe(dense_state_dict(model))  # a tied head is re-tied by transformers on load
+    write_weights(state, directory)

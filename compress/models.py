@@ -1,0 +1,152 @@
+"""Loading a causal LM from a hub ID, a local directory, or a directory holding a GGUF file."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CompressError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.msgpack", "*.h5")
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise CompressError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(sorted(set(_DTYPES)))}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CompressError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+    return dev
+
+
+def _gguf_file(directory: Path, gguf_file: str | None) -> str | None:
+    if gguf_file is not None:
+        if not (directory / gguf_file).is_file():
+            raise CompressError(f"GGUF file '{gguf_file}' not found in '{directory}'")
+        return gguf_file
+    found = sorted(p.name for p in directory.glob("*.gguf"))
+    if len(found) > 1:
+        raise CompressError(f"'{directory}' holds several GGUF files ({', '.join(found)}); choose one with --gguf-file")
+    return found[0] if found else None
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "cpu",
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load (model, tokenizer, info) from a hub ID, a local HF directory or a GGUF directory.
+
+    A GGUF model is dequantized by transformers (needs the ``gguf`` and ``accelerate`` packages);
+    its tokenizer is read from the directory when the directory has tokenizer files.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    dev = resolve_device(device)
+    src = str(source)
+    path = Path(src).expanduser()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    info: dict[str, Any] = {"source": src}
+    tok_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if path.exists():
+        if not path.is_dir():
+            raise CompressError(f"'{path}' is a file; give the directory that holds the model")
+        gguf = _gguf_file(path, gguf_file)
+        has_weights = any(any(path.glob(g)) for g in _WEIGHT_GLOBS)
+        if gguf is None and not ((path / "config.json").is_file() and has_weights):
+            raise CompressError(
+                f"directory '{path}' holds no model: expected config.json with *.safetensors/*.bin weights, or a .gguf file"
+            )
+        if gguf is not None and not has_weights:
+            kwargs["gguf_file"] = gguf
+            info["gguf_file"] = gguf
+            if torch_dtype == "auto":
+                torch_dtype = torch.float32
+            if not any(path.glob("tokenizer*")):
+                tok_kwargs["gguf_file"] = gguf
+        src = str(path)
+    elif path.is_absolute() or src.startswith((".", "~")) or src.count("/") > 1:
+        raise CompressError(f"model path '{src}' does not exist")
+    else:
+        from .hub import hub_reachable
+
+        if not hub_reachable():
+            raise CompressError(
+                f"model '{src}' is not a local directory and the Hugging Face hub is unreachable; "
+                "give a local model directory or go online"
+            )
+    kwargs["dtype"] = torch_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except ImportError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CompressError(f"cannot load '{src}': {msg} (for GGUF: pip install 'compress[gguf]')") from None
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not path.exists():
+            raise CompressError(
+                f"model '{src}' is not a local directory and could not be fetched from the hub (offline or unknown ID): {first[:200]}"
+            ) from None
+        raise CompressError(f"cannot load model from '{src}': {first[:300]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, **tok_kwargs)
+    except Exception as e:  # tokenizer problems should not hide behind a traceback
+        raise CompressError(f"cannot load the tokenizer of '{src}': {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    model.to(dev)
+    model.eval()
+    info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    info["model_type"] = getattr(model.config, "model_type", None)
+    return model, tokenizer, info
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """blake2b over the names, shapes, dtypes and bytes of every tensor of the state dict."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        t = t.detach().to("cpu").contiguous()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,1 @@
+"""Compression passes. Each module registers its passes with :func:`compress.registry.register_pass`."""

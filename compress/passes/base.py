@@ -1,0 +1,67 @@
+"""The pass protocol.
+
+A pass compresses the linear layers of each decoder layer. The pipeline drives it in two phases
+per sub-group of linears: *observe* (the pipeline runs calibration data through the layer with
+hooks that accumulate the statistics the pass declares) then *apply* (the pass turns each target
+linear and its statistics into a compressed module). Capabilities are class attributes that the
+pipeline reads; the pipeline never tests a pass's class.
+
+To add a pass: write its math in ``compress/solvers``, a ``PassConfig`` dataclass and a ``Pass``
+subclass here-like in ``compress/passes/<name>.py`` decorated with ``@register_pass``, and add the
+module to ``compress.registry._PASS_MODULES``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from ..config import PassConfig
+
+if TYPE_CHECKING:
+    from ..adapters.base import ModelAdapter
+    from ..pipeline.stats import LinearStats
+
+
+@dataclass
+class PassResult:
+    """What :meth:`Pass.apply` returns for one linear.
+
+    ``module`` replaces the linear (``None`` leaves it unchanged); ``info`` goes to the manifest
+    and the per-layer table (rank, error, why a layer was left dense, ...).
+    """
+
+    module: nn.Module | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Base class of every compression pass."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[PassConfig]]
+    #: the pass needs calibration activations (the pipeline skips all forwards when no pass does)
+    requires_calibration: ClassVar[bool] = False
+    #: statistics of each target linear's input that the pipeline must accumulate
+    #: (names understood by :class:`compress.pipeline.stats.LinearStats`)
+    statistics: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, config: PassConfig) -> None:
+        self.config = config
+
+    def prepare(self, model: nn.Module, adapter: "ModelAdapter") -> None:
+        """Called once before the layer loop (e.g. for a global rank allocation)."""
+
+    def targets(self, name: str, module: nn.Module) -> bool:
+        """Whether this pass compresses ``module`` (``name`` is relative to its decoder layer)."""
+        pattern = getattr(self.config, "targets", "*")
+        return isinstance(module, nn.Linear) and any(
+            fnmatch.fnmatchcase(name, p.strip()) for p in str(pattern).split("|")
+        )
+
+    def apply(self, name: str, module: nn.Module, stats: "LinearStats | None") -> PassResult:
+        """Compress one linear; ``name`` is its full dotted name in the model."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""The layer-sequential calibration pipeline."""

@@ -1,0 +1,304 @@
+"""Layer-sequential compression.
+
+Capture the inputs of decoder layer 0 (every positional and keyword argument), then for each
+layer: move it to the compute device, for each pass and each sequential sub-group of linears let
+the pass observe the group's inputs through hooks and apply it, then re-run the compressed layer
+to produce the next layer's inputs (errors propagate as in GPTQ), and move the layer back. One
+decoder layer and one batch of activations are on the device at a time; activations live on the
+CPU between layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..adapters.base import ModelAdapter
+from ..passes.base import Pass
+from .stats import LayerStats
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to stop a forward pass once what is needed has been seen."""
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor inside nested tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+@contextlib.contextmanager
+def calibration_forward_context(model: nn.Module) -> Iterator[None]:
+    """no_grad, eval mode and no KV cache for the duration of calibration."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None and use_cache is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        if config is not None and use_cache is not None:
+            config.use_cache = use_cache
+
+
+def cleanup_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        before = torch.cuda.memory_reserved()
+        torch.cuda.empty_cache()
+        logger.debug("cuda reserved memory %d -> %d bytes", before, torch.cuda.memory_reserved())
+
+
+@dataclass
+class ModuleRecord:
+    """One compressed (or examined) linear, for the manifest and the per-layer table."""
+
+    layer: int
+    name: str
+    pass_name: str
+    module_type: str
+    shape: tuple[int, int]
+    params_before: int
+    params_after: int
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def capture_layer0_inputs(
+    model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, batch_size: int, device: torch.device
+) -> list[Batch]:
+    """Run the model up to decoder layer 0 and keep the layer's (args, kwargs) for each batch, on the CPU."""
+    layers = adapter.layers(model)
+    captured: list[Batch] = []
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cpu = lambda t: t.detach().to("cpu")  # noqa: E731
+        captured.append((map_tensors(args, cpu), map_tensors(kwargs, cpu)))
+        raise _StopForward
+
+    # everything but the decoder layers runs on the compute device during the capture
+    restore = _move_outside_layers(model, layers, device)
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            batch = input_ids[start : start + batch_size].to(device)
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        restore()
+    if len(captured) == 0:
+        raise RuntimeError("the forward pass never reached decoder layer 0")
+    return captured
+
+
+def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> Callable[[], None]:
+    """Move the parameters and buffers that are not inside the decoder layers to ``device``;
+    return a function that moves them back."""
+    inside = {id(m) for m in layers.modules()}
+    saved: list[tuple[nn.Module, str, str, torch.device]] = []
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for kind, store in (("p", m._parameters), ("b", m._buffers)):
+            for k, t in store.items():
+                if t is not None and t.device != device:
+                    saved.append((m, kind, k, t.device))
+                    if kind == "p":
+                        t.data = t.data.to(device)
+                    else:
+                        store[k] = t.to(device)
+
+    def restore() -> None:
+        for m, kind, k, dev in saved:
+            if kind == "p":
+                m._parameters[k].data = m._parameters[k].data.to(dev)  # type: ignore[union-attr]
+            else:
+                m._buffers[k] = m._buffers[k].to(dev)  # type: ignore[union-attr]
+
+    return restore
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _hidden_of(batch: Batch) -> torch.Tensor:
+    args, kwargs = batch
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(batch: Batch, hidden: torch.Tensor) -> Batch:
+    args, kwargs = batch
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _run_layer(layer: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    args, kwargs = map_tensors(batch, lambda t: t.to(device))
+    out = layer(*args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _observe(
+    layer: nn.Module, names: list[str], kinds: frozenset[str], inputs: list[Batch], device: torch.device
+) -> LayerStats:
+    """Run the calibration batches through ``layer`` with hooks on ``names``; stop each forward as
+    soon as every hooked linear has seen its input."""
+    stats = LayerStats(kinds)
+    seen: set[str] = set()
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            stats.observe(name, args[0].detach())
+            seen.add(name)
+            if len(seen) == len(names):
+                raise _StopForward
+
+        return hook
+
+    handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        for batch in inputs:
+            seen.clear()
+            stats.reset_sharing()
+            try:
+                _run_layer(layer, batch, device)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    stats.reset_sharing()
+    return stats
+
+
+@dataclass
+class PipelineResult:
+    records: list[ModuleRecord]
+    layer_seconds: list[float]
+    calibration_tokens: int
+
+
+def run_sequential(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    passes: list[Pass],
+    input_ids: torch.Tensor | None,
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    on_layer: Callable[[int, int, float], None] | None = None,
+) -> PipelineResult:
+    """Apply ``passes`` to ``model`` in place, layer by layer.
+
+    ``input_ids`` (n_samples, seqlen) is required when any pass requires calibration.
+    ``on_layer(index, total, seconds)`` is called after each layer (progress display).
+    """
+    layers = adapter.layers(model)
+    needs_calib = any(p.requires_calibration for p in passes)
+    records: list[ModuleRecord] = []
+    layer_seconds: list[float] = []
+    with calibration_forward_context(model):
+        for p in passes:
+            p.prepare(model, adapter)
+        inputs: list[Batch] = []
+        if needs_calib:
+            if input_ids is None:
+                raise ValueError("a pass requires calibration data but none was given")
+            inputs = capture_layer0_inputs(model, adapter, input_ids, batch_size, device)
+        prefix = adapter.layers_path
+        for i, layer in enumerate(layers):
+            t_layer = time.perf_counter()
+            home = _module_device(layer)
+            layer.to(device)
+            for p in passes:
+                for group in adapter.groups(layer):
+                    targets = [n for n in group if p.targets(n, layer.get_submodule(n))]
+                    if not targets:
+                        continue
+                    stats = (
+                        _observe(layer, targets, p.statistics, inputs, device) if p.requires_calibration else None
+                    )
+                    for n in targets:
+                        module = layer.get_submodule(n)
+                        t0 = time.perf_counter()
+                        before = _n_params(module)
+                        shape = _linear_shape(module)
+                        full = f"{prefix}.{i}.{n}"
+                        result = p.apply(full, module, stats.pop(n) if stats is not None else None)
+                        new = result.module if result.module is not None else module
+                        if result.module is not None:
+                            _set_submodule(layer, n, result.module)
+                        records.append(
+                            ModuleRecord(
+                                layer=i,
+                                name=full,
+                                pass_name=p.name,
+                                module_type=type(new).__name__,
+                                shape=shape,
+                                params_before=before,
+                                params_after=_n_params(new),
+                                seconds=time.perf_counter() - t0,
+                                info=result.info,
+                            )
+                        )
+                    del stats
+            if needs_calib and i + 1 < len(layers):
+                inputs = [
+                    _with_hidden(b, _run_layer(layer, b, device).detach().to("cpu")) for b in inputs
+                ]
+            layer.to(home)
+            cleanup_memory()
+            layer_seconds.append(time.perf_counter() - t_layer)
+            if on_layer is not None:
+                on_layer(i, len(layers), layer_seconds[-1])
+    n_tokens = 0 if input_ids is None or not needs_calib else int(input_ids.numel())
+    return PipelineResult(records, layer_seconds, n_tokens)
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int]:
+    out_f = getattr(module, "out_features", None)
+    in_f = getattr(module, "in_features", None)
+    if out_f is None or in_f is None:
+        w = getattr(module, "weight")
+        return int(w.shape[0]), int(w.shape[1])
+    return int(out_f), int(in_f)

@@ -1,0 +1,1 @@
+"""Pure tensor math: no module walking, no hooks, no device moves."""

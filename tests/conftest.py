@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random models of several families, built in the test (no downloads),
+and the shared fixtures folder (../shared beside the repository)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COMPRESS_SHARED", REPO.parent / "shared"))
+DATA_DIR = SHARED / "data"
+STORIES = SHARED / "models" / "stories260k"
+SMOLLM = SHARED / "models" / "smollm2-135m-instruct-q4_1-gguf"
+
+if DATA_DIR.is_dir():
+    os.environ.setdefault("COMPRESS_DATA_DIR", str(DATA_DIR))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# family -> config kwargs; all GQA (kv heads < heads), two layers, tiny widths
+TINY_CONFIGS = {
+    "llama": dict(num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+}
+
+
+def make_tiny(family: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        family,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        **TINY_CONFIGS[family],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # random init is nearly isotropic; give the weights some spectral decay like trained ones
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                U, S, Vh = torch.linalg.svd(m.weight, full_matrices=False)
+                decay = torch.exp(-torch.arange(S.numel(), dtype=S.dtype) / 6.0)
+                m.weight.copy_((U * (S * decay)) @ Vh)
+    return model.eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def calib_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (8, 32), generator=g)
+
+
+def needs(path: Path) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present")
