@@ -289,6 +289,7 @@ def run_sequential(
             layer.to(home)
             cleanup_memory()
             layer_seconds.append(time.perf_counter() - t_layer)
+            logger.debug("layer %d/%d done in %.1f s", i + 1, len(layers), layer_seconds[-1])
             if on_layer is not None:
                 on_layer(i, len(layers), layer_seconds[-1])
     n_tokens = 0 if input_ids is None or not needs_calib else int(input_ids.numel())

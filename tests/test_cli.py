@@ -1,0 +1,96 @@
+"""The command line: bad inputs give one line and exit 2, never a traceback or a half-written output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import DATA_DIR, STORIES, needs
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    if DATA_DIR.is_dir():
+        env["COMPRESS_DATA_DIR"] = str(DATA_DIR)
+    return subprocess.run(
+        [sys.executable, "-m", "compress.cli.main", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
+
+
+def _assert_one_line_error(p: subprocess.CompletedProcess[str], match: str) -> None:
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    err = [line for line in lines if line.startswith("error:")]
+    assert len(err) == 1, p.stderr
+    assert match in err[0], err[0]
+
+
+def test_ls_passes() -> None:
+    p = _run("ls", "passes")
+    assert p.returncode == 0
+    for name in ("svd", "asvd", "svd-llm", "lord", "ratio", "fraction of the target linears"):
+        assert name in p.stdout
+
+
+@needs(STORIES)
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["/no/such/model", "--pass", "svd:ratio=0.2"], "does not exist"),
+        (["some-org/no-such-model", "--pass", "svd:ratio=0.2"], "hub is unreachable"),
+        ([str(STORIES), "--pass", "svdd:ratio=0.2"], "unknown pass 'svdd'"),
+        ([str(STORIES), "--pass", "svd:ratio=1.5"], "must be in (0.0, 1.0)"),
+        ([str(STORIES), "--pass", "svd:foo=1"], "unknown option(s) foo"),
+        ([str(STORIES)], "no passes"),
+        ([str(STORIES), "--pass", "svd-llm:ratio=0.2", "--calib-samples", "100000"], "fewer than samples x seqlen"),
+    ],
+)
+def test_bad_inputs(tmp_path: Path, args: list[str], match: str) -> None:
+    out = tmp_path / "out"
+    p = _run("run", *args, "--out", str(out))
+    _assert_one_line_error(p, match)
+    assert not out.exists()
+    assert not any(tmp_path.iterdir()), "a temporary directory was left behind"
+
+
+def test_directory_without_model(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    p = _run("run", str(tmp_path / "empty"), "--pass", "svd", "--out", str(tmp_path / "o"))
+    _assert_one_line_error(p, "holds no model")
+
+
+@needs(STORIES)
+def test_existing_output_and_bad_recipe(tmp_path: Path) -> None:
+    out = tmp_path / "exists"
+    out.mkdir()
+    p = _run("run", str(STORIES), "--pass", "svd:ratio=0.2", "--out", str(out))
+    _assert_one_line_error(p, "exists; choose another --out or pass --overwrite")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("passes: [\n")
+    p = _run("run", str(STORIES), "--recipe", str(bad), "--out", str(tmp_path / "o2"))
+    _assert_one_line_error(p, "not valid YAML")
+
+
+@needs(STORIES)
+def test_run_eval_export_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "svdllm"
+    p = _run(
+        "run", str(STORIES), "--pass", "svd-llm:ratio=0.2", "--out", str(out), "--calib-samples", "8",
+        "--calib-seqlen", "128", "--export", "dense", "--ppl", "wikitext2", "--ppl-seqlen", "512", "--max-windows", "2",
+    )
+    assert p.returncode == 0, p.stderr
+    for f in ("manifest.json", "model.safetensors", "config.json", "report.json", "report.md", "recipe.yaml", "dense/model.safetensors"):
+        assert (out / f).is_file(), f
+    assert "ppl_wikitext2" in p.stderr
+    e = _run("eval", str(out), "--seqlen", "512", "--max-windows", "2")
+    assert e.returncode == 0, e.stderr
+    assert "token-level, wikitext2 test, seqlen 512, 2/" in e.stdout
+    d = _run("eval", str(out / "dense"), "--seqlen", "512", "--max-windows", "2")
+    assert d.stdout.split("=")[1].split()[0] == e.stdout.split("=")[1].split()[0]
+    x = _run("export", str(out), "--out", str(tmp_path / "dense2"))
+    assert x.returncode == 0 and (tmp_path / "dense2" / "model.safetensors").is_file()
