@@ -61,7 +61,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="compute device: cpu, cuda, auto"),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="which .gguf file when the directory has several"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
-    export: list[str] = typer.Option([], "--export", help="also write another format: dense (plain HF checkpoint in OUT/dense)"),
+    export: list[str] = typer.Option([], "--export", help="also write another format: dense (plain HF checkpoint in OUT/dense), gptq (GPTQ-format checkpoint in OUT/gptq)"),
     ppl: list[str] = typer.Option([], "--ppl", help="measure perplexity after compression: wikitext2, c4, ptb"),
     ppl_seqlen: int = typer.Option(2048, "--ppl-seqlen", help="perplexity window length"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows"),
@@ -175,19 +175,27 @@ def eval_cmd(
 def export(
     checkpoint: Path = typer.Argument(..., help="compressed checkpoint directory"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory for the plain HF checkpoint"),
-    format: str = typer.Option("dense", "--format", help="dense: factors multiplied out, loadable by from_pretrained"),
+    format: str = typer.Option("dense", "--format", help="dense (multiplied out, loadable by from_pretrained) or gptq"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Export a compressed checkpoint to another format."""
     from .. import api
+    from ..adapters import get_adapter
     from ..checkpoint import atomic_directory, export_dense
+    from ..export_gptq import check_gptq_exportable, export_gptq
 
     _setup_logging(False)
-    if format != "dense":
-        raise CompressError(f"unknown export format '{format}'; available: dense")
+    if format not in ("dense", "gptq"):
+        raise CompressError(f"unknown export format '{format}'; available: dense, gptq")
     m, tok = api.load(checkpoint)
+    layers_path = get_adapter(m).layers_path
+    if format == "gptq":
+        check_gptq_exportable(m, layers_path)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        export_dense(m, tok, tmp)
+        if format == "dense":
+            export_dense(m, tok, tmp)
+        else:
+            export_gptq(m, tok, tmp, layers_path)
     out_console.print(f"wrote {out}")
 
 

@@ -67,7 +67,11 @@ def compress(
     result = run_sequential(model, adapter, passes, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer)
     timings["compress"] = time.perf_counter() - t0
     return Report(
-        model={"model_type": getattr(getattr(model, "config", None), "model_type", None), "adapter": adapter.name},
+        model={
+            "model_type": getattr(getattr(model, "config", None), "model_type", None),
+            "adapter": adapter.name,
+            "layers_path": adapter.layers_path,
+        },
         recipe=rec.to_dict(),
         calibration=calib_info,
         records=result.records,
@@ -132,15 +136,16 @@ def run(
     """Load a model, compress it, write the checkpoint (atomically) and its report; optionally
     export a dense copy and measure perplexity."""
     from .checkpoint import atomic_directory, export_dense, save_checkpoint
+    from .export_gptq import check_gptq_exportable, export_gptq
 
     stage = on_stage or (lambda s: logger.info(s))
     rec = as_recipe(recipe)
     out = Path(out)
     if out.exists() and not overwrite:
         raise CompressError(f"output directory '{out}' exists; choose another --out or pass --overwrite")
-    unknown_exports = set(export) - {"dense"}
+    unknown_exports = set(export) - {"dense", "gptq"}
     if unknown_exports:
-        raise CompressError(f"unknown export format(s) {', '.join(sorted(unknown_exports))}; available: dense")
+        raise CompressError(f"unknown export format(s) {', '.join(sorted(unknown_exports))}; available: dense, gptq")
     cfg = calib or CalibConfig.from_dict(rec.calibration)
     t_start = time.perf_counter()
     stage(f"loading {model_source}")
@@ -163,6 +168,8 @@ def run(
         )
         report.timings["eval"] = sum(m["seconds"] for m in report.metrics)
         model.to("cpu")
+    if "gptq" in export:
+        check_gptq_exportable(model, report.model.get("layers_path", "model.layers"))  # refuse before writing
     stage(f"writing {out}")
     t0 = time.perf_counter()
     manifest = {
@@ -175,6 +182,8 @@ def run(
         save_checkpoint(model, tokenizer, tmp, manifest, recipe_yaml=rec.to_yaml())
         if "dense" in export:
             export_dense(model, tokenizer, tmp / "dense")
+        if "gptq" in export:
+            export_gptq(model, tokenizer, tmp / "gptq", report.model.get("layers_path", "model.layers"))
         report.timings["save"] = time.perf_counter() - t0
         report.timings["total"] = time.perf_counter() - t_start
         report.write(tmp)

@@ -54,7 +54,7 @@ class Recipe:
 
     @property
     def requires_calibration(self) -> bool:
-        return any(get_pass(p.name).requires_calibration for p in self.passes)
+        return any(get_pass(p.name)(p.config).requires_calibration for p in self.passes)
 
 
 def make_pass(name: str, options: dict[str, Any]) -> PassSpec:

@@ -44,12 +44,21 @@ class Report:
             first.setdefault(r.name, r)
             last[r.name] = r
         return [
-            ModuleRecord(**{**asdict(last[n]), "params_before": first[n].params_before}) for n in first
+            ModuleRecord(
+                **{**asdict(last[n]), "params_before": first[n].params_before, "bits_before": first[n].bits_before}
+            )
+            for n in first
         ]
 
     def summary(self) -> dict[str, Any]:
         tb, ta = self.target_params_before, self.target_params_after
+        final = self._final_records()
+        bits_before = sum(r.bits_before for r in final)
+        bits_after = sum(r.bits_after for r in final)
         return {
+            "target_bits_per_weight": bits_after / tb if tb else 0.0,
+            "target_bits_before": bits_before,
+            "target_bits_after": bits_after,
             "target_params_before": tb,
             "target_params_after": ta,
             "target_ratio": (1 - ta / tb) if tb else 0.0,
@@ -87,6 +96,9 @@ class Report:
             f"| target linears | {s['target_params_before']:,} | {s['target_params_after']:,} | {s['target_ratio']:.4f} |",
             f"| whole model | {s['model_params_before']:,} | {s['model_params_after']:,} | {s['model_ratio']:.4f} |",
             "",
+            f"Target linears store {s['target_bits_per_weight']:.3f} bits per original weight "
+            f"({s['target_bits_after']:,} bits; scales, zero-points and factors included, biases excluded).",
+            "",
             s["ratio_definition"],
             "",
         ]
@@ -101,14 +113,16 @@ class Report:
         lines += [
             "## Per-layer table",
             "",
-            "| module | pass | type | shape | rank | params before | params after | error | metric | seconds |",
-            "|---|---|---|---|---:|---:|---:|---:|---|---:|",
+            "| module | pass | type | shape | rank / bits | dim | params before | params after | bits/weight | error | metric | seconds |",
+            "|---|---|---|---|---:|---|---:|---:|---:|---:|---|---:|",
         ]
         for r in self.records:
             err = r.info.get("error")
             lines.append(
-                f"| {r.name} | {r.pass_name} | {r.module_type} | {r.shape[0]}x{r.shape[1]} | {r.info.get('rank', '')} | "
-                f"{r.params_before:,} | {r.params_after:,} | {'' if err is None else f'{err:.4g}'} | "
+                f"| {r.name} | {r.pass_name} | {r.module_type} | {r.shape[0]}x{r.shape[1]} | "
+                f"{r.info.get('rank', r.info.get('bits', ''))} | {r.info.get('dim', '')} | "
+                f"{r.params_before:,} | {r.params_after:,} | {r.bits_after / max(r.params_before, 1):.3f} | "
+                f"{'' if err is None else f'{err:.4g}'} | "
                 f"{r.info.get('error_metric', r.info.get('kept_dense', ''))} | {r.seconds:.2f} |"
             )
         return "\n".join(lines) + "\n"

@@ -28,14 +28,14 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny(family: str, seed: int = 0) -> torch.nn.Module:
+def make_tiny(family: str, seed: int = 0, hidden: int = 32, intermediate: int = 64) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(
         family,
         vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         max_position_embeddings=128,
         tie_word_embeddings=False,

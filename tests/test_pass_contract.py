@@ -11,15 +11,44 @@ import torch
 
 from compress import compress, load
 from compress.checkpoint import export_dense, save_checkpoint
-from compress.modules import LowRankLinear
+from compress.modules import BCQLinear, LowRankLinear, QuantLinear
 from compress.registry import all_passes
 from compress.solvers.lowrank import rank_for_ratio
 
 from .conftest import make_tiny
 
 RATIO = 0.3
-# relative error of the logits vs the dense model that each pass must stay under on the tiny models
-MAX_LOGIT_ERR = {"svd": 0.6, "asvd": 0.6, "svd-llm": 0.5, "lord": 0.6}
+# per pass: its options on the tiny models and the relative logit error vs dense it must stay under
+CASES = {
+    "svd": (f"ratio={RATIO}", 0.6),
+    "asvd": (f"ratio={RATIO}", 0.6),
+    "svd-llm": (f"ratio={RATIO}", 0.5),
+    "lord": (f"ratio={RATIO}", 0.6),
+    "rtn": ("bits=4,group=16", 0.05),
+    "gptq": ("bits=3,group=16,dim=ada", 0.08),
+    "bcq": ("bits=3,group=16", 0.08),
+}
+
+
+def test_every_registered_pass_has_a_contract_case() -> None:
+    assert set(CASES) == set(all_passes())
+
+
+def _check_property(pass_name: str, name: str, mod: torch.nn.Module, m: int, n: int) -> None:
+    """The promised property of each pass's output module."""
+    if pass_name in ("svd", "asvd", "svd-llm", "lord"):
+        if pass_name == "lord" and isinstance(mod, torch.nn.Linear):
+            return  # lord may keep a layer dense by its budget allocation
+        assert isinstance(mod, LowRankLinear), name
+        assert mod.weight_in.shape == (mod.rank, n) and mod.weight_out.shape == (m, mod.rank)
+        if pass_name != "lord":
+            assert mod.rank == rank_for_ratio(m, n, RATIO)
+    elif pass_name in ("rtn", "gptq"):
+        assert isinstance(mod, QuantLinear), name
+        codes = mod.codes()
+        assert codes.shape == (m, n) and int(codes.max()) < 2**mod.qspec.bits
+    elif pass_name == "bcq":
+        assert isinstance(mod, BCQLinear) and mod.bits == 3, name
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -39,28 +68,24 @@ def test_pass_contract(pass_name: str, tiny_family: str, calib_ids: torch.Tensor
     linears_before = {
         n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
     }
-    report = compress(model, [f"{pass_name}:ratio={RATIO}"], calib_ids)
+    options, max_err = CASES[pass_name]
+    report = compress(model, [f"{pass_name}:{options}"], calib_ids)
 
     # the model still runs and shapes are preserved
     logits = _logits(model, probe)
     assert logits.shape == dense_logits.shape and torch.isfinite(logits).all()
     err = _rel(logits, dense_logits)
-    assert err < MAX_LOGIT_ERR[pass_name], err
+    assert err < max_err, err
 
-    # the promised property: every target replaced by the right rank; parameters removed as promised
+    # the promised property of every target; parameters removed as promised
     s = report.summary()
     assert s["modules_targeted"] == len(linears_before)
     for name, (m, n) in linears_before.items():
-        mod = model.get_submodule(name)
-        if isinstance(mod, LowRankLinear):
-            assert mod.weight_in.shape == (mod.rank, n) and mod.weight_out.shape == (m, mod.rank)
-            if pass_name != "lord":
-                assert mod.rank == rank_for_ratio(m, n, RATIO)
-        else:
-            assert pass_name == "lord", f"{name} left dense by {pass_name}"
-    assert s["target_ratio"] >= RATIO - 0.02
-    if pass_name != "lord":
-        assert s["target_ratio"] >= RATIO - 1e-9
+        _check_property(pass_name, name, model.get_submodule(name), m, n)
+    if "ratio" in options:
+        assert s["target_ratio"] >= RATIO - (0.02 if pass_name == "lord" else 1e-9)
+    else:
+        assert s["target_bits_per_weight"] < 9  # well under the 32 bits of the fp32 weights
 
     # save -> load round-trips bit-exactly
     manifest = {"recipe": report.recipe, "modules": {r.name: {"pass": r.pass_name, "info": r.info} for r in report.records}}

@@ -27,6 +27,16 @@ class ModelAdapter:
     #: linears (names relative to a decoder layer) in groups that run one after the other;
     #: a later group is calibrated on the outputs of the already compressed earlier groups
     sequential_groups: tuple[tuple[str, ...], ...] = ()
+    #: sub-blocks whose output measures the error of the linears that read the block's input
+    #: (AdaDim evaluates q/k/v through the attention block, gate/up through the MLP)
+    blocks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def block_of(self, linear: str) -> str | None:
+        """The sub-block through which ``linear`` is evaluated, or None (its own output)."""
+        for block, members in self.blocks:
+            if linear in members:
+                return block
+        return None
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of ``model``."""

@@ -15,4 +15,8 @@ LLAMA = ModelAdapter(
     model_types=("llama", "mistral", "qwen2", "qwen3"),
     layers_path="model.layers",
     sequential_groups=_ATTN_MLP_GROUPS,
+    blocks=(
+        ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("mlp", ("mlp.gate_proj", "mlp.up_proj")),
+    ),
 )

@@ -6,9 +6,30 @@ from __future__ import annotations
 
 from torch import nn
 
+from .bcq import BCQLinear
 from .lowrank import LowRankLinear
+from .quant import QuantLinear
 
 #: compressed module types by name, as written in the checkpoint manifest
-MODULE_TYPES: dict[str, type[nn.Module]] = {"LowRankLinear": LowRankLinear}
+MODULE_TYPES: dict[str, type[nn.Module]] = {
+    "LowRankLinear": LowRankLinear,
+    "QuantLinear": QuantLinear,
+    "BCQLinear": BCQLinear,
+}
 
-__all__ = ["MODULE_TYPES", "LowRankLinear"]
+
+def weight_count(module: nn.Module) -> int:
+    """Weights a (compressed) linear represents: parameters, or the codes of a quantized layer (bias excluded)."""
+    if hasattr(module, "num_weights"):
+        return int(module.num_weights())
+    return sum(p.numel() for n, p in module.named_parameters() if not n.endswith("bias"))
+
+
+def storage_bits(module: nn.Module) -> int:
+    """Bits the weight of a (compressed) linear occupies as stored (bias excluded)."""
+    if hasattr(module, "storage_bits"):
+        return int(module.storage_bits())
+    return sum(8 * p.numel() * p.element_size() for n, p in module.named_parameters() if not n.endswith("bias"))
+
+
+__all__ = ["MODULE_TYPES", "BCQLinear", "LowRankLinear", "QuantLinear", "storage_bits", "weight_count"]

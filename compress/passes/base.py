@@ -23,6 +23,7 @@ from ..config import PassConfig
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
+    from ..pipeline.sequential import LayerContext
     from ..pipeline.stats import LinearStats
 
 
@@ -62,6 +63,9 @@ class Pass:
             fnmatch.fnmatchcase(name, p.strip()) for p in str(pattern).split("|")
         )
 
-    def apply(self, name: str, module: nn.Module, stats: "LinearStats | None") -> PassResult:
-        """Compress one linear; ``name`` is its full dotted name in the model."""
+    def apply(
+        self, name: str, module: nn.Module, stats: "LinearStats | None", context: "LayerContext | None" = None
+    ) -> PassResult:
+        """Compress one linear; ``name`` is its full dotted name in the model; ``context`` gives
+        access to the decoder layer and its calibration inputs (e.g. for sub-block errors)."""
         raise NotImplementedError

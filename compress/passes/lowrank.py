@@ -102,7 +102,7 @@ class _LowRankPass(Pass):
     def scaling(self, name: str, stats: LinearStats | None) -> dict[str, torch.Tensor]:
         return {}
 
-    def apply(self, name: str, module: nn.Module, stats: LinearStats | None) -> PassResult:
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: object = None) -> PassResult:
         assert isinstance(module, nn.Linear)
         W = module.weight.data  # (d_out, d_in)
         d_out, d_in = W.shape

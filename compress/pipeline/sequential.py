@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import ModelAdapter
+from ..modules import storage_bits, weight_count
 from ..passes.base import Pass
 from .stats import LayerStats
 
@@ -72,6 +73,60 @@ def cleanup_memory() -> None:
         logger.debug("cuda reserved memory %d -> %d bytes", before, torch.cuda.memory_reserved())
 
 
+class LayerContext:
+    """What a pass may use beyond a linear's statistics while one sub-group of one decoder layer is
+    compressed: the layer, its calibration inputs, the compute device and the adapter. Sub-block
+    inputs and reference outputs are captured lazily and cached for the sub-group."""
+
+    def __init__(self, layer: nn.Module, inputs: list[Batch], device: torch.device, adapter: ModelAdapter) -> None:
+        self.layer = layer
+        self.inputs = inputs
+        self.device = device
+        self.adapter = adapter
+        self._block_inputs: dict[str, list[Batch]] = {}
+        self._block_ref: dict[str, list[torch.Tensor]] = {}
+
+    def block_inputs(self, block: str) -> list[Batch]:
+        """(args, kwargs) entering sub-block ``block`` for each calibration batch (on the CPU)."""
+        if block not in self._block_inputs:
+            captured: list[Batch] = []
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                captured.append(map_tensors((args, kwargs), lambda t: t.detach().to("cpu")))
+                raise _StopForward
+
+            h = self.layer.get_submodule(block).register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                for b in self.inputs:
+                    try:
+                        _run_layer(self.layer, b, self.device)
+                    except _StopForward:
+                        pass
+            finally:
+                h.remove()
+            self._block_inputs[block] = captured
+        return self._block_inputs[block]
+
+    def _block_outputs(self, block: str) -> list[torch.Tensor]:
+        mod = self.layer.get_submodule(block)
+        return [_run_layer(mod, b, self.device) for b in self.block_inputs(block)]
+
+    def block_error(self, block: str, replace: dict[str, nn.Module]) -> float:
+        """Σ‖out − ref‖² of sub-block ``block`` with the linears in ``replace`` (names relative to the
+        layer) swapped in, against the block's output before any swap in this sub-group."""
+        if block not in self._block_ref:
+            self._block_ref[block] = self._block_outputs(block)
+        originals = {n: self.layer.get_submodule(n) for n in replace}
+        for n, m in replace.items():
+            _set_submodule(self.layer, n, m)
+        try:
+            outs = self._block_outputs(block)
+        finally:
+            for n, m in originals.items():
+                _set_submodule(self.layer, n, m)
+        return float(sum(((o.float() - r.float()) ** 2).sum() for o, r in zip(outs, self._block_ref[block])))
+
+
 @dataclass
 class ModuleRecord:
     """One compressed (or examined) linear, for the manifest and the per-layer table."""
@@ -85,10 +140,10 @@ class ModuleRecord:
     params_after: int
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    bits_before: int = 0
+    bits_after: int = 0
 
 
-def _n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -258,13 +313,14 @@ def run_sequential(
                     stats = (
                         _observe(layer, targets, p.statistics, inputs, device) if p.requires_calibration else None
                     )
+                    context = LayerContext(layer, inputs, device, adapter)
                     for n in targets:
                         module = layer.get_submodule(n)
                         t0 = time.perf_counter()
-                        before = _n_params(module)
+                        before, bits_before = weight_count(module), storage_bits(module)
                         shape = _linear_shape(module)
                         full = f"{prefix}.{i}.{n}"
-                        result = p.apply(full, module, stats.pop(n) if stats is not None else None)
+                        result = p.apply(full, module, stats.pop(n) if stats is not None else None, context)
                         new = result.module if result.module is not None else module
                         if result.module is not None:
                             _set_submodule(layer, n, result.module)
@@ -276,12 +332,14 @@ def run_sequential(
                                 module_type=type(new).__name__,
                                 shape=shape,
                                 params_before=before,
-                                params_after=_n_params(new),
+                                params_after=weight_count(new),
                                 seconds=time.perf_counter() - t0,
                                 info=result.info,
+                                bits_before=bits_before,
+                                bits_after=storage_bits(new),
                             )
                         )
-                    del stats
+                    del stats, context
             if needs_calib and i + 1 < len(layers):
                 inputs = [
                     _with_hidden(b, _run_layer(layer, b, device).detach().to("cpu")) for b in inputs

@@ -1,0 +1,100 @@
+"""BCQLinear: binary-coding-quantized weights (the layout the LUT-GEMM kernel reads).
+
+Layout (buffers):
+- ``planes``: uint8 (q, d_out, d_in/8). Byte [i, m, k] holds the signs of plane i for inputs
+  8k … 8k+7 of output row m; bit t (least significant first) is 1 for b = +1 and 0 for b = −1 at
+  input 8k + t. The packed dimension is the input dimension, so one byte indexes a 256-entry table
+  of ±-sums of 8 consecutive activations.
+- ``alpha``: float16 (q, d_out, d_in/g): α of plane i for output row m and input group k
+  (inputs [k·g, (k+1)·g)).
+- ``offset``: float32 (d_out, d_in/g): β per output row and input group.
+W[m, j] = β[m, j//g] + Σ_i α[i, m, j//g]·(2·bit_i(m, j) − 1). Requires d_in and g divisible by 8.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..solvers.bcq import ALPHA_DTYPE, BCQ, OFFSET_DTYPE
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """bool (..., d_in) → uint8 (..., d_in/8), LSB first."""
+    s = signs.reshape(*signs.shape[:-1], -1, 8).to(torch.int32)
+    return (s * _BIT_WEIGHTS.to(s.device)).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., d_in/8) → bool (..., d_in)."""
+    p = packed.to(torch.int32)[..., None]
+    bits = (p >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1
+    return bits.reshape(*packed.shape[:-1], -1).bool()
+
+
+class BCQLinear(nn.Module):
+    def __init__(
+        self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
+        dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features % 8 or group_size % 8:
+            raise ValueError(f"BCQ needs d_in ({in_features}) and the group size ({group_size}) divisible by 8")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.compute_dtype = dtype
+        n = in_features // group_size
+        self.register_buffer("planes", torch.zeros(bits, out_features, in_features // 8, dtype=torch.uint8, device=device))
+        self.register_buffer("alpha", torch.zeros(bits, out_features, n, dtype=ALPHA_DTYPE, device=device))
+        self.register_buffer("offset", torch.zeros(out_features, n, dtype=OFFSET_DTYPE, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_bcq(cls, b: BCQ, bias: torch.Tensor | None, like: torch.Tensor) -> "BCQLinear":
+        q, d_out, d_in = b.signs.shape
+        mod = cls(d_in, d_out, q, b.group_size, bias is not None, dtype=like.dtype, device=like.device)
+        with torch.no_grad():
+            mod.planes.copy_(pack_signs(b.signs))
+            mod.alpha.copy_(b.alpha)
+            mod.offset.copy_(b.offset)
+            if bias is not None:
+                assert mod.bias is not None
+                mod.bias.copy_(bias)
+        return mod
+
+    def to_bcq(self) -> BCQ:
+        return BCQ(signs=unpack_signs(self.planes), alpha=self.alpha, offset=self.offset, group_size=self.group_size)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.to_bcq().dequantize().to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+
+    def num_weights(self) -> int:
+        return self.in_features * self.out_features
+
+    def storage_bits(self) -> int:
+        return 8 * self.planes.numel() + 16 * self.alpha.numel() + 32 * self.offset.numel()
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+            "group_size": self.group_size, "bias": self.bias is not None,
+            "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "BCQLinear":
+        return cls(
+            spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["bias"],
+            dtype=_DTYPES.get(spec.get("compute_dtype", ""), dtype), device=device,
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.group_size}"

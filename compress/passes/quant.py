@@ -1,0 +1,212 @@
+"""Weight quantization passes: ``rtn`` and ``gptq`` with per-OC, per-IC or adaptive (AdaDim) groups.
+
+- ``rtn``: round-to-nearest on the uniform grid (data-free unless ``dim=ada`` or ``clip`` asks for
+  calibration).
+- ``gptq``: GPTQ (Frantar et al., arXiv 2210.17323): Hessian H = XᵀX from the layer inputs, damping
+  ``damp``·mean(diag H), Cholesky of H⁻¹ in float64, column-block sweep with error feedback, optional
+  activation order and static groups (see :mod:`compress.solvers.gptq`).
+- ``dim``: ``oc`` groups along the input dimension of each output row (the usual layout), ``ic``
+  groups along the output dimension within each input column (per-IC, Heo et al., arXiv 2309.15531),
+  ``ada`` (AdaDim): quantize both ways and keep the one with the lower output error on the
+  calibration inputs of the sub-block that owns the linear (q/k/v through the attention block,
+  gate/up through the MLP, o/down on their own outputs). The choice is recorded per layer.
+
+Lifecycle: observe XᵀX (gptq, ada, clip), apply: quantize one linear into a packed
+:class:`~compress.modules.QuantLinear`.
+
+Example recipe::
+
+    passes:
+      - pass: gptq
+        bits: 3
+        group: 64
+        dim: ada
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PassConfig, option
+from ..errors import ConfigError
+from ..modules.quant import QuantLinear
+from ..pipeline.stats import LinearStats
+from ..registry import register_pass
+from ..solvers.gptq import gptq_quantize
+from ..solvers.lowrank import relative_output_error
+from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
+from .base import Pass, PassResult
+
+logger = logging.getLogger(__name__)
+
+_TARGETS_HELP = "which linears of each decoder layer to quantize: glob(s) on names like 'mlp.down_proj', '|'-separated"
+
+
+@dataclass
+class RTNConfig(PassConfig):
+    bits: int = option(4, "bits per weight code", choices=SUPPORTED_BITS)
+    group: int = option(128, "group size along the grouped dimension (0 = whole channel)", min=0)
+    dim: str = option("oc", "grouping: oc (per-output-channel), ic (per-input-channel), ada (AdaDim: per layer, lower output error)", choices=("oc", "ic", "ada"))
+    sym: bool = option(False, "symmetric quantization (no zero-point stored)")
+    clip: bool = option(False, "search a range shrink per group minimizing the (diag-H weighted) error")
+    targets: str = option("*", _TARGETS_HELP)
+
+
+@dataclass
+class GPTQConfig(RTNConfig):
+    damp: float = option(0.01, "damping added to diag(H), as a fraction of its mean", min=0.0, max=1.0)
+    blocksize: int = option(128, "columns per lazy-update block", min=1)
+    actorder: bool = option(False, "quantize columns in order of decreasing diag(H) (implies static groups)")
+    static_groups: bool = option(False, "compute per-OC group parameters from the original weights up front")
+
+
+class _QuantPass(Pass):
+    """Shared apply: choose the grouping (fixed or AdaDim), quantize, pack."""
+
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        cfg = config
+        assert isinstance(cfg, RTNConfig)
+        self.cfg = cfg
+
+    def _spec(self, dim: str) -> QuantSpec:
+        c = self.cfg
+        return QuantSpec(bits=c.bits, group_size=c.group, sym=c.sym, dim=dim, clip=c.clip)
+
+    def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
+        raise NotImplementedError
+
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
+        assert isinstance(module, nn.Linear)
+        W = module.weight.data
+        d_out, d_in = W.shape
+        dims = ["oc", "ic"] if self.cfg.dim == "ada" else [self.cfg.dim]
+        why = {dim: group_error_check(self._spec(dim), d_out, d_in) for dim in dims}
+        feasible = [dim for dim in dims if why[dim] is None]
+        if not feasible:
+            raise ConfigError(f"{name} ({d_out}x{d_in}): {why[dims[0]]}; choose another group size")
+        if len(feasible) < len(dims):
+            logger.info("%s: AdaDim considers only dim=%s (%s)", name, feasible[0], why[[d for d in dims if d not in feasible][0]])
+        dims = feasible
+        bias = module.bias.data if module.bias is not None else None
+        candidates = {dim: self.quantize(name, W, self._spec(dim), stats) for dim in dims}
+        info: dict[str, Any] = {"bits": self.cfg.bits, "group": self.cfg.group}
+        H = stats.gram if stats is not None else None
+        if len(candidates) == 1:
+            dim = dims[0]
+        else:
+            errors = self._ada_errors(name, candidates, bias, W, H, context)
+            dim = min(errors, key=lambda k: errors[k])
+            info["ada_errors"] = errors
+        qz = candidates[dim]
+        info["dim"] = dim
+        info["error"] = relative_output_error(W, qz.dequantize(), H)
+        info["error_metric"] = "rel_output_err" if H is not None else "rel_weight_err"
+        new = QuantLinear.from_quantized(qz, bias, like=W)
+        info["bits_per_weight"] = new.storage_bits() / new.num_weights()
+        return PassResult(new, info)
+
+    def _ada_errors(
+        self, name: str, candidates: dict[str, Quantized], bias: torch.Tensor | None, W: torch.Tensor,
+        H: torch.Tensor | None, context: Any,
+    ) -> dict[str, float]:
+        """AdaDim: output error of each candidate through the owning sub-block, else on the layer's own output."""
+        rel = name.split(".", 3)[-1] if context is None else _relative_name(name, context)
+        block = context.adapter.block_of(rel) if context is not None else None
+        errors = {}
+        for dim, qz in candidates.items():
+            if block is not None:
+                errors[dim] = context.block_error(block, {rel: QuantLinear.from_quantized(qz, bias, like=W)})
+            else:
+                errors[dim] = relative_output_error(W, qz.dequantize(), H)
+        return errors
+
+
+def _relative_name(name: str, context: Any) -> str:
+    """'model.layers.3.self_attn.q_proj' → 'self_attn.q_proj'."""
+    prefix = context.adapter.layers_path + "."
+    rest = name[len(prefix):] if name.startswith(prefix) else name
+    return rest.split(".", 1)[1]
+
+
+@register_pass
+class RTNPass(_QuantPass):
+    """Round-to-nearest uniform quantization (per-OC / per-IC / AdaDim groups)."""
+
+    name = "rtn"
+    config_cls = RTNConfig
+
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        needs = self.cfg.dim == "ada" or self.cfg.clip
+        self.requires_calibration = needs
+        self.statistics = frozenset({"gram"}) if needs else frozenset()
+
+    def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
+        hdiag = stats.gram.diagonal() if stats is not None and stats.gram is not None else None
+        return quantize_rtn(W, spec, hdiag)
+
+
+@register_pass
+class GPTQPass(_QuantPass):
+    """GPTQ: second-order error feedback (per-OC / per-IC / AdaDim groups)."""
+
+    name = "gptq"
+    config_cls = GPTQConfig
+    requires_calibration = True
+    statistics = frozenset({"gram"})
+
+    def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
+        assert stats is not None and stats.gram is not None
+        c = self.cfg
+        assert isinstance(c, GPTQConfig)
+        qz, _ = gptq_quantize(
+            W, stats.gram, spec, blocksize=c.blocksize, damp=c.damp, actorder=c.actorder,
+            static_groups=c.static_groups, name=name,
+        )
+        return qz
+
+
+@dataclass
+class BCQConfig(PassConfig):
+    bits: int = option(3, "binary planes per weight", min=1, max=4)
+    group: int = option(128, "inputs per scale group (multiple of 8; 0 = whole row)", min=0)
+    rounds: int = option(15, "alternating refinement rounds after the greedy init", min=0)
+    targets: str = option("*", _TARGETS_HELP)
+
+
+@register_pass
+class BCQPass(Pass):
+    """Binary-coding quantization (LUT-GEMM's format): greedy + alternating refinement, data-free."""
+
+    name = "bcq"
+    config_cls = BCQConfig
+
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
+        from ..modules.bcq import BCQLinear
+        from ..solvers.bcq import bcq_quantize
+
+        assert isinstance(module, nn.Linear)
+        c = self.config
+        assert isinstance(c, BCQConfig)
+        W = module.weight.data
+        d_out, d_in = W.shape
+        g = c.group or d_in
+        if d_in % g or g % 8:
+            ok = [s for s in (32, 64, 128, 256) if d_in % s == 0]
+            raise ConfigError(
+                f"{name} ({d_out}x{d_in}): BCQ group size {g} must divide the input dimension {d_in} and be a multiple of 8 "
+                f"(sizes that work: {', '.join(map(str, ok))})"
+            )
+        b = bcq_quantize(W, c.bits, g, c.rounds)
+        new = BCQLinear.from_bcq(b, module.bias.data if module.bias is not None else None, like=W)
+        info = {
+            "bits": c.bits, "group": g, "error": relative_output_error(W, b.dequantize(), None),
+            "error_metric": "rel_weight_err", "bits_per_weight": new.storage_bits() / new.num_weights(),
+        }
+        return PassResult(new, info)

@@ -1,0 +1,92 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323) on the shared OBS sweep, for per-OC and per-IC groups.
+
+- per-OC with groups: the scale/zero of a group are computed from the current (already updated)
+  weights when the sweep reaches the group's first column; with activation order (columns sorted
+  by decreasing diag H) or ``static_groups`` they are computed up front from the original weights,
+  so that each group still covers contiguous original columns (g_idx = column // g).
+- per-IC: each input column is quantized as a vector of d_out values with groups along the output
+  dimension, its parameters computed from its current value; the error feedback is unchanged
+  (AdaDim's GPTQ-ada).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .obs import SWEEP_DTYPE, inverse_hessian_cholesky, obs_sweep
+from .quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize_rows, qparams_clipped, quantize_rows
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    actorder: bool = False,
+    static_groups: bool = False,
+    name: str = "",
+) -> tuple[Quantized, float]:
+    """Quantize W (d_out, d_in) given H = XᵀX (d_in, d_in). Returns the codes and the OBS loss."""
+    d_out, d_in = W.shape
+    g, n_groups = spec.groups(d_out, d_in)
+    W = W.to(SWEEP_DTYPE)
+    perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(d_in)
+    Hp = H[perm][:, perm]
+    U, _ = inverse_hessian_cholesky(Hp, damp, name)
+    hdiag = H.diagonal().to(SWEEP_DTYPE)
+    channels = d_out if spec.dim == "oc" else d_in
+    scales = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)
+    zeros = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)
+    codes = torch.zeros(d_out, d_in, dtype=SWEEP_DTYPE)
+    static = spec.dim == "oc" and (static_groups or actorder)
+    if static:
+        for k in range(n_groups):
+            block = W[:, k * g : (k + 1) * g]
+            w8 = hdiag[k * g : (k + 1) * g][None, :].expand(d_out, -1)
+            scales[:, k], zeros[:, k] = qparams_clipped(block, spec, w8)
+    Wp = W[:, perm]
+    # the sweep's working block, to read the current values of a group's later columns
+    state: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def column(j: int, w: torch.Tensor) -> torch.Tensor:
+        col = int(perm[j])  # original input index
+        if spec.dim == "oc":
+            k = col // g
+            if not static and col % g == 0:
+                # group parameters from the current weights of this group's columns
+                block = torch.cat([w[:, None], current_block(j)], dim=1)
+                w8 = hdiag[col : col + g][None, :].expand(d_out, -1)
+                scales[:, k], zeros[:, k] = qparams_clipped(block, spec, w8)
+            s, z = scales[:, k], zeros[:, k]
+            q = quantize_rows(w[:, None], s, z, spec.maxq)
+            codes[:, col] = q[:, 0]
+            return dequantize_rows(q, s, z)[:, 0]
+        rows = w.reshape(n_groups, g)  # per-IC: groups along d_out within input column `col`
+        s, z = qparams_clipped(rows, spec)
+        scales[col], zeros[col] = s, z
+        q = quantize_rows(rows, s, z, spec.maxq)
+        codes[:, col] = q.reshape(-1)
+        return dequantize_rows(q, s, z).reshape(-1)
+
+    def current_block(j: int) -> torch.Tensor:
+        """The not-yet-quantized columns of the group that starts at column j."""
+        i1, W1 = state["block"]
+        return W1[:, j - i1 + 1 : j - i1 + g]
+
+    def on_block_track(i1: int, i2: int, W1: torch.Tensor, U1: torch.Tensor) -> None:
+        state["block"] = (i1, W1)
+
+    if spec.dim == "oc" and not static and blocksize % g != 0 and g < d_in:
+        blocksize = max(g, (blocksize // g) * g)  # a dynamic group must lie inside one block
+    if spec.dim == "oc" and not static and g > blocksize:
+        blocksize = g
+    _, losses = obs_sweep(Wp, U, column, blocksize=blocksize, on_block=on_block_track)
+    q = Quantized(
+        q=codes.to(torch.uint8),
+        scales=scales.to(SCALE_DTYPE),
+        zeros=zeros.to(torch.uint8),
+        spec=spec,
+    )
+    return q, float(losses.sum())
