@@ -51,3 +51,68 @@ class Results:
             lines.append("| " + " | ".join(cells) + " |")
         lines += [""] + notes
         self.path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+class Bench:
+    """Loads the model once, samples the protocol's calibration set, measures the dense row and a
+    dense calibration forward (the time baseline), then compresses fresh copies row by row."""
+
+    def __init__(self, model_path: str, data_dir: str, out: Path, protocol: dict[str, Any], columns: list[str]) -> None:
+        import copy
+
+        from compress.calib.data import CalibConfig, calibration_ids
+        from compress.models import count_parameters, load_model
+
+        self.copy = copy.deepcopy
+        self.count_parameters = count_parameters
+        self.data_dir = data_dir
+        self.protocol = protocol
+        self.results = Results(out, protocol, columns)
+        self.model, self.tok, _ = load_model(model_path, dtype="float32", device="cpu")
+        c = protocol["calibration"]
+        self.ids = calibration_ids(self.tok, CalibConfig(source="c4", samples=c["samples"], seqlen=c["seqlen"], seed=c["seed"]), data_dir)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for b in range(0, self.ids.shape[0], 8):
+                self.model(input_ids=self.ids[b : b + 8], use_cache=False)
+        self.t_forward = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dense = self.ppl(self.model)
+        self.results.add({
+            "method": "dense", "config": {}, "ppl": dense, "params": count_parameters(self.model), "bits_per_weight": 32.0,
+            "seconds": 0.0, "seconds_vs_forward": 0.0, "calib_forward_seconds": round(self.t_forward, 1),
+            "ppl_seconds": round(time.perf_counter() - t0, 1),
+        })
+        print(self.results.data["rows"][-1], flush=True)
+
+    def ppl(self, m: torch.nn.Module) -> float:
+        from compress.eval.perplexity import perplexity
+
+        p = self.protocol["perplexity"]
+        return perplexity(m, self.tok, p["dataset"], seqlen=p["seqlen"], max_windows=p["windows"], data_dir=self.data_dir)["value"]
+
+    def row(self, method: str, recipe: list[str], config: dict[str, Any], extra: Any = None) -> dict[str, Any]:
+        """Compress a fresh copy with ``recipe``, measure it, add the row (``extra(report)`` adds fields)."""
+        from compress import compress
+
+        m = self.copy(self.model)
+        t0 = time.perf_counter()
+        try:
+            report = compress(m, recipe, self.ids)
+        except Exception as e:  # a failing row is recorded, the run goes on
+            row = {"method": method, "config": config, "error": f"{type(e).__name__}: {e}"}
+            self.results.add(row)
+            print(row, flush=True)
+            return row
+        secs = time.perf_counter() - t0
+        s = report.summary()
+        row = {
+            "method": method, "config": config, "ppl": self.ppl(m), "params": self.count_parameters(m),
+            "target_ratio": round(s["target_ratio"], 4), "bits_per_weight": round(s["target_bits_per_weight"], 3),
+            "seconds": round(secs, 1), "seconds_vs_forward": round(secs / self.t_forward, 2),
+        }
+        if extra is not None:
+            row.update(extra(report))
+        self.results.add(row)
+        print(row, flush=True)
+        return row

@@ -94,3 +94,18 @@ def test_run_eval_export_end_to_end(tmp_path: Path) -> None:
     assert d.stdout.split("=")[1].split()[0] == e.stdout.split("=")[1].split()[0]
     x = _run("export", str(out), "--out", str(tmp_path / "dense2"))
     assert x.returncode == 0 and (tmp_path / "dense2" / "model.safetensors").is_file()
+
+
+@needs(STORIES)
+def test_quant_run_and_gptq_export_refusal(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    p = _run("run", str(STORIES), "--pass", "gptq:bits=4,group=0,dim=ada", "--out", str(out), "--calib-samples", "8", "--calib-seqlen", "128")
+    assert p.returncode == 0, p.stderr
+    report = (out / "report.md").read_text()
+    assert "QuantLinear" in report and "bits per original weight" in report
+    # stories260k's 172-wide MLP cannot be packed into GPTQ's 32-bit words at 4 bits: refused, nothing written
+    p = _run("export", str(out), "--format", "gptq", "--out", str(tmp_path / "g"))
+    _assert_one_line_error(p, "not packable")
+    assert not (tmp_path / "g").exists()
+    p = _run("run", str(STORIES), "--pass", "bcq:bits=3,group=128", "--out", str(tmp_path / "b"))
+    _assert_one_line_error(p, "BCQ group size 128 must divide the input dimension 64")
