@@ -3,6 +3,7 @@ and makes one library call; errors in the user's input print one line and exit w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -65,6 +66,8 @@ def run(
     ppl: list[str] = typer.Option([], "--ppl", help="measure perplexity after compression: wikitext2, c4, ptb"),
     ppl_seqlen: int = typer.Option(2048, "--ppl-seqlen", help="perplexity window length"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows"),
+    eval_text: Optional[str] = typer.Option(None, "--eval", help='evaluation after compression, e.g. "tasks=arc_easy,piqa;ppl=wikitext2;limit=200"'),
+    baseline: bool = typer.Option(False, "--baseline", help="also evaluate the dense model in the same run and report the change"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
@@ -82,6 +85,13 @@ def run(
         raise CompressError("no passes: give --pass NAME:key=val (see 'compress ls passes') or --recipe FILE")
     rec = as_recipe(str(recipe)) if recipe is not None else Recipe([parse_shorthand(p) for p in passes])
     cfg = _calib_config(rec.calibration, calib, calib_samples, calib_seqlen, seed, batch_size)
+    spec = api.EvalSpec.parse(eval_text) if eval_text else api.EvalSpec()
+    spec = dataclasses.replace(
+        spec, ppl=tuple(dict.fromkeys(spec.ppl + tuple(ppl))), ppl_seqlen=ppl_seqlen if ppl else spec.ppl_seqlen,
+        max_windows=max_windows if max_windows is not None else spec.max_windows,
+    )
+    if baseline and not spec:
+        raise CompressError("--baseline needs something to measure: add --ppl or --eval")
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("eta"), TimeRemainingColumn(), console=console, disable=quiet, transient=False,
@@ -100,8 +110,8 @@ def run(
     with progress:
         report = api.run(
             model, rec, out, calib=cfg, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-            gguf_file=gguf_file, data_dir=data_dir, overwrite=overwrite, export=tuple(export), ppl=tuple(ppl),
-            ppl_seqlen=ppl_seqlen, ppl_max_windows=max_windows, on_layer=on_layer, on_stage=on_stage,
+            gguf_file=gguf_file, data_dir=data_dir, overwrite=overwrite, export=tuple(export), eval_spec=spec,
+            baseline=baseline, on_layer=on_layer, on_stage=on_stage,
         )
     if not quiet:
         _print_layers(report)
@@ -122,6 +132,26 @@ def _print_layers(report: Any) -> None:
     console.print(t)
 
 
+def _metric_line(m: dict[str, Any]) -> str:
+    """One metric with its protocol (and the baseline change when measured)."""
+    p = m["protocol"]
+    if p.get("metric") == "perplexity":
+        proto = (
+            f"{p['level']}-level, {p['dataset']} {p['split']}, seqlen {p['seqlen']}, {p['windows']}/{p['windows_available']} "
+            f"windows, {p['predicted_tokens']} tokens, {p['dtype']}, {p.get('device', '')}"
+        )
+    else:
+        proto = (
+            f"lm-eval {p.get('lm_eval_version')}, task {p.get('task')} v{p.get('task_version')}, {p.get('n_shot')}-shot, "
+            f"limit {p.get('limit')}, {p.get('samples')} samples, batch {p.get('batch_size')}, {p.get('dtype')}"
+        )
+    base = ""
+    if m.get("baseline") is not None:
+        base = f"  (dense {m['baseline']:.4f}, change {m['change']:+.2%})" if m.get("change") is not None else ""
+    err = f" ± {m['stderr']:.4f}" if m.get("stderr") else ""
+    return f"{m['name']} = {m['value']:.4f}{err}{base}  [{proto}]"
+
+
 def _print_summary(report: Any) -> None:
     s = report.summary()
     console.print(
@@ -130,45 +160,139 @@ def _print_summary(report: Any) -> None:
         f"(removed {s['model_ratio']:.2%})"
     )
     for m in report.metrics:
-        p = m["protocol"]
-        console.print(
-            f"{m['name']} = {m['value']:.4f}  [{p['level']}-level, {p['dataset']} {p['split']}, seqlen {p['seqlen']}, "
-            f"{p['windows']}/{p['windows_available']} windows, {p['predicted_tokens']} tokens, {p['dtype']}]",
-            markup=False,
-        )
+        console.print(_metric_line(m), markup=False, highlight=False)
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items()))
 
 
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="compressed checkpoint directory, HF directory or hub ID"),
-    ppl: list[str] = typer.Option(["wikitext2"], "--ppl", help="perplexity dataset(s): wikitext2, c4, ptb"),
-    seqlen: int = typer.Option(2048, "--seqlen", help="window length"),
+    ppl: list[str] = typer.Option([], "--ppl", help="perplexity dataset(s): wikitext2, c4, ptb [wikitext2 when no --tasks]"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks, comma-separated (e.g. arc_easy,piqa)"),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: at most N examples per task (or a fraction < 1)"),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: few-shot examples"),
+    batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size"),
+    tasks_dir: Optional[str] = typer.Option(None, "--tasks-dir", help="local lm-eval task YAMLs (else $COMPRESS_TASKS_DIR, else <data dir>/lm_eval_tasks)"),
+    seqlen: int = typer.Option(2048, "--seqlen", help="perplexity window length"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows (CPU)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local data folder (else $COMPRESS_DATA_DIR, else the hub)"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, auto"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results to this JSON file"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write report.json/report.md here (default: the checkpoint directory itself)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Measure token-level perplexity of a (compressed) model with the papers' protocol."""
+    """Measure perplexity (papers' token-level protocol) and lm-eval tasks of a (compressed) model."""
     from .. import api
+    from ..checkpoint import MANIFEST
     from ..models import resolve_device
+    from ..report import merge_metrics, write_report
 
     _setup_logging(verbose)
+    task_list = tuple(t.strip() for t in (tasks or "").split(",") if t.strip())
+    spec = api.EvalSpec(
+        ppl=tuple(ppl) or (() if task_list else ("wikitext2",)), tasks=task_list, ppl_seqlen=seqlen, max_windows=max_windows,
+        limit=int(limit) if limit is not None and limit >= 1 else limit, num_fewshot=num_fewshot, batch_size=batch_size,
+        tasks_dir=tasks_dir,
+    )
+    if task_list:
+        from ..eval.harness import require_lm_eval
+
+        require_lm_eval()
     dev = resolve_device(device)
     m, tok = api.load(model, device=dev)
     if tok is None:
         raise CompressError(f"'{model}' has no tokenizer files; cannot tokenize the evaluation text")
-    results = api.evaluate(m, tok, ppl, seqlen=seqlen, max_windows=max_windows, data_dir=data_dir)
+    results = api.evaluate(m, tok, spec, data_dir=data_dir)
     for r in results:
-        p = r["protocol"]
-        out_console.print(
-            f"{r['name']} = {r['value']:.4f}  [{p['level']}-level, {p['dataset']} {p['split']}, seqlen {p['seqlen']}, "
-            f"{p['windows']}/{p['windows_available']} windows, {p['predicted_tokens']} tokens, {p['dtype']}, {p['device']}]",
-            markup=False,
-        )
+        out_console.print(_metric_line(r), markup=False, highlight=False)
+    target = out if out is not None else (Path(model) if (Path(model) / MANIFEST).is_file() else None)
+    if target is not None:
+        target.mkdir(parents=True, exist_ok=True)
+        existing = target / "report.json"
+        data = json.loads(existing.read_text()) if existing.is_file() else {"model": {"source": model}}
+        write_report(merge_metrics(data, results), target)
     if json_out is not None:
-        json_out.write_text(json.dumps({"model": model, "metrics": results}, indent=2) + "\n")
+        json_out.write_text(json.dumps({"model": model, "metrics": results}, indent=2, default=str) + "\n")
+
+
+@app.command()
+def sweep(
+    model: str = typer.Argument(..., help="hub ID, local HF directory, or directory holding a .gguf file"),
+    out: Path = typer.Option(..., "--out", "-o", help="sweep directory (an existing one is resumed)"),
+    passes: list[str] = typer.Option(..., "--pass", "-p", help="pass (shorthand NAME:key=val allowed for fixed options); repeat"),
+    ratios: list[str] = typer.Option([], "--ratios", help="comma-separated ratios for the --pass before it (one list applies to all)"),
+    grid: list[str] = typer.Option([], "--grid", help="KEY=V1,V2,... to vary another option instead of ratio (per --pass, or one for all)"),
+    eval_text: str = typer.Option("ppl=wikitext2", "--eval", help='metrics per point, e.g. "ppl=wikitext2;max_windows=16" or "tasks=arc_easy;limit=100"'),
+    calib: Optional[str] = typer.Option(None, "--calib", help="calibration source [c4]"),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="calibration sequences [32]"),
+    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="tokens per calibration sequence [512]"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="calibration sampling seed [0]"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local data folder (else $COMPRESS_DATA_DIR, else the hub)"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("auto", "--device"),
+    save_checkpoints: bool = typer.Option(False, "--save-checkpoints", help="write each point's compressed checkpoint under OUT/points/"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
+    json_lines: bool = typer.Option(False, "--json", help="one JSON line per finished point on stdout"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a grid of pass configurations on MODEL, sharing calibration statistics; write sweep.csv/md/png."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from .. import api
+    from ..recipe import parse_shorthand
+    from ..sweeps import make_grid
+    from ..sweeps import sweep as run_sweep
+
+    _setup_logging(verbose, quiet or json_lines)
+    if ratios and grid:
+        raise CompressError("give --ratios or --grid, not both")
+    value_lists = [("ratio", r) for r in ratios] or [tuple(g.split("=", 1)) if "=" in g else ("", g) for g in grid]
+    if not value_lists:
+        raise CompressError("no values to sweep: give --ratios 0.1,0.2,... (or --grid KEY=V1,V2)")
+    if len(value_lists) not in (1, len(passes)):
+        raise CompressError(f"{len(passes)} --pass but {len(value_lists)} value lists: give one list, or one per --pass")
+    axes = []
+    for i, text in enumerate(passes):
+        key, values = value_lists[0] if len(value_lists) == 1 else value_lists[i]
+        if not key:
+            raise CompressError(f"--grid '{values}' is not KEY=V1,V2")
+        spec = parse_shorthand(text)
+        name = text.partition(":")[0].strip()
+        fixed = {k: v for k, v in (item.split("=", 1) for item in filter(None, text.partition(":")[2].split(",")))}
+        vals = [v.strip() for v in str(values).split(",") if v.strip()]
+        del spec
+        axes.append((name, fixed, key, vals))
+    points = make_grid(axes)
+    spec = api.EvalSpec.parse(eval_text)
+    cfg = _calib_config({}, calib, calib_samples, calib_seqlen, seed, None)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=console, disable=quiet or json_lines,
+    )
+    task: dict[str, Any] = {}
+
+    def on_point(row: dict[str, Any], k: int, total: int) -> None:
+        if "id" not in task:
+            task["id"] = progress.add_task("grid points", total=total)
+        progress.update(task["id"], completed=k)
+        if json_lines:
+            print(json.dumps({k2: row.get(k2) for k2 in ("label", "status", "compression", "bits_per_weight", "metrics", "error", "seconds")}, default=str), flush=True)
+
+    def on_stage(msg: str) -> None:
+        if not (quiet or json_lines):
+            console.log(msg)
+
+    with progress:
+        result = run_sweep(
+            model, points, out, eval_spec=spec, calib=cfg, data_dir=data_dir, device=device, dtype=dtype,
+            save_checkpoints=save_checkpoints, on_point=on_point, on_stage=on_stage,
+        )
+    if not (quiet or json_lines):
+        console.print((Path(out) / "sweep.md").read_text(), markup=False, highlight=False)
+        failed = [r for r in result.rows if r["status"] != "ok"]
+        if failed:
+            console.print(f"{len(failed)} point(s) failed; see the table", markup=False)
+        out_console.print(f"wrote {out}/sweep.csv, sweep.md, sweep.png")
 
 
 @app.command()

@@ -10,14 +10,18 @@ from typing import Any
 
 from .version import __version__
 
-__all__ = ["__version__", "compress", "load", "run", "evaluate", "CalibConfig", "CompressError"]
+__all__ = ["__version__", "compress", "load", "run", "evaluate", "sweep", "CalibConfig", "EvalSpec", "CompressError"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("compress", "load", "run", "evaluate"):
+    if name in ("compress", "load", "run", "evaluate", "EvalSpec"):
         from . import api
 
         return getattr(api, name)
+    if name == "sweep":
+        from .sweeps import sweep
+
+        return sweep
     if name == "CalibConfig":
         from .calib.data import CalibConfig
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ from torch import nn
 from .adapters import ModelAdapter, get_adapter
 from .calib.data import CalibConfig, calibration_ids
 from .errors import CompressError
-from .models import count_parameters, load_model, resolve_device, weights_fingerprint
+from .models import count_parameters, load_model, resolve_device, storage_bytes, weights_fingerprint
 from .pipeline.sequential import run_sequential
 from .recipe import Recipe, as_recipe
 from .registry import get_pass
@@ -34,6 +35,7 @@ def compress(
     data_dir: str | Path | None = None,
     batch_size: int | None = None,
     on_layer: Callable[[int, int, float], None] | None = None,
+    stats_provider: Any = None,
 ) -> Report:
     """Compress ``model`` in place with ``recipe`` and return the :class:`Report`.
 
@@ -49,7 +51,7 @@ def compress(
     timings: dict[str, float] = {}
     calib_info: dict[str, Any] | None = None
     ids: torch.Tensor | None = None
-    if any(p.requires_calibration for p in passes):
+    if any(p.requires_calibration and (stats_provider is None or p.uses_layer_inputs) for p in passes):
         t0 = time.perf_counter()
         if isinstance(calib, torch.Tensor):
             ids = calib
@@ -62,9 +64,11 @@ def compress(
             calib_info = cfg.to_dict()
             batch_size = batch_size or cfg.batch_size
         timings["calibration_data"] = time.perf_counter() - t0
-    params_before = count_parameters(model)
+    params_before, bytes_before = count_parameters(model), storage_bytes(model)
     t0 = time.perf_counter()
-    result = run_sequential(model, adapter, passes, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer)
+    result = run_sequential(
+        model, adapter, passes, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer, stats_provider=stats_provider
+    )
     timings["compress"] = time.perf_counter() - t0
     return Report(
         model={
@@ -77,6 +81,8 @@ def compress(
         records=result.records,
         params_before=params_before,
         params_after=count_parameters(model),
+        bytes_before=bytes_before,
+        bytes_after=storage_bytes(model),
         timings=timings,
         device=str(dev),
     )
@@ -92,25 +98,92 @@ def load(directory: str | Path, *, device: str | torch.device = "cpu", **kwargs:
     return model, tokenizer
 
 
+@dataclass
+class EvalSpec:
+    """What to measure after compression: perplexity datasets and lm-eval tasks, with their settings."""
+
+    ppl: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    ppl_seqlen: int = 2048
+    max_windows: int | None = None
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    tasks_dir: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.ppl or self.tasks)
+
+    @classmethod
+    def parse(cls, text: str) -> "EvalSpec":
+        """``"tasks=arc_easy,piqa;ppl=wikitext2;limit=200"`` → EvalSpec."""
+        fields: dict[str, Any] = {}
+        try:
+            return cls(**cls._fields_of(text, fields))
+        except ValueError as e:
+            raise CompressError(f"invalid --eval value: {e}") from None
+
+    @staticmethod
+    def _fields_of(text: str, fields: dict[str, Any]) -> dict[str, Any]:
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            key, eq, value = part.partition("=")
+            key = key.strip().replace("-", "_")
+            if not eq:
+                raise CompressError(f"--eval item '{part}' is not key=value (example: \"tasks=arc_easy,piqa;ppl=wikitext2\")")
+            if key in ("ppl", "tasks"):
+                fields[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+            elif key in ("ppl_seqlen", "max_windows", "num_fewshot", "batch_size"):
+                fields[key] = int(value)
+            elif key == "limit":
+                fields[key] = float(value) if "." in value else int(value)
+            elif key == "tasks_dir":
+                fields[key] = value
+            else:
+                raise CompressError(
+                    f"unknown --eval key '{key}'; use ppl, tasks, limit, num_fewshot, batch_size, ppl_seqlen, max_windows, tasks_dir"
+                )
+        return fields
+
+
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
-    ppl: list[str] | tuple[str, ...] = ("wikitext2",),
+    spec: EvalSpec | None = None,
     *,
-    seqlen: int = 2048,
-    max_windows: int | None = None,
     data_dir: str | Path | None = None,
+    lm_factory: Any = None,
     on_window: Callable[[int, int], None] | None = None,
+    **kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Perplexity on each dataset in ``ppl``; each result carries its protocol."""
+    """Perplexity on each dataset in ``spec.ppl`` and lm-eval on ``spec.tasks``; each metric
+    carries its protocol. Keyword arguments build the spec when none is given."""
     from .eval.perplexity import perplexity
 
-    out = []
-    for name in ppl:
+    spec = spec or EvalSpec(**{k: tuple(v) if k in ("ppl", "tasks") else v for k, v in kwargs.items()})
+    out: list[dict[str, Any]] = []
+    for name in spec.ppl:
         r = perplexity(
-            model, tokenizer, name, seqlen=seqlen, max_windows=max_windows, data_dir=data_dir, on_window=on_window
+            model, tokenizer, name, seqlen=spec.ppl_seqlen, max_windows=spec.max_windows, data_dir=data_dir, on_window=on_window
         )
         out.append({"name": f"ppl_{name}", **r})
+    if spec.tasks:
+        from .eval.harness import run_tasks
+
+        out += run_tasks(
+            model, tokenizer, list(spec.tasks), tasks_dir=spec.tasks_dir, data_dir=data_dir, limit=spec.limit,
+            num_fewshot=spec.num_fewshot, batch_size=spec.batch_size, lm_factory=lm_factory,
+        )
+    return out
+
+
+def with_baseline(metrics: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Attach the dense model's value of each metric and the relative change."""
+    base = {m["name"]: m["value"] for m in baseline}
+    out = []
+    for m in metrics:
+        b = base.get(m["name"])
+        change = (m["value"] - b) / abs(b) if b not in (None, 0) else None
+        out.append({**m, "baseline": b, "change": change})
     return out
 
 
@@ -127,14 +200,13 @@ def run(
     data_dir: str | Path | None = None,
     overwrite: bool = False,
     export: tuple[str, ...] = (),
-    ppl: tuple[str, ...] = (),
-    ppl_seqlen: int = 2048,
-    ppl_max_windows: int | None = None,
+    eval_spec: EvalSpec | None = None,
+    baseline: bool = False,
     on_layer: Callable[[int, int, float], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> Report:
     """Load a model, compress it, write the checkpoint (atomically) and its report; optionally
-    export a dense copy and measure perplexity."""
+    export other formats and evaluate (with ``baseline``, the dense model too, in the same run)."""
     from .checkpoint import atomic_directory, export_dense, save_checkpoint
     from .export_gptq import check_gptq_exportable, export_gptq
 
@@ -156,17 +228,32 @@ def run(
     t_load = time.perf_counter() - t0
     info["fingerprint"] = weights_fingerprint(model)
     dev = resolve_device(device)
+    if eval_spec and eval_spec.tasks:
+        from .eval.harness import require_lm_eval
+
+        require_lm_eval()  # fail before the long compression
+    base_metrics: list[dict[str, Any]] = []
+    t_base = 0.0
+    if eval_spec and baseline:
+        stage("evaluating the dense baseline")
+        t0 = time.perf_counter()
+        model.to(dev)
+        base_metrics = evaluate(model, tokenizer, eval_spec, data_dir=data_dir)
+        model.to("cpu")
+        t_base = time.perf_counter() - t0
     stage("compressing")
     report = compress(model, rec, cfg, tokenizer=tokenizer, device=dev, data_dir=data_dir, on_layer=on_layer)
     report.model.update(info)
     report.timings = {"load": t_load, **report.timings}
-    if ppl:
+    if base_metrics:
+        report.timings["eval_baseline"] = t_base
+    if eval_spec:
         model.to(dev)
-        stage("evaluating perplexity")
-        report.metrics = evaluate(
-            model, tokenizer, ppl, seqlen=ppl_seqlen, max_windows=ppl_max_windows, data_dir=data_dir
-        )
-        report.timings["eval"] = sum(m["seconds"] for m in report.metrics)
+        stage("evaluating")
+        t0 = time.perf_counter()
+        metrics = evaluate(model, tokenizer, eval_spec, data_dir=data_dir)
+        report.metrics = with_baseline(metrics, base_metrics) if base_metrics else metrics
+        report.timings["eval"] = time.perf_counter() - t0
         model.to("cpu")
     if "gptq" in export:
         check_gptq_exportable(model, report.model.get("layers_path", "model.layers"))  # refuse before writing

@@ -142,11 +142,30 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
+    """Distinct parameters (tied weights counted once), with the weights that quantized modules
+    hold as integer codes counted as the parameters they represent."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    for m in model.modules():
+        if hasattr(m, "num_weights") and hasattr(m, "storage_bits"):
+            total += int(m.num_weights())
+    return total
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes of the model as stored: distinct parameters at their dtype, plus each quantized
+    module's packed storage (codes, scales, zero-points)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    for m in model.modules():
+        if hasattr(m, "num_weights") and hasattr(m, "storage_bits"):
+            total += -(-int(m.storage_bits()) // 8)
     return total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ class Report:
     records: list[ModuleRecord]
     params_before: int
     params_after: int
+    bytes_before: int = 0
+    bytes_after: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     device: str = "cpu"
@@ -57,6 +60,7 @@ class Report:
         bits_after = sum(r.bits_after for r in final)
         return {
             "target_bits_per_weight": bits_after / tb if tb else 0.0,
+            "target_compression": 1 - bits_after / bits_before if bits_before else 0.0,
             "target_bits_before": bits_before,
             "target_bits_after": bits_after,
             "target_params_before": tb,
@@ -65,6 +69,8 @@ class Report:
             "model_params_before": self.params_before,
             "model_params_after": self.params_after,
             "model_ratio": 1 - self.params_after / self.params_before if self.params_before else 0.0,
+            "model_bytes_before": self.bytes_before,
+            "model_bytes_after": self.bytes_after,
             "modules_compressed": sum(1 for r in self._final_records() if r.params_after != r.params_before),
             "modules_targeted": len(self._final_records()),
             "ratio_definition": RATIO_DEFINITION,
@@ -83,18 +89,57 @@ class Report:
         }
 
     def to_markdown(self) -> str:
-        s = self.summary()
-        lines = [f"# Compression report: {self.model.get('source', '')}", ""]
-        lines += ["## Recipe", "", "```yaml", _yaml(self.recipe).rstrip(), "```", ""]
-        if self.calibration:
-            lines += ["Calibration: " + ", ".join(f"{k}={v}" for k, v in self.calibration.items()), ""]
+        return render_markdown(self.to_dict())
+
+    def write(self, directory: str | Path) -> None:
+        write_report(self.to_dict(), directory)
+
+
+def write_report(data: dict[str, Any], directory: str | Path) -> None:
+    """Write report.json and report.md (each replaced atomically)."""
+    d = Path(directory)
+    for name, text in (("report.json", json.dumps(data, indent=2, default=str) + "\n"), ("report.md", render_markdown(data))):
+        tmp = d / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, d / name)
+
+
+def merge_metrics(data: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Replace metrics of the same name (and protocol dataset/task) and append the new ones."""
+    new_names = {m["name"] for m in metrics}
+    kept = [m for m in data.get("metrics", []) if m.get("name") not in new_names]
+    return {**data, "metrics": kept + metrics}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def render_markdown(d: dict[str, Any]) -> str:
+    """The report as Markdown, from its dict form (so that ``compress eval`` can re-render it)."""
+    model = d.get("model", {})
+    lines = [f"# Report: {model.get('source', '')}", ""]
+    if d.get("recipe"):
+        lines += ["## Recipe", "", "```yaml", _yaml(d["recipe"]).rstrip(), "```", ""]
+    if d.get("calibration"):
+        lines += ["Calibration: " + ", ".join(f"{k}={v}" for k, v in d["calibration"].items()), ""]
+    s = d.get("compression")
+    if s:
         lines += [
             "## Compression",
             "",
             "| | before | after | ratio removed |",
             "|---|---:|---:|---:|",
-            f"| target linears | {s['target_params_before']:,} | {s['target_params_after']:,} | {s['target_ratio']:.4f} |",
-            f"| whole model | {s['model_params_before']:,} | {s['model_params_after']:,} | {s['model_ratio']:.4f} |",
+            f"| target linears (parameters) | {s['target_params_before']:,} | {s['target_params_after']:,} | {s['target_ratio']:.4f} |",
+            f"| whole model (parameters) | {s['model_params_before']:,} | {s['model_params_after']:,} | {s['model_ratio']:.4f} |",
+            f"| whole model (bytes) | {s.get('model_bytes_before', 0):,} | {s.get('model_bytes_after', 0):,} | "
+            f"{1 - s.get('model_bytes_after', 0) / max(s.get('model_bytes_before', 0), 1):.4f} |",
+            f"| target linears (bytes) | {s['target_bits_before'] // 8:,} | {s['target_bits_after'] // 8:,} | "
+            f"{1 - s['target_bits_after'] / max(s['target_bits_before'], 1):.4f} |",
             "",
             f"Target linears store {s['target_bits_per_weight']:.3f} bits per original weight "
             f"({s['target_bits_after']:,} bits; scales, zero-points and factors included, biases excluded).",
@@ -102,35 +147,40 @@ class Report:
             s["ratio_definition"],
             "",
         ]
-        if self.metrics:
-            lines += ["## Metrics", "", "| metric | value | protocol |", "|---|---:|---|"]
-            for m in self.metrics:
-                proto = ", ".join(f"{k}={v}" for k, v in m.get("protocol", {}).items())
-                lines.append(f"| {m.get('name', '')} | {m['value']:.4f} | {proto} |")
-            lines.append("")
-        if self.timings:
-            lines += ["## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in self.timings.items()), ""]
+    if d.get("metrics"):
+        lines += ["## Metrics", "", "| metric | value | baseline | change | protocol |", "|---|---:|---:|---:|---|"]
+        for m in d["metrics"]:
+            proto = ", ".join(f"{k}={v}" for k, v in m.get("protocol", {}).items() if v is not None)
+            change = m.get("change")
+            lines.append(
+                f"| {m.get('name', '')} | {_fmt(m.get('value'))} | {_fmt(m.get('baseline'))} | "
+                f"{'' if change is None else f'{change:+.2%}'} | {proto} |"
+            )
+        lines += [
+            "",
+            "Perplexity named `ppl_<dataset>` is token-level over fixed windows (the papers' protocol); "
+            "lm-eval's `wikitext/word_perplexity` is word-level over whole documents: they are not comparable.",
+            "",
+        ]
+    if d.get("timings"):
+        lines += ["## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in d["timings"].items()), ""]
+    if d.get("layers"):
         lines += [
             "## Per-layer table",
             "",
             "| module | pass | type | shape | rank / bits | dim | params before | params after | bits/weight | error | metric | seconds |",
             "|---|---|---|---|---:|---|---:|---:|---:|---:|---|---:|",
         ]
-        for r in self.records:
-            err = r.info.get("error")
+        for r in d["layers"]:
+            info = r.get("info", {})
+            err = info.get("error")
             lines.append(
-                f"| {r.name} | {r.pass_name} | {r.module_type} | {r.shape[0]}x{r.shape[1]} | "
-                f"{r.info.get('rank', r.info.get('bits', ''))} | {r.info.get('dim', '')} | "
-                f"{r.params_before:,} | {r.params_after:,} | {r.bits_after / max(r.params_before, 1):.3f} | "
-                f"{'' if err is None else f'{err:.4g}'} | "
-                f"{r.info.get('error_metric', r.info.get('kept_dense', ''))} | {r.seconds:.2f} |"
+                f"| {r['name']} | {r['pass_name']} | {r['module_type']} | {r['shape'][0]}x{r['shape'][1]} | "
+                f"{info.get('rank', info.get('bits', ''))} | {info.get('dim', '')} | "
+                f"{r['params_before']:,} | {r['params_after']:,} | {r['bits_after'] / max(r['params_before'], 1):.3f} | "
+                f"{'' if err is None else f'{err:.4g}'} | {info.get('error_metric', info.get('kept_dense', ''))} | {r['seconds']:.2f} |"
             )
-        return "\n".join(lines) + "\n"
-
-    def write(self, directory: str | Path) -> None:
-        d = Path(directory)
-        (d / "report.json").write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        (d / "report.md").write_text(self.to_markdown())
+    return "\n".join(lines) + "\n"
 
 
 def _yaml(obj: Any) -> str:

@@ -49,6 +49,9 @@ class Pass:
     #: statistics of each target linear's input that the pipeline must accumulate
     #: (names understood by :class:`compress.pipeline.stats.LinearStats`)
     statistics: ClassVar[frozenset[str]] = frozenset()
+    #: the pass reads the decoder layer's calibration inputs itself (through the LayerContext), so
+    #: precomputed statistics are not enough for it
+    uses_layer_inputs: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

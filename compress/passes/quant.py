@@ -73,6 +73,7 @@ class _QuantPass(Pass):
         cfg = config
         assert isinstance(cfg, RTNConfig)
         self.cfg = cfg
+        self.uses_layer_inputs = cfg.dim == "ada"  # AdaDim runs sub-blocks on the layer's inputs
 
     def _spec(self, dim: str) -> QuantSpec:
         c = self.cfg

@@ -282,14 +282,20 @@ def run_sequential(
     device: torch.device,
     batch_size: int = 8,
     on_layer: Callable[[int, int, float], None] | None = None,
+    stats_provider: Callable[[int, list[str], frozenset[str]], LayerStats] | None = None,
 ) -> PipelineResult:
     """Apply ``passes`` to ``model`` in place, layer by layer.
 
-    ``input_ids`` (n_samples, seqlen) is required when any pass requires calibration.
+    ``input_ids`` (n_samples, seqlen) is required when any pass requires calibration, unless
+    ``stats_provider(layer_index, names, kinds)`` supplies precomputed statistics (sweeps reuse the
+    dense model's statistics across grid points: no calibration forward at all, no propagation).
+    Passes that read the layer's inputs themselves (``uses_layer_inputs``) still get them.
     ``on_layer(index, total, seconds)`` is called after each layer (progress display).
     """
     layers = adapter.layers(model)
-    needs_calib = any(p.requires_calibration for p in passes)
+    needs_calib = any(
+        p.requires_calibration and (stats_provider is None or p.uses_layer_inputs) for p in passes
+    )
     records: list[ModuleRecord] = []
     layer_seconds: list[float] = []
     with calibration_forward_context(model):
@@ -310,9 +316,12 @@ def run_sequential(
                     targets = [n for n in group if p.targets(n, layer.get_submodule(n))]
                     if not targets:
                         continue
-                    stats = (
-                        _observe(layer, targets, p.statistics, inputs, device) if p.requires_calibration else None
-                    )
+                    if not p.requires_calibration:
+                        stats = None
+                    elif stats_provider is not None:
+                        stats = stats_provider(i, targets, p.statistics)
+                    else:
+                        stats = _observe(layer, targets, p.statistics, inputs, device)
                     context = LayerContext(layer, inputs, device, adapter)
                     for n in targets:
                         module = layer.get_submodule(n)
@@ -352,6 +361,47 @@ def run_sequential(
                 on_layer(i, len(layers), layer_seconds[-1])
     n_tokens = 0 if input_ids is None or not needs_calib else int(input_ids.numel())
     return PipelineResult(records, layer_seconds, n_tokens)
+
+
+def profile_statistics(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    input_ids: torch.Tensor,
+    kinds: frozenset[str],
+    *,
+    device: torch.device,
+    batch_size: int = 8,
+    on_layer: Callable[[int, LayerStats], None],
+) -> None:
+    """Statistics of every linear of the (unchanged) model in one forward per layer: the profile a
+    sweep reuses across its grid. ``on_layer(index, stats)`` receives each layer's statistics."""
+    layers = adapter.layers(model)
+    with calibration_forward_context(model):
+        inputs = capture_layer0_inputs(model, adapter, input_ids, batch_size, device)
+        for i, layer in enumerate(layers):
+            home = _module_device(layer)
+            layer.to(device)
+            names = [n for g in adapter.groups(layer) for n in g]
+            stats = LayerStats(kinds)
+            handles = [
+                layer.get_submodule(n).register_forward_pre_hook(
+                    lambda _m, a, n=n: stats.observe(n, a[0].detach())  # type: ignore[misc]
+                )
+                for n in names
+            ]
+            try:
+                outs = []
+                for b in inputs:
+                    stats.reset_sharing()
+                    outs.append(_run_layer(layer, b, device).detach().to("cpu"))
+            finally:
+                for h in handles:
+                    h.remove()
+            stats.reset_sharing()
+            inputs = [_with_hidden(b, o) for b, o in zip(inputs, outs)]
+            layer.to(home)
+            on_layer(i, stats)
+            cleanup_memory()
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int]:
