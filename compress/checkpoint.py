@@ -133,6 +133,16 @@ def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, types)}
 
 
+def _write_config_and_tokenizer(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    model.config.save_pretrained(directory)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        with contextlib.suppress(Exception):  # some configs carry no generation settings
+            gen.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
 def save_checkpoint(
     model: nn.Module,
     tokenizer: Any,
@@ -141,13 +151,7 @@ def save_checkpoint(
     recipe_yaml: str | None = None,
 ) -> None:
     """Write the compressed model into ``directory`` (which must exist and be empty)."""
-    model.config.save_pretrained(directory)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        with contextlib.suppress(Exception):
-            gen.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    _write_config_and_tokenizer(model, tokenizer, directory)
     state, aliases = _dedupe(model.state_dict())
     files = write_weights(state, directory)
     modules = {
@@ -253,12 +257,6 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def export_dense(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     """Write a plain HF checkpoint (``from_pretrained`` without trust_remote_code) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(directory)
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        with contextlib.suppress(Exception):
-            gen.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    _write_config_and_tokenizer(model, tokenizer, directory)
     state, _ = _dedupe(dense_state_dict(model))  # a tied head is re-tied by transformers on load
     write_weights(state, directory)

@@ -63,19 +63,16 @@ class SVDConfig(PassConfig):
 
 
 @dataclass
-class ASVDConfig(PassConfig):
-    ratio: float = option(0.2, _RATIO_HELP, min=0.0, max=1.0, min_open=True, max_open=True)
+class ASVDConfig(SVDConfig):
     alpha: float = option(0.5, "exponent α of the activation scaling diag(s^α)", min=0.0, max=4.0)
     statistic: str = option(
         "abs_mean", "per-input-channel activation statistic s", choices=("abs_mean", "rms", "abs_max")
     )
-    targets: str = option("*", _TARGETS_HELP)
 
 
 @dataclass
-class SVDLLMConfig(PassConfig):
-    ratio: float = option(0.2, _RATIO_HELP, min=0.0, max=1.0, min_open=True, max_open=True)
-    targets: str = option("*", _TARGETS_HELP)
+class SVDLLMConfig(SVDConfig):
+    """Same options as svd."""
 
 
 @dataclass
