@@ -199,14 +199,19 @@ def sweep(
         _append(csv_path, row)
         rows.append(row)
         del m
+        # the table and plot are rewritten after every point, so an interrupted sweep still has them
+        write_outputs(_ordered(rows, dense, timings, grid), out, source, eval_spec)
         if on_point is not None:
             on_point(row, k + 1, len(todo))
     timings["total"] = time.perf_counter() - t_start
-    order = {p.label: i for i, p in enumerate(grid)}
-    rows.sort(key=lambda r: order.get(r["label"], len(order)))
-    result = SweepResult(rows=rows, dense=dense, timings=timings)
+    result = _ordered(rows, dense, timings, grid)
     write_outputs(result, out, source, eval_spec)
     return result
+
+
+def _ordered(rows: list[dict[str, Any]], dense: dict[str, Any], timings: dict[str, float], grid: list[GridPoint]) -> SweepResult:
+    order = {p.label: i for i, p in enumerate(grid)}
+    return SweepResult(rows=sorted(rows, key=lambda r: order.get(r["label"], len(order))), dense=dense, timings=dict(timings))
 
 
 def _slug(label: str) -> str:
