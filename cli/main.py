@@ -256,12 +256,11 @@ def sweep(
         key, values = value_lists[0] if len(value_lists) == 1 else value_lists[i]
         if not key:
             raise CompressError(f"--grid '{values}' is not KEY=V1,V2")
-        spec = parse_shorthand(text)
-        name = text.partition(":")[0].strip()
-        fixed = {k: v for k, v in (item.split("=", 1) for item in filter(None, text.partition(":")[2].split(",")))}
+        fixed_spec = parse_shorthand(text)  # validates the fixed options
+        given = {item.split("=", 1)[0].strip() for item in filter(None, text.partition(":")[2].split(","))}
+        fixed = {k: v for k, v in fixed_spec.config.to_dict().items() if k in given}
         vals = [v.strip() for v in str(values).split(",") if v.strip()]
-        del spec
-        axes.append((name, fixed, key, vals))
+        axes.append((fixed_spec.name, fixed, key, vals))
     points = make_grid(axes)
     spec = api.EvalSpec.parse(eval_text)
     cfg = _calib_config({}, calib, calib_samples, calib_seqlen, seed, None)

@@ -17,7 +17,7 @@ from .calib.data import CalibConfig, calibration_ids
 from .errors import CompressError
 from .models import count_parameters, load_model, resolve_device, storage_bytes, weights_fingerprint
 from .pipeline.sequential import run_sequential
-from .recipe import Recipe, as_recipe
+from .recipe import as_recipe
 from .registry import get_pass
 from .report import Report
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from compress import EvalSpec, compress, evaluate, load, sweep
 from compress.errors import CompressError

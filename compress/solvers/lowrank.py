@@ -109,22 +109,22 @@ def allocate_ranks(
     ranks = [1] * len(spectra)
     used = float(sum(m + n for m, n in shapes))
     heap: list[tuple[float, int]] = []
-    for l, (s, (m, n)) in enumerate(zip(spectra, shapes)):
+    for li, (s, (m, n)) in enumerate(zip(spectra, shapes)):
         if len(s) > 1:
-            heapq.heappush(heap, (-float(s[1]) ** 2 / energy[l] / (m + n), l))
+            heapq.heappush(heap, (-float(s[1]) ** 2 / energy[li] / (m + n), li))
     while heap:
-        _, l = heapq.heappop(heap)
-        m, n = shapes[l]
+        _, li = heapq.heappop(heap)
+        m, n = shapes[li]
         if used + (m + n) > budget:
             continue
-        ranks[l] += 1
+        ranks[li] += 1
         used += m + n
-        if not saves_parameters(m, n, ranks[l]):
+        if not saves_parameters(m, n, ranks[li]):
             # break-even: the dense matrix costs no more than these factors
-            used += m * n - ranks[l] * (m + n)
-            dense[l] = True
+            used += m * n - ranks[li] * (m + n)
+            dense[li] = True
             continue
-        nxt = ranks[l]
-        if nxt < len(spectra[l]):
-            heapq.heappush(heap, (-float(spectra[l][nxt]) ** 2 / energy[l] / (m + n), l))
+        nxt = ranks[li]
+        if nxt < len(spectra[li]):
+            heapq.heappush(heap, (-float(spectra[li][nxt]) ** 2 / energy[li] / (m + n), li))
     return [None if d else r for r, d in zip(ranks, dense)]
