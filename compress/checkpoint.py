@@ -89,8 +89,9 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return kept, aliases
 
 
-def write_weights(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int = SHARD_BYTES) -> list[str]:
-    """Write safetensors, sharded in the HF layout when larger than ``shard_bytes``."""
+def write_weights(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int | None = None) -> list[str]:
+    """Write safetensors, sharded in the HF layout when larger than ``shard_bytes`` (default SHARD_BYTES)."""
+    shard_bytes = SHARD_BYTES if shard_bytes is None else shard_bytes
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(state):
