@@ -10,6 +10,7 @@ help text and its allowed range in ``metadata`` (``help``, ``min``, ``max``, ``m
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, ClassVar
 
@@ -23,7 +24,7 @@ def option(default: Any, help: str, **checks: Any) -> Any:
 
 def _convert(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None

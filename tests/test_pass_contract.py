@@ -11,9 +11,11 @@ import torch
 
 from compress import compress, load
 from compress.checkpoint import export_dense, save_checkpoint
-from compress.modules import BCQLinear, LowRankLinear, QuantLinear
+from compress.modules import ArmorLinear, BCQLinear, LowRankLinear, QuantLinear, Sparse24Linear
 from compress.registry import all_passes
 from compress.solvers.lowrank import rank_for_ratio
+from compress.solvers.sparse import satisfies_nm
+from compress.solvers.sparse24 import unpack_24
 
 from .conftest import make_tiny
 
@@ -27,6 +29,10 @@ CASES = {
     "rtn": ("bits=4,group=16", 0.05),
     "gptq": ("bits=3,group=16,dim=ada", 0.08),
     "bcq": ("bits=3,group=16", 0.08),
+    "magnitude": ("pattern=2:4", 0.6),
+    "wanda": ("pattern=2:4", 0.6),
+    "sparsegpt": ("pattern=2:4", 0.5),
+    "armor": ("block=8,iters=20,lr=1e-3", 0.6),
 }
 
 
@@ -49,6 +55,10 @@ def _check_property(pass_name: str, name: str, mod: torch.nn.Module, m: int, n: 
         assert codes.shape == (m, n) and int(codes.max()) < 2**mod.qspec.bits
     elif pass_name == "bcq":
         assert isinstance(mod, BCQLinear) and mod.bits == 3, name
+    else:  # 2:4 pruning
+        assert isinstance(mod, (Sparse24Linear, ArmorLinear)), name
+        core = unpack_24(mod.values, mod.meta)
+        assert core.shape == (m, n) and satisfies_nm(core, 2, 4)
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -84,8 +94,10 @@ def test_pass_contract(pass_name: str, tiny_family: str, calib_ids: torch.Tensor
         _check_property(pass_name, name, model.get_submodule(name), m, n)
     if "ratio" in options:
         assert s["target_ratio"] >= RATIO - (0.02 if pass_name == "lord" else 1e-9)
+    elif pass_name == "armor":
+        assert s["target_bits_per_weight"] < 32  # core + metadata + block-diagonal wrappers
     else:
-        assert s["target_bits_per_weight"] < 9  # well under the 32 bits of the fp32 weights
+        assert s["target_bits_per_weight"] <= 17  # quantized, or 2:4 (half the values + 1 bit of metadata)
 
     # save -> load round-trips bit-exactly
     manifest = {"recipe": report.recipe, "modules": {r.name: {"pass": r.pass_name, "info": r.info} for r in report.records}}

@@ -9,12 +9,15 @@ from torch import nn
 from .bcq import BCQLinear
 from .lowrank import LowRankLinear
 from .quant import QuantLinear
+from .sparse import ArmorLinear, Sparse24Linear
 
 #: compressed module types by name, as written in the checkpoint manifest
 MODULE_TYPES: dict[str, type[nn.Module]] = {
     "LowRankLinear": LowRankLinear,
     "QuantLinear": QuantLinear,
     "BCQLinear": BCQLinear,
+    "Sparse24Linear": Sparse24Linear,
+    "ArmorLinear": ArmorLinear,
 }
 
 
@@ -32,4 +35,4 @@ def storage_bits(module: nn.Module) -> int:
     return sum(8 * p.numel() * p.element_size() for n, p in module.named_parameters() if not n.endswith("bias"))
 
 
-__all__ = ["MODULE_TYPES", "BCQLinear", "LowRankLinear", "QuantLinear", "storage_bits", "weight_count"]
+__all__ = ["MODULE_TYPES", "ArmorLinear", "BCQLinear", "LowRankLinear", "Sparse24Linear", "QuantLinear", "storage_bits", "weight_count"]

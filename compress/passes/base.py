@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import nn
 
 from ..config import PassConfig
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
@@ -60,11 +61,18 @@ class Pass:
         """Called once before the layer loop (e.g. for a global rank allocation)."""
 
     def targets(self, name: str, module: nn.Module) -> bool:
-        """Whether this pass compresses ``module`` (``name`` is relative to its decoder layer)."""
+        """Whether this pass compresses ``module`` (``name`` is relative to its decoder layer).
+        A selected module that an earlier pass already turned into a compressed type is an error,
+        never a silent skip."""
         pattern = getattr(self.config, "targets", "*")
-        return isinstance(module, nn.Linear) and any(
-            fnmatch.fnmatchcase(name, p.strip()) for p in str(pattern).split("|")
-        )
+        if not any(fnmatch.fnmatchcase(name, p.strip()) for p in str(pattern).split("|")):
+            return False
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(
+                f"pass '{self.name}' cannot compress '{name}': an earlier pass made it a {type(module).__name__}; "
+                f"reorder the recipe or narrow one pass with targets=..."
+            )
+        return True
 
     def apply(
         self, name: str, module: nn.Module, stats: "LinearStats | None", context: "LayerContext | None" = None

@@ -44,6 +44,8 @@ from .base import Pass, PassResult
 
 logger = logging.getLogger(__name__)
 
+#: a linear with at least this fraction of exact zeros is treated as pruned: GPTQ keeps its zeros
+PRUNED_FRACTION = 0.25
 _TARGETS_HELP = "which linears of each decoder layer to quantize: glob(s) on names like 'mlp.down_proj', '|'-separated"
 
 
@@ -74,6 +76,15 @@ class _QuantPass(Pass):
         assert isinstance(cfg, RTNConfig)
         self.cfg = cfg
         self.uses_layer_inputs = cfg.dim == "ada"  # AdaDim runs sub-blocks on the layer's inputs
+
+    def targets(self, name: str, module: nn.Module) -> bool:
+        if getattr(module, "is_sparse_24", False) and super().targets(name, _LINEAR_PROBE):
+            raise ConfigError(
+                f"'{name}' is stored 2:4-compressed ({type(module).__name__}); quantizing its kept values into a "
+                "packed 2:4 form is not supported yet and densifying it would lose the format: quantize without the 2:4 "
+                "pass, or prune unstructured/4:8 (stored dense) before quantizing"
+            )
+        return super().targets(name, module)
 
     def _spec(self, dim: str) -> QuantSpec:
         c = self.cfg
@@ -128,6 +139,10 @@ class _QuantPass(Pass):
         return errors
 
 
+#: a stand-in nn.Linear to ask the name filter about a non-linear module
+_LINEAR_PROBE = nn.Linear(1, 1, bias=False, device="meta")
+
+
 def _relative_name(name: str, context: Any) -> str:
     """'model.layers.3.self_attn.q_proj' → 'self_attn.q_proj'."""
     prefix = context.adapter.layers_path + "."
@@ -166,9 +181,12 @@ class GPTQPass(_QuantPass):
         assert stats is not None and stats.gram is not None
         c = self.cfg
         assert isinstance(c, GPTQConfig)
+        # a layer already pruned (stored dense with its zeros) keeps its mask through the updates
+        zeros = W == 0
+        keep = ~zeros if float(zeros.float().mean()) >= PRUNED_FRACTION else None
         qz, _ = gptq_quantize(
             W, stats.gram, spec, blocksize=c.blocksize, damp=c.damp, actorder=c.actorder,
-            static_groups=c.static_groups, name=name,
+            static_groups=c.static_groups, keep=keep, name=name,
         )
         return qz
 

@@ -311,8 +311,10 @@ def run_sequential(
             t_layer = time.perf_counter()
             home = _module_device(layer)
             layer.to(device)
+            # the layer's linears as they were before any pass replaced them
+            groups = adapter.groups(layer)
             for p in passes:
-                for group in adapter.groups(layer):
+                for group in groups:
                     targets = [n for n in group if p.targets(n, layer.get_submodule(n))]
                     if not targets:
                         continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .obs import SWEEP_DTYPE, inverse_hessian_cholesky, obs_sweep
+from .obs import SWEEP_DTYPE, Block, inverse_hessian_cholesky, obs_sweep
 from .quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize_rows, qparams_clipped, quantize_rows
 
 
@@ -26,9 +26,13 @@ def gptq_quantize(
     damp: float = 0.01,
     actorder: bool = False,
     static_groups: bool = False,
+    keep: torch.Tensor | None = None,
     name: str = "",
 ) -> tuple[Quantized, float]:
-    """Quantize W (d_out, d_in) given H = XᵀX (d_in, d_in). Returns the codes and the OBS loss."""
+    """Quantize W (d_out, d_in) given H = XᵀX (d_in, d_in). Returns the codes and the OBS loss.
+
+    ``keep`` (bool, like W): weights outside it are pruned and stay exactly 0 (code = zero-point);
+    their error is fed forward like any other, as in SparseGPT's joint sparsify-and-quantize."""
     d_out, d_in = W.shape
     g, n_groups = spec.groups(d_out, d_in)
     W = W.to(SWEEP_DTYPE)
@@ -47,42 +51,37 @@ def gptq_quantize(
             w8 = hdiag[k * g : (k + 1) * g][None, :].expand(d_out, -1)
             scales[:, k], zeros[:, k] = qparams_clipped(block, spec, w8)
     Wp = W[:, perm]
-    # the sweep's working block, to read the current values of a group's later columns
-    state: dict[str, tuple[int, torch.Tensor]] = {}
 
-    def column(j: int, w: torch.Tensor) -> torch.Tensor:
+    def column(j: int, w: torch.Tensor, block: Block) -> torch.Tensor:
         col = int(perm[j])  # original input index
         if spec.dim == "oc":
             k = col // g
             if not static and col % g == 0:
                 # group parameters from the current weights of this group's columns
-                block = torch.cat([w[:, None], current_block(j)], dim=1)
+                # parameters from the current values of this group's columns (w and the next g - 1)
+                cols = torch.cat([w[:, None], block.W1[:, j - block.i1 + 1 : j - block.i1 + g]], dim=1)
                 w8 = hdiag[col : col + g][None, :].expand(d_out, -1)
-                scales[:, k], zeros[:, k] = qparams_clipped(block, spec, w8)
+                scales[:, k], zeros[:, k] = qparams_clipped(cols, spec, w8)
             s, z = scales[:, k], zeros[:, k]
             q = quantize_rows(w[:, None], s, z, spec.maxq)
+            if keep is not None:
+                q = torch.where(keep[:, col, None], q, z[:, None])
             codes[:, col] = q[:, 0]
             return dequantize_rows(q, s, z)[:, 0]
         rows = w.reshape(n_groups, g)  # per-IC: groups along d_out within input column `col`
         s, z = qparams_clipped(rows, spec)
         scales[col], zeros[col] = s, z
         q = quantize_rows(rows, s, z, spec.maxq)
+        if keep is not None:
+            q = torch.where(keep[:, col].reshape(n_groups, g), q, z[:, None])
         codes[:, col] = q.reshape(-1)
         return dequantize_rows(q, s, z).reshape(-1)
-
-    def current_block(j: int) -> torch.Tensor:
-        """The not-yet-quantized columns of the group that starts at column j."""
-        i1, W1 = state["block"]
-        return W1[:, j - i1 + 1 : j - i1 + g]
-
-    def on_block_track(i1: int, i2: int, W1: torch.Tensor, U1: torch.Tensor) -> None:
-        state["block"] = (i1, W1)
 
     if spec.dim == "oc" and not static and blocksize % g != 0 and g < d_in:
         blocksize = max(g, (blocksize // g) * g)  # a dynamic group must lie inside one block
     if spec.dim == "oc" and not static and g > blocksize:
         blocksize = g
-    _, losses = obs_sweep(Wp, U, column, blocksize=blocksize, on_block=on_block_track)
+    _, losses = obs_sweep(Wp, U, column, blocksize=blocksize)
     q = Quantized(
         q=codes.to(torch.uint8),
         scales=scales.to(SCALE_DTYPE),

@@ -9,6 +9,7 @@ callback, so the same sweep serves quantization and pruning.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -33,19 +34,31 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tu
     return U.T.contiguous(), dead
 
 
+@dataclass
+class Block:
+    """The sweep's working block: columns [i1, i2) of the current weights W1 (updated in place as
+    columns are compressed) and the matching block U1 of the inverse-Hessian factor."""
+
+    i1: int
+    i2: int
+    W1: torch.Tensor  # (d_out, i2 - i1)
+    U1: torch.Tensor  # (i2 - i1, i2 - i1)
+
+
 def obs_sweep(
     W: torch.Tensor,
     U: torch.Tensor,
-    compress_column: Callable[[int, torch.Tensor], torch.Tensor],
+    compress_column: Callable[[int, torch.Tensor, Block], torch.Tensor],
     *,
     blocksize: int = 128,
-    on_block: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    on_block: Callable[[Block], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sweep the columns of W (d_out, n) with error feedback.
 
-    ``compress_column(j, w)`` returns the compressed value of column j given its current value w
-    (d_out,). ``on_block(i1, i2, W_block, U_block)`` runs before each block (e.g. to choose a
-    pruning mask from the current weights). Returns (compressed W, per-column loss Σ (w−ŵ)²/U_jj²).
+    ``compress_column(j, w, block)`` returns the compressed value of column j given its current
+    value w (d_out,); ``block`` gives the current values of the block's later columns.
+    ``on_block(block)`` runs before each block (e.g. to choose a pruning mask from the current
+    weights). Returns (compressed W, per-column loss Σ (w−ŵ)²/U_jj²).
     """
     W = W.to(SWEEP_DTYPE).clone()
     U = U.to(SWEEP_DTYPE)
@@ -57,12 +70,13 @@ def obs_sweep(
         W1 = W[:, i1:i2].clone()  # (d_out, b)
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
+        block = Block(i1, i2, W1, U1)
         if on_block is not None:
-            on_block(i1, i2, W1, U1)
+            on_block(block)
         for i in range(i2 - i1):
             w = W1[:, i]
             d = U1[i, i]
-            q = compress_column(i1 + i, w)
+            q = compress_column(i1 + i, w, block)
             out[:, i1 + i] = q
             losses[i1 + i] = ((w - q) ** 2).sum() / d**2
             err = (w - q) / d
