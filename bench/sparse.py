@@ -1,0 +1,68 @@
+"""Benchmark of the pruning passes on SmolLM2-135M with the project's benchmark protocol.
+
+    python bench/sparse.py --model ../shared/models/smollm2-135m-instruct-q4_1-gguf --data-dir ../shared/data
+
+Rows: dense; magnitude, Wanda, SparseGPT at 2:4 and at 50 % unstructured; ARMOR 2:4 (block 64) at
+two iteration counts. bits_per_weight counts what is stored: for 2:4 the kept values (fp32 here)
+and 4 bits of position metadata per group of 4; for ARMOR also the block-diagonal wrappers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+from common import PROTOCOL, Bench
+
+ROWS = [
+    ("magnitude", "pattern=2:4"),
+    ("wanda", "pattern=2:4"),
+    ("sparsegpt", "pattern=2:4"),
+    ("armor", "block=64,iters=100,lr=1e-3"),
+    ("armor", "block=64,iters=500,lr=1e-3"),
+    ("magnitude", "sparsity=0.5"),
+    ("wanda", "sparsity=0.5"),
+    ("sparsegpt", "sparsity=0.5"),
+]
+
+
+def _armor(report: Any) -> dict[str, Any]:
+    infos = [r.info for r in report.records if "proxy_loss" in r.info]
+    if not infos:
+        return {}
+    n = len(infos)
+    return {
+        "proxy_loss_init_mean": sum(i["proxy_loss_init"] for i in infos) / n,
+        "proxy_loss_mean": sum(i["proxy_loss"] for i in infos) / n,
+        "iterations_mean": sum(i["iterations"] for i in infos) / n,
+        "extra_params": sum(i["extra_params"] for i in infos),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--windows", type=int, default=PROTOCOL["perplexity"]["windows"])
+    ap.add_argument("--only", default="", help="comma-separated row indices to run (default: all)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparse"))
+    args = ap.parse_args()
+    protocol = copy.deepcopy(PROTOCOL)
+    protocol["perplexity"]["windows"] = args.windows
+    protocol["model"] = Path(args.model).name
+    cols = ["method", "options", "ppl", "bits_per_weight", "proxy_loss_init_mean", "proxy_loss_mean", "seconds", "seconds_vs_forward"]
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
+    rows = ROWS if not args.only else [ROWS[int(i)] for i in args.only.split(",")]
+    for method, options in rows:
+        bench.row(method, [f"{method}:{options}"], {"options": options}, extra=_armor)
+    bench.results.write_markdown("Pruning on SmolLM2-135M-Instruct", [
+        "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
+        "bits_per_weight: stored bits of the decoder linears per original weight (fp32 values).",
+        "proxy_loss: ARMOR's normalized proxy loss, mean over layers, at the NoWag-P start and at the end.",
+    ])
+
+
+if __name__ == "__main__":
+    main()
