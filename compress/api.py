@@ -66,8 +66,19 @@ def compress(
         timings["calibration_data"] = time.perf_counter() - t0
     params_before, bytes_before = count_parameters(model), storage_bytes(model)
     t0 = time.perf_counter()
+    extra_ids: dict[str, torch.Tensor] = {}
+    for src in {getattr(p, "calib_source", None) for p in passes} - {None}:
+        if tokenizer is None:
+            raise CompressError(f"a pass calibrates on '{src}': pass the tokenizer to compress() so its text can be tokenized")
+        base = calib if isinstance(calib, CalibConfig) else CalibConfig.from_dict(rec.calibration)
+        if isinstance(calib, torch.Tensor):
+            base = CalibConfig(samples=int(calib.shape[0]), seqlen=int(calib.shape[1]))
+        cfg_src = CalibConfig(source=src, samples=base.samples, seqlen=base.seqlen, seed=base.seed, batch_size=base.batch_size)
+        extra_ids[src] = calibration_ids(tokenizer, cfg_src, data_dir)
+        calib_info = {**(calib_info or {}), f"source:{src}": cfg_src.to_dict()}
     result = run_sequential(
-        model, adapter, passes, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer, stats_provider=stats_provider
+        model, adapter, passes, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer, stats_provider=stats_provider,
+        extra_ids=extra_ids,
     )
     timings["compress"] = time.perf_counter() - t0
     return Report(
@@ -187,6 +198,18 @@ def with_baseline(metrics: list[dict[str, Any]], baseline: list[dict[str, Any]])
     return out
 
 
+def _module_chains(report: Report) -> dict[str, dict[str, Any]]:
+    """Per compressed module: the passes that changed it, in order, with each one's info."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in report.records:
+        if r.module_type in ("Linear",) and r.bits_after == r.bits_before:
+            continue
+        entry = out.setdefault(r.name, {"chain": [], "info": {}})
+        entry["chain"].append(r.pass_name)
+        entry["info"][r.pass_name] = r.info
+    return out
+
+
 def run(
     model_source: str | Path,
     recipe: Any,
@@ -215,9 +238,9 @@ def run(
     out = Path(out)
     if out.exists() and not overwrite:
         raise CompressError(f"output directory '{out}' exists; choose another --out or pass --overwrite")
-    unknown_exports = set(export) - {"dense", "gptq"}
+    unknown_exports = set(export) - {"dense", "gptq", "peft"}
     if unknown_exports:
-        raise CompressError(f"unknown export format(s) {', '.join(sorted(unknown_exports))}; available: dense, gptq")
+        raise CompressError(f"unknown export format(s) {', '.join(sorted(unknown_exports))}; available: dense, gptq, peft")
     cfg = calib or CalibConfig.from_dict(rec.calibration)
     t_start = time.perf_counter()
     stage(f"loading {model_source}")
@@ -263,7 +286,7 @@ def run(
         "source": {k: info.get(k) for k in ("source", "gguf_file", "model_type", "fingerprint", "dtype")},
         "recipe": rec.to_dict(),
         "calibration": report.calibration,
-        "modules": {r.name: {"pass": r.pass_name, "info": r.info} for r in report.records if r.params_after != r.params_before},
+        "modules": _module_chains(report),
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_checkpoint(model, tokenizer, tmp, manifest, recipe_yaml=rec.to_yaml())
@@ -271,6 +294,10 @@ def run(
             export_dense(model, tokenizer, tmp / "dense")
         if "gptq" in export:
             export_gptq(model, tokenizer, tmp / "gptq", report.model.get("layers_path", "model.layers"))
+        if "peft" in export:
+            from .export_peft import export_peft
+
+            export_peft(model, tmp / "peft", str(model_source))
         report.timings["save"] = time.perf_counter() - t0
         report.timings["total"] = time.perf_counter() - t_start
         report.write(tmp)

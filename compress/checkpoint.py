@@ -129,9 +129,14 @@ def _read_weights(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
 
 
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every compressed module of ``model`` by name (types listed in MODULE_TYPES)."""
+    """The outermost compressed modules of ``model`` by name (types listed in MODULE_TYPES); a module
+    nested in another (the base of a LoRALinear) is described by its parent's spec."""
     types = tuple(MODULE_TYPES.values())
-    return {n: m for n, m in model.named_modules() if isinstance(m, types)}
+    out: dict[str, nn.Module] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, types) and not any(n.startswith(p + ".") for p in out):
+            out[n] = m
+    return out
 
 
 def _write_config_and_tokenizer(model: nn.Module, tokenizer: Any, directory: Path) -> None:

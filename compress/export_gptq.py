@@ -66,6 +66,9 @@ def check_gptq_exportable(model: nn.Module, layers_path: str) -> dict[str, Any]:
             if s.dim != "oc":
                 bad.append(f"{name} (per-IC groups)")
                 continue
+            if s.levels != "uniform":
+                bad.append(f"{name} ({s.levels} levels)")
+                continue
             if (m.in_features * s.bits) % 32 or (m.out_features * s.bits) % 32:
                 bad.append(f"{name} (dimensions not packable into 32-bit words)")
                 continue

@@ -151,7 +151,7 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     for m in model.modules():
-        if hasattr(m, "num_weights") and hasattr(m, "storage_bits"):
+        if getattr(m, "weights_in_buffers", False):
             total += int(m.num_weights())
     return total
 
@@ -166,6 +166,6 @@ def storage_bytes(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel() * p.element_size()
     for m in model.modules():
-        if hasattr(m, "num_weights") and hasattr(m, "storage_bits"):
+        if getattr(m, "weights_in_buffers", False):
             total += -(-int(m.storage_bits()) // 8)
     return total

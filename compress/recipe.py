@@ -57,6 +57,17 @@ class Recipe:
         return any(get_pass(p.name)(p.config).requires_calibration for p in self.passes)
 
 
+def check_order(passes: list[PassSpec]) -> None:
+    """A pass that works on an earlier pass's result (e.g. eora) may not come first."""
+    if passes:
+        first = get_pass(passes[0].name)
+        if first.consumes_previous:
+            raise ConfigError(
+                f"pass '{passes[0].name}' compensates or refines an earlier pass's result; put a compressing pass "
+                f"before it (example: --pass gptq:bits=3,group=64 --pass {passes[0].name})"
+            )
+
+
 def make_pass(name: str, options: dict[str, Any]) -> PassSpec:
     cls = get_pass(name)
     return PassSpec(name, cls.config_cls.from_dict(options))
@@ -92,6 +103,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     calib = data.get("calibration") or {}
     if not isinstance(calib, dict):
         raise ConfigError(f"{where}: 'calibration' must be a mapping")
+    check_order(passes)
     return Recipe(passes, dict(calib))
 
 
@@ -111,11 +123,16 @@ def load_recipe(path: str | Path) -> Recipe:
 def as_recipe(recipe: "Recipe | list[PassSpec] | list[str] | str | dict[str, Any]") -> Recipe:
     """Accept a Recipe, a list of PassSpecs or shorthand strings, a YAML path, or a dict."""
     if isinstance(recipe, Recipe):
+        check_order(recipe.passes)
         return recipe
     if isinstance(recipe, dict):
         return recipe_from_dict(recipe)
     if isinstance(recipe, str):
         if recipe.endswith((".yaml", ".yml")) or Path(recipe).is_file():
             return load_recipe(recipe)
-        return Recipe([parse_shorthand(recipe)])
-    return Recipe([p if isinstance(p, PassSpec) else parse_shorthand(p) for p in recipe])
+        rec = Recipe([parse_shorthand(recipe)])
+        check_order(rec.passes)
+        return rec
+    rec = Recipe([p if isinstance(p, PassSpec) else parse_shorthand(p) for p in recipe])
+    check_order(rec.passes)
+    return rec

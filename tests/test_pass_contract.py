@@ -11,7 +11,7 @@ import torch
 
 from compress import compress, load
 from compress.checkpoint import export_dense, save_checkpoint
-from compress.modules import ArmorLinear, BCQLinear, LowRankLinear, QuantLinear, Sparse24Linear
+from compress.modules import ArmorLinear, BCQLinear, LoRALinear, LowRankLinear, QuantLinear, Sparse24Linear
 from compress.registry import all_passes
 from compress.solvers.lowrank import rank_for_ratio
 from compress.solvers.sparse import satisfies_nm
@@ -33,11 +33,14 @@ CASES = {
     "wanda": ("pattern=2:4", 0.6),
     "sparsegpt": ("pattern=2:4", 0.5),
     "armor": ("block=8,iters=20,lr=1e-3", 0.6),
+    "lq-lora": ("bits=3,group=16,rank=4", 0.05),
 }
+# passes that refine an earlier pass run after this one in the contract
+CHAINED = {"eora": ("gptq:bits=3,group=16", "rank=4", 0.05)}
 
 
 def test_every_registered_pass_has_a_contract_case() -> None:
-    assert set(CASES) == set(all_passes())
+    assert set(CASES) | set(CHAINED) == set(all_passes())
 
 
 def _check_property(pass_name: str, name: str, mod: torch.nn.Module, m: int, n: int) -> None:
@@ -53,6 +56,8 @@ def _check_property(pass_name: str, name: str, mod: torch.nn.Module, m: int, n: 
         assert isinstance(mod, QuantLinear), name
         codes = mod.codes()
         assert codes.shape == (m, n) and int(codes.max()) < 2**mod.qspec.bits
+    elif pass_name in ("lq-lora", "eora"):
+        assert isinstance(mod, LoRALinear) and mod.rank == 4, name
     elif pass_name == "bcq":
         assert isinstance(mod, BCQLinear) and mod.bits == 3, name
     else:  # 2:4 pruning
@@ -70,7 +75,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("pass_name", sorted(all_passes()))
+@pytest.mark.parametrize("pass_name", sorted(set(all_passes()) - set(CHAINED)))
 def test_pass_contract(pass_name: str, tiny_family: str, calib_ids: torch.Tensor, tmp_path: Path) -> None:
     model = make_tiny(tiny_family)
     probe = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7))
@@ -94,7 +99,7 @@ def test_pass_contract(pass_name: str, tiny_family: str, calib_ids: torch.Tensor
         _check_property(pass_name, name, model.get_submodule(name), m, n)
     if "ratio" in options:
         assert s["target_ratio"] >= RATIO - (0.02 if pass_name == "lord" else 1e-9)
-    elif pass_name == "armor":
+    elif pass_name in ("armor", "lq-lora"):
         assert s["target_bits_per_weight"] < 32  # core + metadata + block-diagonal wrappers
     else:
         assert s["target_bits_per_weight"] <= 17  # quantized, or 2:4 (half the values + 1 bit of metadata)
@@ -192,3 +197,20 @@ def test_unsupported_architecture_is_a_clear_error() -> None:
 
     with pytest.raises(CompressError, match="unsupported architecture 'odd'.*llama"):
         get_adapter(Odd())
+
+
+@pytest.mark.parametrize("pass_name", sorted(CHAINED))
+def test_chained_pass_contract(pass_name: str, tiny_family: str, calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    first, options, max_err = CHAINED[pass_name]
+    model = make_tiny(tiny_family)
+    probe = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7))
+    dense_logits = _logits(model, probe)
+    compress(model, [first, f"{pass_name}:{options}"], calib_ids)
+    logits = _logits(model, probe)
+    assert _rel(logits, dense_logits) < max_err
+    for name, mod in model.named_modules():
+        if name.endswith(("q_proj", "down_proj")):
+            _check_property(pass_name, name, mod, 0, 0)
+    save_checkpoint(model, None, tmp_path, {})
+    reloaded, _ = load(tmp_path)
+    assert torch.equal(_logits(reloaded, probe), logits)

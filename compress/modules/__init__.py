@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from .bcq import BCQLinear
+from .lora import LoRALinear
 from .lowrank import LowRankLinear
 from .quant import QuantLinear
 from .sparse import ArmorLinear, Sparse24Linear
@@ -18,6 +19,7 @@ MODULE_TYPES: dict[str, type[nn.Module]] = {
     "BCQLinear": BCQLinear,
     "Sparse24Linear": Sparse24Linear,
     "ArmorLinear": ArmorLinear,
+    "LoRALinear": LoRALinear,
 }
 
 
@@ -28,6 +30,10 @@ def weight_count(module: nn.Module) -> int:
     return sum(p.numel() for n, p in module.named_parameters() if not n.endswith("bias"))
 
 
+def is_compressed(module: nn.Module) -> bool:
+    return type(module).__name__ in MODULE_TYPES
+
+
 def storage_bits(module: nn.Module) -> int:
     """Bits the weight of a (compressed) linear occupies as stored (bias excluded)."""
     if hasattr(module, "storage_bits"):
@@ -35,4 +41,4 @@ def storage_bits(module: nn.Module) -> int:
     return sum(8 * p.numel() * p.element_size() for n, p in module.named_parameters() if not n.endswith("bias"))
 
 
-__all__ = ["MODULE_TYPES", "ArmorLinear", "BCQLinear", "LowRankLinear", "Sparse24Linear", "QuantLinear", "storage_bits", "weight_count"]
+__all__ = ["MODULE_TYPES", "ArmorLinear", "BCQLinear", "LoRALinear", "LowRankLinear", "Sparse24Linear", "QuantLinear", "storage_bits", "weight_count"]

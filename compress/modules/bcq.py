@@ -39,6 +39,9 @@ def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
 
 
 class BCQLinear(nn.Module):
+    #: the weight is held in buffers (codes, compressed values), not parameters
+    weights_in_buffers = True
+
     def __init__(
         self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,
         dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,

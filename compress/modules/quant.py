@@ -26,6 +26,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class QuantLinear(nn.Module):
+    #: the weight is held in buffers (codes, compressed values), not parameters
+    weights_in_buffers = True
+
     def __init__(
         self,
         in_features: int,
@@ -37,16 +40,17 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        levels: str = "uniform",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.qspec = QuantSpec(bits=bits, group_size=group_size, sym=sym, dim=dim)
+        self.qspec = QuantSpec(bits=bits, group_size=group_size, sym=sym, dim=dim, levels=levels)
         self.compute_dtype = dtype
         g, n = self.qspec.groups(out_features, in_features)
         channels = out_features if dim == "oc" else in_features
         self.register_buffer("qweight", torch.zeros(packed_nbytes(out_features * in_features, bits), dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(channels, n, dtype=SCALE_DTYPE, device=device))
-        nz = 0 if sym else packed_nbytes(channels * n, bits)
+        nz = 0 if (sym or levels == "nf") else packed_nbytes(channels * n, bits)
         self.register_buffer("qzeros", torch.zeros(nz, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
@@ -54,11 +58,12 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, qz: Quantized, bias: torch.Tensor | None, like: torch.Tensor) -> "QuantLinear":
         s = qz.spec
         d_out, d_in = qz.q.shape
-        mod = cls(d_in, d_out, s.bits, s.group_size, s.dim, s.sym, bias is not None, dtype=like.dtype, device=like.device)
+        mod = cls(d_in, d_out, s.bits, s.group_size, s.dim, s.sym, bias is not None, dtype=like.dtype, device=like.device,
+                  levels=s.levels)
         with torch.no_grad():
             mod.qweight.copy_(pack_bits(qz.q.reshape(-1), s.bits))
             mod.scales.copy_(qz.scales)
-            if not s.sym:
+            if mod.qzeros.numel():
                 mod.qzeros.copy_(pack_bits(qz.zeros.reshape(-1), s.bits))
             if bias is not None:
                 assert mod.bias is not None
@@ -71,6 +76,8 @@ class QuantLinear(nn.Module):
         return unpack_bits(self.qweight, self.qspec.bits, n).reshape(self.out_features, self.in_features)
 
     def zeros(self) -> torch.Tensor:
+        if self.qspec.levels == "nf":
+            return torch.zeros(self.scales.shape, dtype=torch.uint8, device=self.scales.device)
         if self.qspec.sym:
             return torch.full(self.scales.shape, (self.qspec.maxq + 1) // 2, dtype=torch.uint8, device=self.scales.device)
         return unpack_bits(self.qzeros, self.qspec.bits, self.scales.numel()).reshape(self.scales.shape)
@@ -98,6 +105,7 @@ class QuantLinear(nn.Module):
             "sym": self.qspec.sym,
             "bias": self.bias is not None,
             "compute_dtype": str(self.compute_dtype).replace("torch.", ""),
+            "levels": self.qspec.levels,
         }
 
     @classmethod
@@ -105,6 +113,7 @@ class QuantLinear(nn.Module):
         return cls(
             spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["dim"], spec["sym"],
             spec["bias"], dtype=_DTYPES.get(spec.get("compute_dtype", ""), dtype), device=device,
+            levels=spec.get("levels", "uniform"),
         )
 
     def extra_repr(self) -> str:

@@ -21,6 +21,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class Sparse24Linear(nn.Module):
+    #: the weight is held in buffers (codes, compressed values), not parameters
+    weights_in_buffers = True
+
     is_sparse_24 = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -68,6 +71,9 @@ class Sparse24Linear(nn.Module):
 
 
 class ArmorLinear(nn.Module):
+    #: the weight is held in buffers (codes, compressed values), not parameters
+    weights_in_buffers = True
+
     is_sparse_24 = True
 
     def __init__(self, in_features: int, out_features: int, block: int, bias: bool = False,

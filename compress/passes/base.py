@@ -40,6 +40,13 @@ class PassResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def layer_relative_name(name: str, layers_path: str) -> str:
+    """'model.layers.3.self_attn.q_proj' → 'self_attn.q_proj'."""
+    prefix = layers_path + "."
+    rest = name[len(prefix):] if name.startswith(prefix) else name
+    return rest.split(".", 1)[1] if "." in rest else rest
+
+
 class Pass:
     """Base class of every compression pass."""
 
@@ -53,6 +60,12 @@ class Pass:
     #: the pass reads the decoder layer's calibration inputs itself (through the LayerContext), so
     #: precomputed statistics are not enough for it
     uses_layer_inputs: ClassVar[bool] = False
+    #: the pass reads each linear's weight from before the recipe (``context.original(name)``)
+    needs_original: ClassVar[bool] = False
+    #: the pass works on the result of an earlier pass (a recipe may not start with it)
+    consumes_previous: ClassVar[bool] = False
+    #: calibration source of this pass's statistics when it differs from the recipe's (None = same)
+    calib_source: str | None = None
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

@@ -40,7 +40,7 @@ from ..registry import register_pass
 from ..solvers.gptq import gptq_quantize
 from ..solvers.lowrank import relative_output_error
 from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
-from .base import Pass, PassResult
+from .base import Pass, PassResult, layer_relative_name
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class _QuantPass(Pass):
         H: torch.Tensor | None, context: Any,
     ) -> dict[str, float]:
         """AdaDim: output error of each candidate through the owning sub-block, else on the layer's own output."""
-        rel = name.split(".", 3)[-1] if context is None else _relative_name(name, context)
+        rel = name.split(".", 3)[-1] if context is None else layer_relative_name(name, context.adapter.layers_path)
         block = context.adapter.block_of(rel) if context is not None else None
         errors = {}
         for dim, qz in candidates.items():
@@ -141,13 +141,6 @@ class _QuantPass(Pass):
 
 #: a stand-in nn.Linear to ask the name filter about a non-linear module
 _LINEAR_PROBE = nn.Linear(1, 1, bias=False, device="meta")
-
-
-def _relative_name(name: str, context: Any) -> str:
-    """'model.layers.3.self_attn.q_proj' → 'self_attn.q_proj'."""
-    prefix = context.adapter.layers_path + "."
-    rest = name[len(prefix):] if name.startswith(prefix) else name
-    return rest.split(".", 1)[1]
 
 
 @register_pass

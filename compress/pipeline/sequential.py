@@ -78,11 +78,15 @@ class LayerContext:
     compressed: the layer, its calibration inputs, the compute device and the adapter. Sub-block
     inputs and reference outputs are captured lazily and cached for the sub-group."""
 
-    def __init__(self, layer: nn.Module, inputs: list[Batch], device: torch.device, adapter: ModelAdapter) -> None:
+    def __init__(
+        self, layer: nn.Module, inputs: list[Batch], device: torch.device, adapter: ModelAdapter,
+        originals: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.layer = layer
         self.inputs = inputs
         self.device = device
         self.adapter = adapter
+        self.originals = originals or {}
         self._block_inputs: dict[str, list[Batch]] = {}
         self._block_ref: dict[str, list[torch.Tensor]] = {}
 
@@ -106,6 +110,12 @@ class LayerContext:
                 h.remove()
             self._block_inputs[block] = captured
         return self._block_inputs[block]
+
+    def original(self, name: str) -> torch.Tensor:
+        """The weight of linear ``name`` (relative to the layer) before any pass of the recipe changed it."""
+        if name not in self.originals:
+            raise KeyError(f"no original weight kept for {name}: the pass must declare needs_original")
+        return self.originals[name]
 
     def _block_outputs(self, block: str) -> list[torch.Tensor]:
         mod = self.layer.get_submodule(block)
@@ -283,6 +293,7 @@ def run_sequential(
     batch_size: int = 8,
     on_layer: Callable[[int, int, float], None] | None = None,
     stats_provider: Callable[[int, list[str], frozenset[str]], LayerStats] | None = None,
+    extra_ids: dict[str, torch.Tensor] | None = None,
 ) -> PipelineResult:
     """Apply ``passes`` to ``model`` in place, layer by layer.
 
@@ -290,22 +301,35 @@ def run_sequential(
     ``stats_provider(layer_index, names, kinds)`` supplies precomputed statistics (sweeps reuse the
     dense model's statistics across grid points: no calibration forward at all, no propagation).
     Passes that read the layer's inputs themselves (``uses_layer_inputs``) still get them.
-    ``on_layer(index, total, seconds)`` is called after each layer (progress display).
+    A pass whose ``calib_source`` names another calibration set observes the inputs produced from
+    ``extra_ids[calib_source]``, propagated through the compressed layers like the main set.
+    Passes that declare ``needs_original`` can read each linear's weight from before the recipe
+    through the LayerContext. ``on_layer(index, total, seconds)`` is called after each layer.
     """
     layers = adapter.layers(model)
-    needs_calib = any(
-        p.requires_calibration and (stats_provider is None or p.uses_layer_inputs) for p in passes
-    )
+    extra_ids = extra_ids or {}
+
+    def source(p: Pass) -> str | None:
+        return getattr(p, "calib_source", None) or None
+
+    def needs_inputs(p: Pass) -> bool:
+        return p.requires_calibration and (stats_provider is None or p.uses_layer_inputs or source(p) is not None)
+
+    sources = {source(p) for p in passes if needs_inputs(p)}
+    if any(p.uses_layer_inputs for p in passes):
+        sources.add(None)
+    keep_originals = any(getattr(p, "needs_original", False) for p in passes)
     records: list[ModuleRecord] = []
     layer_seconds: list[float] = []
     with calibration_forward_context(model):
         for p in passes:
             p.prepare(model, adapter)
-        inputs: list[Batch] = []
-        if needs_calib:
-            if input_ids is None:
-                raise ValueError("a pass requires calibration data but none was given")
-            inputs = capture_layer0_inputs(model, adapter, input_ids, batch_size, device)
+        inputs_by: dict[str | None, list[Batch]] = {}
+        for src in sources:
+            ids = input_ids if src is None else extra_ids.get(src)
+            if ids is None:
+                raise ValueError(f"a pass requires calibration data{'' if src is None else f' from {src}'} but none was given")
+            inputs_by[src] = capture_layer0_inputs(model, adapter, ids, batch_size, device)
         prefix = adapter.layers_path
         for i, layer in enumerate(layers):
             t_layer = time.perf_counter()
@@ -313,6 +337,9 @@ def run_sequential(
             layer.to(device)
             # the layer's linears as they were before any pass replaced them
             groups = adapter.groups(layer)
+            originals = (
+                {n: layer.get_submodule(n).weight.detach().clone() for g in groups for n in g} if keep_originals else None
+            )
             for p in passes:
                 for group in groups:
                     targets = [n for n in group if p.targets(n, layer.get_submodule(n))]
@@ -320,11 +347,11 @@ def run_sequential(
                         continue
                     if not p.requires_calibration:
                         stats = None
-                    elif stats_provider is not None:
+                    elif stats_provider is not None and source(p) is None:
                         stats = stats_provider(i, targets, p.statistics)
                     else:
-                        stats = _observe(layer, targets, p.statistics, inputs, device)
-                    context = LayerContext(layer, inputs, device, adapter)
+                        stats = _observe(layer, targets, p.statistics, inputs_by[source(p)], device)
+                    context = LayerContext(layer, inputs_by.get(None, []), device, adapter, originals)
                     for n in targets:
                         module = layer.get_submodule(n)
                         t0 = time.perf_counter()
@@ -351,17 +378,17 @@ def run_sequential(
                             )
                         )
                     del stats, context
-            if needs_calib and i + 1 < len(layers):
-                inputs = [
-                    _with_hidden(b, _run_layer(layer, b, device).detach().to("cpu")) for b in inputs
-                ]
+            if i + 1 < len(layers):
+                for src, inputs in inputs_by.items():
+                    inputs_by[src] = [_with_hidden(b, _run_layer(layer, b, device).detach().to("cpu")) for b in inputs]
+            del originals
             layer.to(home)
             cleanup_memory()
             layer_seconds.append(time.perf_counter() - t_layer)
             logger.debug("layer %d/%d done in %.1f s", i + 1, len(layers), layer_seconds[-1])
             if on_layer is not None:
                 on_layer(i, len(layers), layer_seconds[-1])
-    n_tokens = 0 if input_ids is None or not needs_calib else int(input_ids.numel())
+    n_tokens = 0 if input_ids is None or None not in inputs_by else int(input_ids.numel())
     return PipelineResult(records, layer_seconds, n_tokens)
 
 

@@ -33,6 +33,7 @@ class QuantSpec:
     sym: bool = False
     dim: str = "oc"  # "oc" | "ic"
     clip: bool = False
+    levels: str = "uniform"  # "uniform" | "nf" (NormalFloat codebook, absmax scale, no zero-point)
 
     @property
     def maxq(self) -> int:
@@ -43,6 +44,17 @@ class QuantSpec:
         length = d_in if self.dim == "oc" else d_out
         g = self.group_size or length
         return g, length // g
+
+
+def nf_levels(bits: int) -> torch.Tensor:
+    """The 2^bits NormalFloat levels in [-1, 1] (QLoRA's construction: normal quantiles, an exact 0,
+    one more positive than negative level)."""
+    offset = 0.5 * ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16)))
+    n = 2**bits
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2, dtype=torch.float64)[:-1])
+    v = torch.sort(torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])).values
+    return (v / v.abs().max()).float()
 
 
 def group_error_check(spec: QuantSpec, d_out: int, d_in: int) -> str | None:
@@ -147,9 +159,19 @@ def quantize_rtn(W: torch.Tensor, spec: QuantSpec, hdiag: torch.Tensor | None = 
     weight = None
     if hdiag is not None and spec.dim == "oc":
         weight = hdiag.float().reshape(n, g).repeat(d_out, 1)
+    channels = d_out if spec.dim == "oc" else d_in
+    if spec.levels == "nf":
+        L = nf_levels(spec.bits)
+        scale = G.abs().amax(dim=1).clamp_min(1e-12).to(SCALE_DTYPE).float()
+        q = (G[:, :, None] / scale[:, None, None] - L).abs().argmin(dim=2).float()
+        return Quantized(
+            q=_from_groups(q, spec, d_out, d_in).to(torch.uint8).contiguous(),
+            scales=scale.reshape(channels, n).to(SCALE_DTYPE),
+            zeros=torch.zeros(channels, n, dtype=torch.uint8),
+            spec=spec,
+        )
     scale, zero = qparams_clipped(G, spec, weight)
     q = quantize_rows(G, scale, zero, spec.maxq)
-    channels = d_out if spec.dim == "oc" else d_in
     return Quantized(
         q=_from_groups(q, spec, d_out, d_in).to(torch.uint8).contiguous(),
         scales=scale.reshape(channels, n).to(SCALE_DTYPE),
@@ -163,6 +185,10 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec:
     d_out, d_in = q.shape
     g, n = spec.groups(d_out, d_in)
     s = scales.float().repeat_interleave(g, dim=1)  # (channels, length)
+    if spec.levels == "nf":
+        L = nf_levels(spec.bits)
+        vals = L[q.long()]
+        return vals * s if spec.dim == "oc" else (vals.T * s).T
     z = zeros.float().repeat_interleave(g, dim=1)
     if spec.dim == "oc":
         return (q.float() - z) * s

@@ -1,0 +1,241 @@
+"""Low-rank compensation passes: ``eora`` (after any compressing pass) and ``lq-lora``.
+
+- ``eora`` (EoRA, arXiv 2410.21271): for each layer an earlier pass of the recipe compressed, the
+  error Δ = W − W_c is approximated by a rank-r branch in the eigenspace of the layer's input Gram
+  matrix (:func:`compress.solvers.eora.compensate`); the layer becomes
+  :class:`~compress.modules.LoRALinear` (the compressed module plus the branch). ``calib=`` takes the
+  eigenspace statistics from another text source (task-specific compensation); ``variant=svd|act``
+  are the ablations; ``branch_bits=4|8`` quantizes the branch factors.
+- ``lq-lora`` (arXiv 2311.12023): W ≈ Q + L₁L₂ by alternating SVD and quantization
+  (:func:`compress.solvers.lqlora.lq_decompose`), NormalFloat or uniform levels; ``budget=`` chooses
+  per matrix the (bits, group) configuration by an integer program under an average
+  bits-per-weight budget that includes scales and the low-rank term. For the allocation the error of
+  each configuration is estimated with one alternation (rank-r SVD of W, then quantization of the
+  remainder); the chosen configuration then runs the full alternation.
+
+Example recipe::
+
+    passes:
+      - pass: gptq
+        bits: 3
+        group: 64
+      - pass: eora
+        rank: 32
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PassConfig, option
+from ..errors import ConfigError
+from ..modules import LoRALinear, QuantLinear, storage_bits
+from ..pipeline.stats import LinearStats
+from ..registry import register_pass
+from ..solvers.eora import compensate
+from ..solvers.lowrank import relative_output_error
+from ..solvers.lqlora import allocate, lq_decompose
+from ..solvers.packing import packed_nbytes
+from ..solvers.quant import SUPPORTED_BITS, QuantSpec, group_error_check, quantize_rtn
+from .base import Pass, PassResult, layer_relative_name
+
+logger = logging.getLogger(__name__)
+_TARGETS_HELP = "which linears of each decoder layer: glob(s) on names like 'mlp.down_proj', '|'-separated"
+
+
+def _dense(module: nn.Module) -> torch.Tensor:
+    return module.weight.data if isinstance(module, nn.Linear) else module.dense_weight()  # type: ignore[operator]
+
+
+def _factor(weight: torch.Tensor, like: torch.Tensor, bits: int) -> nn.Module:
+    """A bias-free linear holding one branch factor (out × in), quantized per row when bits > 0."""
+    out_f, in_f = weight.shape
+    if bits:
+        return QuantLinear.from_quantized(quantize_rtn(weight.float(), QuantSpec(bits=bits, group_size=0)), None, like=like)
+    lin = nn.Linear(in_f, out_f, bias=False, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin
+
+
+@dataclass
+class EoRAConfig(PassConfig):
+    rank: int = option(32, "rank of the compensation branch", min=1)
+    variant: str = option("eigen", "eigen (EoRA), svd (plain SVD of the error; ablation), act (diagonal activation scaling; ablation)",
+                          choices=("eigen", "svd", "act"))
+    calib: str = option("", "text source of the eigenspace statistics (c4, wikitext2, ptb or a file); empty = the recipe's calibration")
+    branch_bits: int = option(0, "quantize the branch factors to this many bits (0 = the model's dtype)", choices=(0, 4, 8))
+    targets: str = option("*", _TARGETS_HELP)
+
+
+@register_pass
+class EoRAPass(Pass):
+    """EoRA: eigenspace low-rank compensation of an earlier pass's error."""
+
+    name = "eora"
+    config_cls = EoRAConfig
+    statistics = frozenset({"gram"})
+    needs_original = True
+    consumes_previous = True
+
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        assert isinstance(config, EoRAConfig)
+        self.cfg = config
+        self.requires_calibration = config.variant != "svd"
+        self.calib_source = config.calib or None
+
+    def targets(self, name: str, module: nn.Module) -> bool:
+        import fnmatch
+
+        return any(fnmatch.fnmatchcase(name, p.strip()) for p in self.cfg.targets.split("|"))
+
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
+        rel = layer_relative_name(name, context.adapter.layers_path)
+        W = context.original(rel)
+        Wc = _dense(module).to(W.dtype)
+        delta = (W - Wc).double()
+        d_out, d_in = W.shape
+        if float(delta.abs().max()) == 0.0:
+            return PassResult(None, {"eora": "layer unchanged by earlier passes: nothing to compensate"})
+        r = self.cfg.rank
+        if r >= min(d_out, d_in):
+            raise ConfigError(f"{name} ({d_out}x{d_in}): eora rank {r} must be below {min(d_out, d_in)}")
+        elt = 8 * W.element_size() if not self.cfg.branch_bits else self.cfg.branch_bits
+        branch_cost = r * (d_out + d_in) * elt
+        saved = 8 * W.element_size() * d_out * d_in - storage_bits(module)
+        if branch_cost >= saved:
+            raise ConfigError(
+                f"{name}: an eora branch of rank {r} costs {branch_cost:,} bits, more than the {max(saved, 0):,} bits the "
+                "earlier compression saved on this layer; lower rank= or compress more"
+            )
+        H = stats.gram if stats is not None else None
+        B, A, _ = compensate(delta, r, H=H, variant=self.cfg.variant, n_tokens=stats.n_tokens if stats else 1)
+        lora = LoRALinear(module, _factor(A, W, self.cfg.branch_bits), _factor(B, W, self.cfg.branch_bits))
+        a_used, b_used = lora.branch_weights()
+        info = {
+            "rank": r, "variant": self.cfg.variant, "branch_bits": self.cfg.branch_bits,
+            "error_before": relative_output_error(W, Wc, H),
+            "error": relative_output_error(W, Wc + (b_used @ a_used).to(W.dtype), H),
+            "error_metric": "rel_output_err" if H is not None else "rel_weight_err",
+        }
+        return PassResult(lora, info)
+
+
+_GRID_BITS = (2, 3, 4, 8)
+_GRID_GROUPS = (32, 64, 128)
+
+
+@dataclass
+class LQLoRAConfig(PassConfig):
+    bits: int = option(3, "bits of the quantized part Q (ignored with budget=)", choices=SUPPORTED_BITS)
+    group: int = option(64, "group size of Q along the input dimension (ignored with budget=)", min=0)
+    rank: int = option(32, "rank of L1·L2", min=1)
+    levels: str = option("nf", "quantization levels of Q: nf (NormalFloat, as the paper) or uniform", choices=("nf", "uniform"))
+    iters: int = option(100, "maximum alternations (stops earlier when the error rises)", min=1)
+    budget: float | None = option(None, "average bits per weight including scales and the low-rank term; chooses (bits, group) "
+                                  "per matrix by an integer program", min=0.0, min_open=True)
+    data_aware: bool = option(False, "weight the decomposition by each input channel's activation RMS (calibration Gram diagonal)")
+    targets: str = option("*", _TARGETS_HELP)
+
+
+def _q_bits(d_out: int, d_in: int, bits: int, group: int, levels: str) -> int:
+    """Stored bits of a QuantLinear: packed codes + float16 scales + packed zero-points (uniform)."""
+    g = group or d_in
+    n_scales = d_out * (d_in // g)
+    zeros = 0 if levels == "nf" else 8 * packed_nbytes(n_scales, bits)
+    return 8 * packed_nbytes(d_out * d_in, bits) + 16 * n_scales + zeros
+
+
+@register_pass
+class LQLoRAPass(Pass):
+    """LQ-LoRA: quantized matrix plus a low-rank term, optionally under a bits budget (integer program)."""
+
+    name = "lq-lora"
+    config_cls = LQLoRAConfig
+    statistics = frozenset({"rms"})
+
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        assert isinstance(config, LQLoRAConfig)
+        self.cfg = config
+        self.requires_calibration = config.data_aware
+        self._choice: dict[str, tuple[int, int]] = {}
+
+    def prepare(self, model: nn.Module, adapter: Any) -> None:
+        c = self.cfg
+        if c.budget is None:
+            return
+        names, errors, costs, options = [], [], [], []
+        total = 0
+        for i, layer in enumerate(adapter.layers(model)):
+            for group in adapter.groups(layer):
+                for n in group:
+                    mod = layer.get_submodule(n)
+                    if not self.targets(n, mod):
+                        continue
+                    W = mod.weight.data.float()
+                    d_out, d_in = W.shape
+                    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+                    L = ((U[:, : c.rank] * S[: c.rank]) @ Vh[: c.rank]).float()
+                    branch = c.rank * (d_out + d_in) * 8 * mod.weight.element_size()
+                    opts, errs, cst = [], [], []
+                    for b in _GRID_BITS:
+                        for g in _GRID_GROUPS:
+                            if d_in % g:
+                                continue
+                            q = quantize_rtn(W - L, QuantSpec(bits=b, group_size=g, levels=c.levels)).dequantize()
+                            opts.append((b, g))
+                            errs.append(float((W - L - q).square().sum()))
+                            cst.append(_q_bits(d_out, d_in, b, g, c.levels) + branch)
+                    if not opts:
+                        raise ConfigError(f"{adapter.layers_path}.{i}.{n}: no group size of {_GRID_GROUPS} divides its input dimension {d_in}")
+                    names.append(f"{adapter.layers_path}.{i}.{n}")
+                    errors.append(errs)
+                    costs.append(cst)
+                    options.append(opts)
+                    total += d_out * d_in
+        try:
+            picks = allocate(errors, costs, c.budget * total)
+        except ValueError:
+            minimum = sum(min(k) for k in costs) / total
+            raise ConfigError(
+                f"lq-lora budget {c.budget} bits per weight is below the smallest reachable {minimum:.3f} at rank {c.rank} "
+                "(2-bit codes, scales and the low-rank term included); raise budget= or lower rank="
+            ) from None
+        self._choice = {n: options[k][p] for k, (n, p) in enumerate(zip(names, picks))}
+        used = sum(costs[k][p] for k, p in enumerate(picks)) / total
+        logger.info("lq-lora budget %.3f bits/weight: allocation uses %.4f", c.budget, used)
+
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
+        assert isinstance(module, nn.Linear)
+        c = self.cfg
+        W = module.weight.data
+        d_out, d_in = W.shape
+        bits, group = self._choice.get(name, (c.bits, c.group))
+        spec = QuantSpec(bits=bits, group_size=group, levels=c.levels)
+        why = group_error_check(spec, d_out, d_in)
+        if why is not None:
+            raise ConfigError(f"{name} ({d_out}x{d_in}): {why}; choose another group size")
+        if c.rank >= min(d_out, d_in):
+            raise ConfigError(f"{name} ({d_out}x{d_in}): lq-lora rank {c.rank} must be below {min(d_out, d_in)}")
+        col_w = None
+        if c.data_aware:
+            assert stats is not None
+            col_w = stats.rms_value
+        res = lq_decompose(W, c.rank, spec, iters=c.iters, col_weight=col_w)
+        bias = module.bias.data if module.bias is not None else None
+        base = QuantLinear.from_quantized(res.q, bias, like=W)
+        lora = LoRALinear(base, _factor(res.L2, W, 0), _factor(res.L1, W, 0))
+        info = {
+            "bits": bits, "group": group, "rank": c.rank, "levels": c.levels, "iterations": len(res.errors),
+            "errors": [round(e, 6) for e in res.errors],
+            "error": relative_output_error(W, lora.dense_weight().detach(), None), "error_metric": "rel_weight_err",
+            "bits_per_weight": lora.storage_bits() / lora.num_weights(),
+        }
+        return PassResult(lora, info)

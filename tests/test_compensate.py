@@ -1,0 +1,111 @@
+"""EoRA and LQ-LoRA: optimality, monotonicity, the budget program, composition and exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compress import compress, load
+from compress.errors import ConfigError
+from compress.modules import LoRALinear
+from compress.solvers.eora import compensate
+from compress.solvers.lqlora import allocate, lq_decompose
+from compress.solvers.quant import QuantSpec, quantize_rtn
+
+from .conftest import make_tiny
+
+
+def _setup(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(48, 96, generator=g, dtype=torch.float64)
+    X = torch.randn(800, 96, generator=g, dtype=torch.float64) @ (torch.randn(96, 96, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 96, dtype=torch.float64))
+    X[:, 5] *= 25
+    Wc = quantize_rtn(W.float(), QuantSpec(bits=3, group_size=32)).dequantize().double()
+    return W, Wc, X
+
+
+def _err(W: torch.Tensor, W_hat: torch.Tensor, X: torch.Tensor) -> float:
+    return float((X @ (W - W_hat).T).square().sum())
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16])
+def test_eora_is_the_output_error_optimum_and_beats_plain_svd(rank: int) -> None:
+    W, Wc, X = _setup(rank)
+    H = X.T @ X
+    delta = W - Wc
+    B, A, S = compensate(delta, rank, H=H, variant="eigen")
+    e_eora = _err(W, Wc + B @ A, X)
+    # the whitened-SVD identity: the remaining error is the sum of the dropped squared singular values
+    assert e_eora == pytest.approx(float(S[rank:].square().sum()), rel=1e-6)
+    Bs, As, _ = compensate(delta, rank, variant="svd")
+    Ba, Aa, _ = compensate(delta, rank, H=H, variant="act", n_tokens=800)
+    assert e_eora <= _err(W, Wc + Bs @ As, X) * (1 + 1e-9)
+    assert e_eora <= _err(W, Wc + Ba @ Aa, X) * (1 + 1e-9)
+
+
+def test_lqlora_error_is_non_increasing_until_it_stops() -> None:
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 128, generator=g) + 2 * torch.randn(64, 4, generator=g) @ torch.randn(4, 128, generator=g)
+    for levels in ("nf", "uniform"):
+        res = lq_decompose(W, 8, QuantSpec(bits=3, group_size=64, levels=levels), iters=100)
+        e = np.array(res.errors)
+        assert (np.diff(e[:-1]) <= 0).all() and res.error == e.min()
+        assert len(e) < 100 or (np.diff(e) <= 0).all()
+        W_hat = res.q.dequantize() + res.L1 @ res.L2
+        assert float((W - W_hat).norm()) == pytest.approx(res.error, rel=1e-4)
+
+
+def test_budget_program_meets_the_budget_and_beats_uniform() -> None:
+    g = torch.Generator().manual_seed(2)
+    mats = [torch.randn(32, 64, generator=g) * s for s in (0.1, 1.0, 5.0, 1.0)]
+    mats[1] = mats[1] @ torch.diag(torch.logspace(0, -3, 64))  # an easy matrix
+    bits = (2, 3, 4)
+    errors = [[float((W - quantize_rtn(W, QuantSpec(bits=b, group_size=32)).dequantize()).square().sum()) for b in bits] for W in mats]
+    costs = [[float(b * W.numel()) for b in bits] for W in mats]
+    budget = 3.0 * sum(W.numel() for W in mats)
+    pick = allocate(errors, costs, budget)
+    assert sum(costs[i][p] for i, p in enumerate(pick)) <= budget
+    uniform = sum(e[1] for e in errors)
+    assert sum(errors[i][p] for i, p in enumerate(pick)) < uniform
+    with pytest.raises(ValueError, match="below the smallest reachable cost"):
+        allocate(errors, costs, 1.0 * sum(W.numel() for W in mats))
+
+
+def test_composition_round_trip_exports_and_bad_inputs(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from compress.checkpoint import save_checkpoint
+    from compress.export_peft import export_peft
+
+    model = make_tiny("llama")
+    dense = model(input_ids=calib_ids).logits.detach()
+    ref = make_tiny("llama")
+    compress(ref, ["gptq:bits=3,group=16"], calib_ids)
+    e_q = float((ref(input_ids=calib_ids).logits.detach() - dense).norm())
+    report = compress(model, ["gptq:bits=3,group=16", "eora:rank=4"], calib_ids)
+    out = model(input_ids=calib_ids).logits.detach()
+    assert float((out - dense).norm()) < e_q
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoRALinear)
+    save_checkpoint(model, None, tmp_path / "c", {})
+    m2, _ = load(tmp_path / "c")
+    assert torch.equal(m2(input_ids=calib_ids).logits.detach(), out)
+    names = json.loads((tmp_path / "c" / "manifest.json").read_text())["modules"]
+    assert not any(n.endswith(".base") for n in names), "nested modules are described by their parent"
+    export_peft(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and "q_proj" in cfg["target_modules"]
+    t = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert {r.pass_name for r in report.records} == {"gptq", "eora"}
+    with pytest.raises(ConfigError, match="put a compressing pass before it"):
+        compress(make_tiny("llama"), ["eora:rank=4"], calib_ids)
+    with pytest.raises(ConfigError, match="eora rank 40 must be below 32"):
+        compress(make_tiny("llama"), ["gptq:bits=3,group=16", "eora:rank=40"], calib_ids)
+    with pytest.raises(ConfigError, match="more than the .* bits the earlier compression saved"):
+        compress(make_tiny("llama"), ["rtn:bits=8,group=16", "eora:rank=8"], calib_ids)
+    with pytest.raises(ConfigError, match="below the smallest reachable"):
+        compress(make_tiny("llama"), ["lq-lora:rank=4,budget=2"], calib_ids)
