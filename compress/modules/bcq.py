@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..solvers.bcq import ALPHA_DTYPE, BCQ, OFFSET_DTYPE
+from .quant import cached_dense_weight
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
@@ -77,7 +78,7 @@ class BCQLinear(nn.Module):
         return self.to_bcq().dequantize().to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+        return F.linear(x, cached_dense_weight(self, ("planes", "alpha", "offset")).to(x.dtype), self.bias)
 
     def num_weights(self) -> int:
         return self.in_features * self.out_features

@@ -25,6 +25,21 @@ from ..solvers.quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Tensor:
+    """The module's dequantized weight; on the CPU it is kept between calls (evaluation re-runs every
+    layer many times) and rebuilt whenever a storage buffer was replaced or modified in place. On
+    accelerators it is rebuilt each call, so the packed form stays the only copy in device memory."""
+    tensors = [getattr(module, b) for b in buffers]
+    if tensors[0].device.type != "cpu":
+        return module.dense_weight()  # type: ignore[operator]
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cache = module.__dict__.get("_dense_cache")
+    if cache is None or cache[0] != key:
+        cache = (key, module.dense_weight().detach())  # type: ignore[operator]
+        module.__dict__["_dense_cache"] = cache
+    return cache[1]
+
+
 class QuantLinear(nn.Module):
     #: the weight is held in buffers (codes, compressed values), not parameters
     weights_in_buffers = True
@@ -86,7 +101,7 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes(), self.scales, self.zeros(), self.qspec).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight().to(x.dtype), self.bias)
+        return F.linear(x, cached_dense_weight(self, ("qweight", "scales", "qzeros")).to(x.dtype), self.bias)
 
     def num_weights(self) -> int:
         return self.in_features * self.out_features
