@@ -62,7 +62,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="compute device: cpu, cuda, auto"),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="which .gguf file when the directory has several"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
-    export: list[str] = typer.Option([], "--export", help="also write another format: dense (plain HF checkpoint in OUT/dense), gptq (GPTQ-format checkpoint in OUT/gptq), peft (LoRA adapter of the eora/lq-lora branches in OUT/peft)"),
+    export: list[str] = typer.Option([], "--export", help="also write: dense (plain HF checkpoint), gptq (GPTQ format), peft (LoRA adapter of eora/lq-lora), in OUT/<format>"),
     ppl: list[str] = typer.Option([], "--ppl", help="measure perplexity after compression: wikitext2, c4, ptb"),
     ppl_seqlen: int = typer.Option(2048, "--ppl-seqlen", help="perplexity window length"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows"),

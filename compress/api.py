@@ -76,10 +76,24 @@ def compress(
         cfg_src = CalibConfig(source=src, samples=base.samples, seqlen=base.seqlen, seed=base.seed, batch_size=base.batch_size)
         extra_ids[src] = calibration_ids(tokenizer, cfg_src, data_dir)
         calib_info = {**(calib_info or {}), f"source:{src}": cfg_src.to_dict()}
-    result = run_sequential(
-        model, adapter, passes, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer, stats_provider=stats_provider,
-        extra_ids=extra_ids,
-    )
+    # consecutive per-linear passes run together layer by layer; a model-level pass runs on its own
+    records = []
+    segment: list[Any] = []
+    for p in passes + [None]:
+        if p is not None and p.granularity == "linear":
+            segment.append(p)
+            continue
+        if segment:
+            result = run_sequential(
+                model, adapter, segment, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer,
+                stats_provider=stats_provider, extra_ids=extra_ids,
+            )
+            records += result.records
+            segment = []
+        if p is not None:
+            if ids is None:
+                raise CompressError(f"pass '{p.name}' needs calibration data")
+            records += p.run_model(model, adapter, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer)
     timings["compress"] = time.perf_counter() - t0
     return Report(
         model={
@@ -89,7 +103,7 @@ def compress(
         },
         recipe=rec.to_dict(),
         calibration=calib_info,
-        records=result.records,
+        records=records,
         params_before=params_before,
         params_after=count_parameters(model),
         bytes_before=bytes_before,
@@ -241,6 +255,13 @@ def run(
     unknown_exports = set(export) - {"dense", "gptq", "peft"}
     if unknown_exports:
         raise CompressError(f"unknown export format(s) {', '.join(sorted(unknown_exports))}; available: dense, gptq, peft")
+    if "dense" in export:
+        blocked = [p.name for p in rec.passes if not get_pass(p.name).dense_exportable]
+        if blocked:
+            raise CompressError(
+                f"--export dense is not possible after {', '.join(blocked)}: the sliced model has residual shortcut matrices "
+                "that plain transformers cannot express; load the output with compress.load(dir)"
+            )
     cfg = calib or CalibConfig.from_dict(rec.calibration)
     t_start = time.perf_counter()
     stage(f"loading {model_source}")

@@ -166,6 +166,13 @@ def save_checkpoint(
     }
     for name, entry in modules.items():
         entry.update(manifest.get("modules", {}).get(name, {}))
+    from .modules.sliced import MixedHead, is_sliced
+
+    if is_sliced(model):
+        manifest = {**manifest, "sliced": {
+            "hidden": int(model.config.compress_sliced_hidden),
+            "tied_mix": any(isinstance(m, MixedHead) for m in model.modules()),
+        }}
     full = {
         "format": _FORMAT,
         "format_version": FORMAT_VERSION,
@@ -218,6 +225,9 @@ def load_checkpoint(
     except (OSError, ValueError) as e:
         raise CompressError(f"checkpoint '{d}' is incomplete: cannot read config.json ({str(e).splitlines()[0][:120]})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    sliced = manifest.get("sliced")
+    if sliced:
+        _sliced_skeleton(model, int(sliced["hidden"]), bool(sliced["tied_mix"]), dtype)
     for name, entry in manifest.get("modules", {}).items():
         cls = MODULE_TYPES.get(entry["type"])
         if cls is None:
@@ -226,24 +236,64 @@ def load_checkpoint(
             )
         _set_submodule(model, name, cls.from_spec(entry["spec"], dtype=dtype))  # type: ignore[attr-defined]
     state = _read_weights(d, manifest["weights"]["files"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
     tied = manifest["weights"].get("tied", {})
+    _resize_to(model, state)
+    _retie(model, tied)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise CompressError(
             f"checkpoint '{d}' does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for alias, src in tied.items():
-            if alias in params and src in params and params[alias] is not params[src]:
-                params[alias].copy_(params[src])
     model.to(device)
     model.eval()
     tokenizer = None
     with contextlib.suppress(Exception):
         tokenizer = AutoTokenizer.from_pretrained(d, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def _sliced_skeleton(model: nn.Module, hidden: int, tied_mix: bool, dtype: torch.dtype) -> None:
+    """Give a freshly built model the structure of a SliceGPT result (shapes come from the weights)."""
+    from .adapters import get_adapter
+    from .modules.sliced import MixedHead, make_sliced
+
+    adapter = get_adapter(model)
+    for layer in adapter.layers(model):
+        make_sliced(layer, torch.zeros(hidden, hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype))
+    if tied_mix:
+        emb = model.get_submodule(adapter.embed)
+        parent, _, child = adapter.lm_head.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, MixedHead(emb.weight, torch.zeros(hidden, hidden, dtype=dtype)))
+
+
+def _resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Reshape parameters and buffers whose saved shape differs (sliced models store smaller matrices)."""
+    for name, t in state.items():
+        owner, _, attr = name.rpartition(".")
+        mod = model.get_submodule(owner) if owner else model
+        cur = getattr(mod, attr, None)
+        if not isinstance(cur, torch.Tensor) or tuple(cur.shape) == tuple(t.shape):
+            continue
+        if attr in mod._parameters:
+            mod._parameters[attr] = nn.Parameter(torch.empty(t.shape, dtype=cur.dtype), requires_grad=cur.requires_grad)
+        else:
+            mod._buffers[attr] = torch.empty(t.shape, dtype=cur.dtype)
+        if isinstance(mod, nn.Linear) and attr == "weight":
+            mod.out_features, mod.in_features = t.shape
+        if isinstance(mod, nn.Embedding) and attr == "weight":
+            mod.embedding_dim = t.shape[1]
+
+
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Make each alias the very same parameter as its source (tied embeddings)."""
+    for alias, src in tied.items():
+        owner, _, attr = alias.rpartition(".")
+        s_owner, _, s_attr = src.rpartition(".")
+        src_param = getattr(model.get_submodule(s_owner) if s_owner else model, s_attr)
+        mod = model.get_submodule(owner) if owner else model
+        if isinstance(src_param, nn.Parameter) and attr in mod._parameters:
+            mod._parameters[attr] = src_param
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -262,6 +312,13 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def export_dense(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     """Write a plain HF checkpoint (``from_pretrained`` without trust_remote_code) into ``directory``."""
+    from .modules.sliced import is_sliced
+
+    if is_sliced(model):
+        raise CompressError(
+            "a sliced (SliceGPT) model has residual shortcut matrices that plain transformers cannot express: "
+            "no dense export; load it with compress.load(dir)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     _write_config_and_tokenizer(model, tokenizer, directory)
     state, _ = _dedupe(dense_state_dict(model))  # a tied head is re-tied by transformers on load

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .passes.base import Pass
 
 _PASSES: dict[str, type["Pass"]] = {}
-_PASS_MODULES = ("compress.passes.lowrank", "compress.passes.quant", "compress.passes.sparse", "compress.passes.compensate")
+_PASS_MODULES = ("compress.passes.lowrank", "compress.passes.quant", "compress.passes.sparse", "compress.passes.compensate", "compress.passes.slicegpt")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
 
 

@@ -34,6 +34,7 @@ CASES = {
     "sparsegpt": ("pattern=2:4", 0.5),
     "armor": ("block=8,iters=20,lr=1e-3", 0.6),
     "lq-lora": ("bits=3,group=16,rank=4", 0.05),
+    "slicegpt": ("sparsity=0.25", 0.6),
 }
 # passes that refine an earlier pass run after this one in the contract
 CHAINED = {"eora": ("gptq:bits=3,group=16", "rank=4", 0.05)}
@@ -56,6 +57,8 @@ def _check_property(pass_name: str, name: str, mod: torch.nn.Module, m: int, n: 
         assert isinstance(mod, QuantLinear), name
         codes = mod.codes()
         assert codes.shape == (m, n) and int(codes.max()) < 2**mod.qspec.bits
+    elif pass_name == "slicegpt":
+        assert isinstance(mod, torch.nn.Linear) and 24 in (mod.in_features, mod.out_features), name
     elif pass_name in ("lq-lora", "eora"):
         assert isinstance(mod, LoRALinear) and mod.rank == 4, name
     elif pass_name == "bcq":
@@ -99,6 +102,8 @@ def test_pass_contract(pass_name: str, tiny_family: str, calib_ids: torch.Tensor
         _check_property(pass_name, name, model.get_submodule(name), m, n)
     if "ratio" in options:
         assert s["target_ratio"] >= RATIO - (0.02 if pass_name == "lord" else 1e-9)
+    elif pass_name == "slicegpt":
+        assert s["target_ratio"] > 0.2 and s["model_ratio"] > 0
     elif pass_name in ("armor", "lq-lora"):
         assert s["target_bits_per_weight"] < 32  # core + metadata + block-diagonal wrappers
     else:
@@ -111,6 +116,8 @@ def test_pass_contract(pass_name: str, tiny_family: str, calib_ids: torch.Tensor
     assert torch.equal(_logits(reloaded, probe), logits)
 
     # the dense export multiplies out to the same function
+    if not all_passes()[pass_name].dense_exportable:
+        return
     export_dense(model, None, tmp_path / "dense")
     from transformers import AutoModelForCausalLM
 

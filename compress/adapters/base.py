@@ -30,6 +30,21 @@ class ModelAdapter:
     #: sub-blocks whose output measures the error of the linears that read the block's input
     #: (AdaDim evaluates q/k/v through the attention block, gate/up through the MLP)
     blocks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: residual-stream layout, for rotation passes (SliceGPT); empty when the family does not describe it
+    embed: str = ""  # token embedding, relative to the model
+    final_norm: str = ""
+    lm_head: str = ""
+    attn_norm: str = ""  # the following names are relative to a decoder layer
+    mlp_norm: str = ""
+    attn_inputs: tuple[str, ...] = ()
+    attn_output: str = ""
+    mlp_inputs: tuple[str, ...] = ()
+    mlp_output: str = ""
+
+    def missing_residual_layout(self) -> list[str]:
+        """The residual-layout fields this adapter leaves empty (all are needed to rotate the model)."""
+        names = ("embed", "final_norm", "lm_head", "attn_norm", "mlp_norm", "attn_inputs", "attn_output", "mlp_inputs", "mlp_output")
+        return [n for n in names if not getattr(self, n)]
 
     def block_of(self, linear: str) -> str | None:
         """The sub-block through which ``linear`` is evaluated, or None (its own output)."""

@@ -19,4 +19,13 @@ LLAMA = ModelAdapter(
         ("self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("mlp", ("mlp.gate_proj", "mlp.up_proj")),
     ),
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    attn_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    attn_output="self_attn.o_proj",
+    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_output="mlp.down_proj",
 )

@@ -66,6 +66,16 @@ class Pass:
     consumes_previous: ClassVar[bool] = False
     #: calibration source of this pass's statistics when it differs from the recipe's (None = same)
     calib_source: str | None = None
+    #: "linear": the pipeline calls observe/apply per linear; "model": the pass transforms the whole
+    #: model in ``run_model`` (e.g. SliceGPT rotates embeddings, layers and head together)
+    granularity: ClassVar[str] = "linear"
+    #: whether the result can be written as a plain transformers checkpoint (--export dense)
+    dense_exportable: ClassVar[bool] = True
+
+    def run_model(self, model: nn.Module, adapter: "ModelAdapter", input_ids: Any, *, device: Any, batch_size: int = 8,
+                  on_layer: Any = None) -> list[Any]:
+        """Model-level passes: transform ``model`` in place and return per-module records."""
+        raise NotImplementedError
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config

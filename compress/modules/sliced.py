@@ -1,0 +1,74 @@
+"""Modules of a sliced (SliceGPT) model.
+
+A sliced decoder layer keeps every submodule of the original layer (only their shapes shrink) and
+gains two d′ × d′ shortcut matrices on the residual path: the residual entering the attention block
+is multiplied by ``attn_shortcut`` (Q_inᵀQ_mid) and the one entering the MLP by ``mlp_shortcut``
+(Q_midᵀQ_out), because consecutive blocks use different rotations of the residual stream. The class
+of the layer is swapped for a subclass with the forward below; that forward is the Llama-family
+decoder forward (input norm → attention → residual → post-attention norm → MLP → residual) with the
+two products added, and it is tested against the upstream forward with identity shortcuts.
+
+``MixedHead`` keeps a tied embedding/head tied after rotation: logits = (x·mix)·Tᵀ with T the
+(rotated, sliced) embedding and mix = Q_lastᵀ·diag(γ_final)·Q_first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SlicedLayerMixin:
+    """Forward of a Llama-family decoder layer with residual shortcut matrices."""
+
+    attn_shortcut: nn.Parameter
+    mlp_shortcut: nn.Parameter
+
+    def forward(  # type: ignore[override]
+        self, hidden_states: torch.Tensor, attention_mask: Any = None, position_ids: Any = None,
+        past_key_values: Any = None, use_cache: bool | None = False, position_embeddings: Any = None, **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states @ self.attn_shortcut.to(hidden_states.dtype)
+        h = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
+        h, _ = self.self_attn(  # type: ignore[attr-defined]
+            hidden_states=h, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        )
+        hidden_states = residual + h
+        residual = hidden_states @ self.mlp_shortcut.to(hidden_states.dtype)
+        h = self.mlp(self.post_attention_layernorm(hidden_states))  # type: ignore[attr-defined]
+        return residual + h
+
+
+_SLICED_CLASSES: dict[type, type] = {}
+
+
+def make_sliced(layer: nn.Module, attn_shortcut: torch.Tensor, mlp_shortcut: torch.Tensor) -> None:
+    """Turn ``layer`` (in place) into its sliced subclass with the given shortcut matrices."""
+    cls = type(layer)
+    if not isinstance(layer, SlicedLayerMixin):
+        if cls not in _SLICED_CLASSES:
+            _SLICED_CLASSES[cls] = type(f"Sliced{cls.__name__}", (SlicedLayerMixin, cls), {})
+        layer.__class__ = _SLICED_CLASSES[cls]
+    layer.attn_shortcut = nn.Parameter(attn_shortcut.contiguous(), requires_grad=False)  # type: ignore[assignment]
+    layer.mlp_shortcut = nn.Parameter(mlp_shortcut.contiguous(), requires_grad=False)  # type: ignore[assignment]
+
+
+def is_sliced(model: nn.Module) -> bool:
+    return any(isinstance(m, SlicedLayerMixin) for m in model.modules())
+
+
+class MixedHead(nn.Module):
+    """LM head sharing the embedding matrix: logits = (x · mix) · weightᵀ."""
+
+    def __init__(self, weight: nn.Parameter, mix: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = weight
+        self.mix = nn.Parameter(mix.contiguous(), requires_grad=False)
+        self.in_features, self.out_features = mix.shape[0], weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x @ self.mix.to(x.dtype), self.weight.to(x.dtype))
