@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from torch import nn
 
@@ -96,6 +96,15 @@ class Pass:
                 f"reorder the recipe or narrow one pass with targets=..."
             )
         return True
+
+    def iter_targets(self, model: nn.Module, adapter: "ModelAdapter") -> Iterator[tuple[str, nn.Module]]:
+        """(full name, module) of every linear this pass targets, layer by layer (for ``prepare``)."""
+        for i, layer in enumerate(adapter.layers(model)):
+            for group in adapter.groups(layer):
+                for n in group:
+                    mod = layer.get_submodule(n)
+                    if self.targets(n, mod):
+                        yield f"{adapter.layers_path}.{i}.{n}", mod
 
     def apply(
         self, name: str, module: nn.Module, stats: "LinearStats | None", context: "LayerContext | None" = None

@@ -173,33 +173,28 @@ class LQLoRAPass(Pass):
             return
         names, errors, costs, options = [], [], [], []
         total = 0
-        for i, layer in enumerate(adapter.layers(model)):
-            for group in adapter.groups(layer):
-                for n in group:
-                    mod = layer.get_submodule(n)
-                    if not self.targets(n, mod):
+        for full, mod in self.iter_targets(model, adapter):
+            W = mod.weight.data.float()
+            d_out, d_in = W.shape
+            U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+            L = ((U[:, : c.rank] * S[: c.rank]) @ Vh[: c.rank]).float()
+            branch = c.rank * (d_out + d_in) * 8 * mod.weight.element_size()
+            opts, errs, cst = [], [], []
+            for b in _GRID_BITS:
+                for g in _GRID_GROUPS:
+                    if d_in % g:
                         continue
-                    W = mod.weight.data.float()
-                    d_out, d_in = W.shape
-                    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-                    L = ((U[:, : c.rank] * S[: c.rank]) @ Vh[: c.rank]).float()
-                    branch = c.rank * (d_out + d_in) * 8 * mod.weight.element_size()
-                    opts, errs, cst = [], [], []
-                    for b in _GRID_BITS:
-                        for g in _GRID_GROUPS:
-                            if d_in % g:
-                                continue
-                            q = quantize_rtn(W - L, QuantSpec(bits=b, group_size=g, levels=c.levels)).dequantize()
-                            opts.append((b, g))
-                            errs.append(float((W - L - q).square().sum()))
-                            cst.append(_q_bits(d_out, d_in, b, g, c.levels) + branch)
-                    if not opts:
-                        raise ConfigError(f"{adapter.layers_path}.{i}.{n}: no group size of {_GRID_GROUPS} divides its input dimension {d_in}")
-                    names.append(f"{adapter.layers_path}.{i}.{n}")
-                    errors.append(errs)
-                    costs.append(cst)
-                    options.append(opts)
-                    total += d_out * d_in
+                    q = quantize_rtn(W - L, QuantSpec(bits=b, group_size=g, levels=c.levels)).dequantize()
+                    opts.append((b, g))
+                    errs.append(float((W - L - q).square().sum()))
+                    cst.append(_q_bits(d_out, d_in, b, g, c.levels) + branch)
+            if not opts:
+                raise ConfigError(f"{full}: no group size of {_GRID_GROUPS} divides its input dimension {d_in}")
+            names.append(full)
+            errors.append(errs)
+            costs.append(cst)
+            options.append(opts)
+            total += d_out * d_in
         try:
             picks = allocate(errors, costs, c.budget * total)
         except ValueError:

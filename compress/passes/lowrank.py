@@ -186,16 +186,11 @@ class LoRDPass(_LowRankPass):
         names: list[str] = []
         spectra: list[torch.Tensor] = []
         shapes: list[tuple[int, int]] = []
-        for i, layer in enumerate(adapter.layers(model)):
-            for group in adapter.groups(layer):
-                for n in group:
-                    mod = layer.get_submodule(n)
-                    if not self.targets(n, mod):
-                        continue
-                    assert isinstance(mod, nn.Linear)
-                    names.append(f"{adapter.layers_path}.{i}.{n}")
-                    spectra.append(torch.linalg.svdvals(mod.weight.data.float()))
-                    shapes.append((mod.out_features, mod.in_features))
+        for full, mod in self.iter_targets(model, adapter):
+            assert isinstance(mod, nn.Linear)
+            names.append(full)
+            spectra.append(torch.linalg.svdvals(mod.weight.data.float()))
+            shapes.append((mod.out_features, mod.in_features))
         budget = (1.0 - self.config.ratio) * sum(m * n for m, n in shapes)  # type: ignore[attr-defined]
         self._ranks = dict(zip(names, allocate_ranks(spectra, shapes, budget)))
 
