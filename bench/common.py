@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import platform
 import time
@@ -17,6 +19,32 @@ PROTOCOL = {
     "perplexity": {"dataset": "wikitext2", "split": "test", "join": "\\n\\n", "level": "token", "seqlen": 2048,
                    "windows": 16},
 }
+
+
+def parser(doc: str | None, name: str, rows: bool = True) -> argparse.ArgumentParser:
+    """The arguments every benchmark takes: --model, --data-dir, --windows, --seqlen, --out (and --only)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--windows", type=int, default=PROTOCOL["perplexity"]["windows"], help="perplexity windows")
+    ap.add_argument("--seqlen", type=int, default=PROTOCOL["perplexity"]["seqlen"], help="perplexity window length (smoke runs on short-context models)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / name))
+    if rows:
+        ap.add_argument("--only", default="", help="comma-separated row indices to run (default: all)")
+    return ap
+
+
+def protocol_for(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark protocol with this run's model and perplexity window settings."""
+    protocol = copy.deepcopy(PROTOCOL)
+    protocol["perplexity"]["windows"] = args.windows
+    protocol["perplexity"]["seqlen"] = args.seqlen
+    protocol["model"] = Path(args.model).name
+    return protocol
+
+
+def select(rows: list[Any], only: str) -> list[Any]:
+    return rows if not only else [rows[int(i)] for i in only.split(",")]
 
 
 def device_name() -> str:
@@ -58,8 +86,6 @@ class Bench:
     dense calibration forward (the time baseline), then compresses fresh copies row by row."""
 
     def __init__(self, model_path: str, data_dir: str, out: Path, protocol: dict[str, Any], columns: list[str]) -> None:
-        import copy
-
         from compress.calib.data import CalibConfig, calibration_ids
         from compress.models import count_parameters, load_model
 

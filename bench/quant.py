@@ -10,13 +10,11 @@ linears per original weight. Note: this model's weights come from a Q4_1 GGUF (4
 
 from __future__ import annotations
 
-import argparse
-import copy
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from common import PROTOCOL, Bench
+from common import Bench, parser, protocol_for, select
 
 # the 3-bit rows first: they are the ones that count on this model
 ROWS = [
@@ -41,19 +39,12 @@ def _dims(report: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--windows", type=int, default=PROTOCOL["perplexity"]["windows"])
-    ap.add_argument("--only", default="", help="comma-separated row indices to run (default: all)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "quant"))
+    ap = parser(__doc__, "quant", rows=True)
     args = ap.parse_args()
-    protocol = copy.deepcopy(PROTOCOL)
-    protocol["perplexity"]["windows"] = args.windows
-    protocol["model"] = Path(args.model).name
+    protocol = protocol_for(args)
     cols = ["method", "options", "ppl", "bits_per_weight", "dims", "seconds", "seconds_vs_forward"]
     bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
-    rows = ROWS if not args.only else [ROWS[int(i)] for i in args.only.split(",")]
+    rows = select(ROWS, args.only)
     for method, options in rows:
         bench.row(method, [f"{method}:{options}"], {"options": options}, extra=_dims)
     bench.results.write_markdown("Quantization on SmolLM2-135M-Instruct", [

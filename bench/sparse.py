@@ -9,12 +9,10 @@ and 4 bits of position metadata per group of 4; for ARMOR also the block-diagona
 
 from __future__ import annotations
 
-import argparse
-import copy
 from pathlib import Path
 from typing import Any
 
-from common import PROTOCOL, Bench
+from common import Bench, parser, protocol_for, select
 
 ROWS = [
     ("magnitude", "pattern=2:4"),
@@ -42,19 +40,12 @@ def _armor(report: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--windows", type=int, default=PROTOCOL["perplexity"]["windows"])
-    ap.add_argument("--only", default="", help="comma-separated row indices to run (default: all)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sparse"))
+    ap = parser(__doc__, "sparse", rows=True)
     args = ap.parse_args()
-    protocol = copy.deepcopy(PROTOCOL)
-    protocol["perplexity"]["windows"] = args.windows
-    protocol["model"] = Path(args.model).name
+    protocol = protocol_for(args)
     cols = ["method", "options", "ppl", "bits_per_weight", "proxy_loss_init_mean", "proxy_loss_mean", "seconds", "seconds_vs_forward"]
     bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
-    rows = ROWS if not args.only else [ROWS[int(i)] for i in args.only.split(",")]
+    rows = select(ROWS, args.only)
     for method, options in rows:
         bench.row(method, [f"{method}:{options}"], {"options": options}, extra=_armor)
     bench.results.write_markdown("Pruning on SmolLM2-135M-Instruct", [

@@ -109,3 +109,18 @@ def test_composition_round_trip_exports_and_bad_inputs(calib_ids: torch.Tensor, 
         compress(make_tiny("llama"), ["rtn:bits=8,group=16", "eora:rank=8"], calib_ids)
     with pytest.raises(ConfigError, match="below the smallest reachable"):
         compress(make_tiny("llama"), ["lq-lora:rank=4,budget=2"], calib_ids)
+
+
+@pytest.mark.parametrize("branch_bits", [0, 8])
+def test_lqlora_budget_counts_what_is_stored(calib_ids, branch_bits):
+    """The integer program's cost model equals the bits the compressed modules store, branch included."""
+    from compress.modules import storage_bits
+
+    model = make_tiny("llama")
+    report = compress(model, [f"lq-lora:rank=4,budget=12,branch_bits={branch_bits}"], calib_ids)
+    s = report.summary()
+    assert s["target_bits_per_weight"] <= 12.0 + 1e-9
+    mods = [m for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert mods and sum(storage_bits(m) for m in mods) / sum(m.num_weights() for m in mods) == pytest.approx(s["target_bits_per_weight"], rel=1e-6)
+    if branch_bits:
+        assert not isinstance(mods[0].lora_A, torch.nn.Linear)

@@ -52,6 +52,14 @@ def _dense(module: nn.Module) -> torch.Tensor:
     return module.weight.data if isinstance(module, nn.Linear) else module.dense_weight()  # type: ignore[operator]
 
 
+def _branch_cost(d_out: int, d_in: int, rank: int, bits: int, elt_bits: int) -> int:
+    """Stored bits of a rank-r branch B (d_out × r) · A (r × d_in): plain factors at ``elt_bits`` each,
+    or codes of ``bits`` with one float16 scale and one ``bits``-bit zero-point per factor row."""
+    if not bits:
+        return rank * (d_out + d_in) * elt_bits
+    return rank * (d_out + d_in) * bits + (rank + d_out) * (16 + bits)
+
+
 def _factor(weight: torch.Tensor, like: torch.Tensor, bits: int) -> nn.Module:
     """A bias-free linear holding one branch factor (out × in), quantized per row when bits > 0."""
     out_f, in_f = weight.shape
@@ -80,6 +88,7 @@ class EoRAPass(Pass):
     name = "eora"
     config_cls = EoRAConfig
     statistics = frozenset({"gram"})
+    requires_calibration = True  # except variant=svd (set per instance)
     needs_original = True
     consumes_previous = True
 
@@ -106,8 +115,7 @@ class EoRAPass(Pass):
         r = self.cfg.rank
         if r >= min(d_out, d_in):
             raise ConfigError(f"{name} ({d_out}x{d_in}): eora rank {r} must be below {min(d_out, d_in)}")
-        elt = 8 * W.element_size() if not self.cfg.branch_bits else self.cfg.branch_bits
-        branch_cost = r * (d_out + d_in) * elt
+        branch_cost = _branch_cost(d_out, d_in, r, self.cfg.branch_bits, 8 * W.element_size())
         saved = 8 * W.element_size() * d_out * d_in - storage_bits(module)
         if branch_cost >= saved:
             raise ConfigError(
@@ -137,10 +145,12 @@ class LQLoRAConfig(PassConfig):
     group: int = option(64, "group size of Q along the input dimension (ignored with budget=)", min=0)
     rank: int = option(32, "rank of L1·L2", min=1)
     levels: str = option("nf", "quantization levels of Q: nf (NormalFloat, as the paper) or uniform", choices=("nf", "uniform"))
-    iters: int = option(100, "maximum alternations (stops earlier when the error rises)", min=1)
+    iters: int = option(100, "maximum alternations (stops earlier when the error rises or stalls)", min=1)
+    tol: float = option(1e-4, "stop when an alternation improves the reconstruction error by less than this (relative)", min=0.0)
     budget: float | None = option(None, "average bits per weight including scales and the low-rank term; chooses (bits, group) "
                                   "per matrix by an integer program", min=0.0, min_open=True)
     data_aware: bool = option(False, "weight the decomposition by each input channel's activation RMS (calibration Gram diagonal)")
+    branch_bits: int = option(0, "store L1 and L2 quantized to this many bits per row (0 = the model's dtype)", choices=(0, 4, 8))
     targets: str = option("*", _TARGETS_HELP)
 
 
@@ -178,7 +188,7 @@ class LQLoRAPass(Pass):
             d_out, d_in = W.shape
             U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
             L = ((U[:, : c.rank] * S[: c.rank]) @ Vh[: c.rank]).float()
-            branch = c.rank * (d_out + d_in) * 8 * mod.weight.element_size()
+            branch = _branch_cost(d_out, d_in, c.rank, c.branch_bits, 8 * mod.weight.element_size())
             opts, errs, cst = [], [], []
             for b in _GRID_BITS:
                 for g in _GRID_GROUPS:
@@ -201,7 +211,7 @@ class LQLoRAPass(Pass):
             minimum = sum(min(k) for k in costs) / total
             raise ConfigError(
                 f"lq-lora budget {c.budget} bits per weight is below the smallest reachable {minimum:.3f} at rank {c.rank} "
-                "(2-bit codes, scales and the low-rank term included); raise budget= or lower rank="
+                "(2-bit codes, scales and the low-rank term included); raise budget=, lower rank= or set branch_bits="
             ) from None
         self._choice = {n: options[k][p] for k, (n, p) in enumerate(zip(names, picks))}
         used = sum(costs[k][p] for k, p in enumerate(picks)) / total
@@ -223,10 +233,10 @@ class LQLoRAPass(Pass):
         if c.data_aware:
             assert stats is not None
             col_w = stats.rms_value
-        res = lq_decompose(W, c.rank, spec, iters=c.iters, col_weight=col_w)
+        res = lq_decompose(W, c.rank, spec, iters=c.iters, tol=c.tol, col_weight=col_w)
         bias = module.bias.data if module.bias is not None else None
         base = QuantLinear.from_quantized(res.q, bias, like=W)
-        lora = LoRALinear(base, _factor(res.L2, W, 0), _factor(res.L1, W, 0))
+        lora = LoRALinear(base, _factor(res.L2, W, c.branch_bits), _factor(res.L1, W, c.branch_bits))
         info = {
             "bits": bits, "group": group, "rank": c.rank, "levels": c.levels, "iterations": len(res.errors),
             "errors": [round(e, 6) for e in res.errors],

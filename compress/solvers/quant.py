@@ -15,6 +15,8 @@ stored checkpoint reproduces exactly the values the solver worked with.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -46,15 +48,20 @@ class QuantSpec:
         return g, length // g
 
 
-def nf_levels(bits: int) -> torch.Tensor:
-    """The 2^bits NormalFloat levels in [-1, 1] (QLoRA's construction: normal quantiles, an exact 0,
-    one more positive than negative level)."""
+@functools.lru_cache(maxsize=None)
+def _nf_levels(bits: int) -> torch.Tensor:
     offset = 0.5 * ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16)))
     n = 2**bits
     pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
     neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2, dtype=torch.float64)[:-1])
     v = torch.sort(torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])).values
     return (v / v.abs().max()).float()
+
+
+def nf_levels(bits: int) -> torch.Tensor:
+    """The 2^bits NormalFloat levels in [-1, 1], ascending (QLoRA's construction: normal quantiles, an
+    exact 0, one more positive than negative level)."""
+    return _nf_levels(bits).clone()
 
 
 def group_error_check(spec: QuantSpec, d_out: int, d_in: int) -> str | None:
@@ -163,7 +170,8 @@ def quantize_rtn(W: torch.Tensor, spec: QuantSpec, hdiag: torch.Tensor | None = 
     if spec.levels == "nf":
         L = nf_levels(spec.bits)
         scale = G.abs().amax(dim=1).clamp_min(1e-12).to(SCALE_DTYPE).float()
-        q = (G[:, :, None] / scale[:, None, None] - L).abs().argmin(dim=2).float()
+        # nearest level: bucketize against the midpoints (a tie goes to the lower level, as argmin would)
+        q = torch.bucketize(G / scale[:, None], (L[1:] + L[:-1]) / 2).float()
         return Quantized(
             q=_from_groups(q, spec, d_out, d_in).to(torch.uint8).contiguous(),
             scales=scale.reshape(channels, n).to(SCALE_DTYPE),

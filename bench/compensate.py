@@ -1,0 +1,59 @@
+"""Benchmark of low-rank compensation on SmolLM2-135M with the project's benchmark protocol.
+
+    python bench/compensate.py --model ../shared/models/smollm2-135m-instruct-q4_1-gguf --data-dir ../shared/data
+
+Rows: dense; GPTQ 3-bit g64 alone; + EoRA rank 16 / 32 / 64; + plain-SVD compensation rank 32 and
+diagonal activation scaling rank 32 (the ablations); LQ-LoRA 3-bit rank 32 (NF levels, g64);
+LQ-LoRA with a bits budget at rank 32. Branch factors are stored as 8-bit codes per row
+(``branch_bits=8``): the fp32 benchmark model would otherwise count each branch element at 32 bits.
+bits_per_weight counts everything stored for the decoder linears: codes, scales, zero-points and
+the branch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common import Bench, parser, protocol_for, select
+
+GPTQ = "gptq:bits=3,group=64"
+ROWS: list[tuple[str, list[str], str]] = [
+    ("gptq", [GPTQ], "bits=3,group=64"),
+    ("gptq+eora", [GPTQ, "eora:rank=16,branch_bits=8"], "rank=16"),
+    ("gptq+eora", [GPTQ, "eora:rank=32,branch_bits=8"], "rank=32"),
+    ("gptq+eora", [GPTQ, "eora:rank=64,branch_bits=8"], "rank=64"),
+    ("gptq+svd-comp", [GPTQ, "eora:rank=32,variant=svd,branch_bits=8"], "rank=32 (ablation: plain SVD of the error)"),
+    ("gptq+act-comp", [GPTQ, "eora:rank=32,variant=act,branch_bits=8"], "rank=32 (ablation: diagonal activation scaling)"),
+    ("lq-lora", ["lq-lora:bits=3,group=64,rank=32,branch_bits=8"], "bits=3,group=64,rank=32,nf"),
+    ("lq-lora", ["lq-lora:budget=3.5,rank=32,branch_bits=8"], "budget=3.5,rank=32,nf"),
+]
+
+
+def _errors(report: Any) -> dict[str, Any]:
+    errs = [r.info["error"] for r in report.records if r.pass_name == "eora" and "error" in r.info]
+    before = [r.info["error_before"] for r in report.records if r.pass_name == "eora" and "error_before" in r.info]
+    if not errs:
+        return {}
+    return {"layer_err_before_mean": round(sum(before) / len(before), 5), "layer_err_after_mean": round(sum(errs) / len(errs), 5)}
+
+
+def main() -> None:
+    ap = parser(__doc__, "compensate", rows=True)
+    args = ap.parse_args()
+    protocol = protocol_for(args)
+    cols = ["method", "options", "ppl", "bits_per_weight", "layer_err_before_mean", "layer_err_after_mean", "seconds", "seconds_vs_forward"]
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
+    rows = select(ROWS, args.only)
+    for method, recipe, options in rows:
+        bench.row(method, recipe, {"options": options, "recipe": recipe}, extra=_errors)
+    bench.results.write_markdown("Low-rank compensation on SmolLM2-135M-Instruct", [
+        "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
+        "All rows run as one `compress run` recipe (sequential calibration; EoRA's eigenspace from the recipe's C4 calibration).",
+        "bits_per_weight: stored bits of the decoder linears per weight, branch included (8-bit branch factors, per-row scale).",
+        "layer_err_*: relative squared output error ‖X(W − Ŵ)ᵀ‖²/‖XWᵀ‖² per layer on the calibration Gram, mean over layers, before and after the branch.",
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Benchmark of SliceGPT on SmolLM2-135M with the project's benchmark protocol, against SVD-LLM at
+the same total parameter count.
+
+    python bench/slicegpt.py --model ../shared/models/smollm2-135m-instruct-q4_1-gguf --data-dir ../shared/data
+
+Rows: dense; SliceGPT at sparsity 0.1 / 0.2 / 0.25 / 0.3 (fraction of the hidden dimension removed,
+the paper's definition); then for each, SVD-LLM with the ratio that removes the same number of
+parameters from the decoder linears (SVD-LLM leaves the tied embedding alone), so both rows have the
+same total parameter count (shortcut matrices and the tied head's mixing matrix counted).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common import Bench, parser, protocol_for
+
+
+def main() -> None:
+    ap = parser(__doc__, "slicegpt", rows=False)
+    ap.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
+    ap.add_argument("--no-lowrank", action="store_true", help="skip the equal-parameter SVD-LLM rows")
+    args = ap.parse_args()
+    protocol = protocol_for(args)
+    cols = ["method", "options", "ppl", "params", "params_removed", "hidden", "seconds", "seconds_vs_forward"]
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
+    dense = bench.results.data["rows"][0]["params"]
+    from torch import nn
+
+    from compress.adapters import get_adapter
+
+    layers = get_adapter(bench.model).layers(bench.model)
+    linear_params = sum(m.weight.numel() for m in layers.modules() if isinstance(m, nn.Linear))
+    bench.results.data["decoder_linear_params"] = linear_params
+    removed: dict[float, int] = {}
+    for s in (float(x) for x in args.sparsities.split(",")):
+        row = bench.row("slicegpt", [f"slicegpt:sparsity={s}"], {"options": f"sparsity={s}"},
+                        extra=lambda rep: {"hidden": rep.records[0].info.get("hidden", "")})
+        if "params" in row:
+            removed[s] = dense - row["params"]
+            row["params_removed"] = round(removed[s] / dense, 4)
+    if not args.no_lowrank:
+        for s, n in removed.items():
+            ratio = round(n / linear_params, 4)
+            row = bench.row("svd-llm", [f"svd-llm:ratio={ratio}"], {"options": f"ratio={ratio} (= slicegpt {s} parameters)"})
+            if "params" in row:
+                row["params_removed"] = round((dense - row["params"]) / dense, 4)
+    # the derived params_removed columns were added after each row was written: write the files again
+    bench.results.path.with_suffix(".json").write_text(json.dumps(bench.results.data, indent=2) + "\n")
+    bench.results.write_markdown("SliceGPT on SmolLM2-135M-Instruct, and SVD-LLM at equal parameters", [
+        "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
+        "params: all parameters of the model (tied embedding/head once, shortcut and mixing matrices included).",
+        "params_removed: fraction of the dense model's parameters removed. hidden: the sliced hidden dimension.",
+        "SVD-LLM rows remove the same number of parameters from the decoder linears as the SliceGPT row named in options.",
+    ])
+
+
+if __name__ == "__main__":
+    main()
