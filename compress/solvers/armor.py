@@ -6,8 +6,8 @@ L = Σ_ij w_j (W̄ − A (W′⊙M) B)_ij² / Σ_ij w_j W̄_ij², with w_j = ‖
 notes: the importance w is the raw input energy, applied to the normalized weight.
 
 Init (NoWag-P): M keeps the top 2 of every 4 of W̄²·w, W′ = W̄, A = B = I. Each iteration:
-1. continuous step: one Adam step on A, B and the kept values; a step that raises L is undone and
-   the learning rate halved (so L never rises);
+1. continuous step: one Adam step (torch's defaults, gradients written out, no autograd) on A, B
+   and the kept values; a step that raises L is undone and the learning rate halved (so L never rises);
 2. sparse-core step: in every (d_block × d_block) block of the core one group of 4 is drawn with
    probability ∝ the L1 norm of ∂L/∂(core) over the group; with the group zeroed, each of the six
    2-of-4 masks gets its least-squares values through A's column and B's rows (a 2×2 solve), and
@@ -37,7 +37,7 @@ def bd_left(A: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 def bd_right(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """M @ blockdiag(B); M (k, n·b), B (n, b, b)."""
     n, b, _ = B.shape
-    return torch.einsum("onk,nkj->onj", M.reshape(M.shape[0], n, b), B).reshape(M.shape)
+    return torch.bmm(M.reshape(M.shape[0], n, b).transpose(0, 1), B).transpose(0, 1).reshape(M.shape)
 
 
 def blockdiag_dense(blocks: torch.Tensor) -> torch.Tensor:
@@ -83,48 +83,50 @@ def armor(
     keep = nm_mask(Wbar.square() * w, 2, 4)
     nA, nB = d_out // block, d_in // block
     eye = torch.eye(block)
-    A = eye.repeat(nA, 1, 1).requires_grad_()
-    B = eye.repeat(nB, 1, 1).requires_grad_()
-    Wp = (Wbar * keep).clone().requires_grad_()
+    A = eye.repeat(nA, 1, 1)
+    B = eye.repeat(nB, 1, 1)
+    Wp = Wbar * keep
     gen = torch.Generator().manual_seed(seed)
-
-    def loss_of(A_: torch.Tensor, C: torch.Tensor, B_: torch.Tensor) -> torch.Tensor:
-        return ((Wbar - bd_right(bd_left(A_, C), B_)).square() * w).sum() / L0
-
-    opt = torch.optim.Adam([A, B, Wp], lr=lr)
-    with torch.no_grad():
-        cur = float(loss_of(A, Wp * keep, B))
+    # Adam (torch's defaults) on A, B and the kept values, with the gradients written out:
+    # P = A·C·B, R = W̄ − P, L = Σ w R² / L0, ∂L/∂P = −2 R⊙w / L0;
+    # ∂L/∂C = Aᵀ (∂L/∂P) Bᵀ (on the mask), ∂L/∂A_i = (∂L/∂P)_i (C B)_iᵀ, ∂L/∂B_j = (A C)_jᵀ (∂L/∂P)_j.
+    beta1, beta2, adam_eps = 0.9, 0.999, 1e-8
+    params = [A, B, Wp]
+    m1 = [torch.zeros_like(t) for t in params]
+    m2 = [torch.zeros_like(t) for t in params]
+    AC = bd_left(A, Wp)
+    R = Wbar - bd_right(AC, B)
+    cur = float((R.square() * w).sum()) / L0
     losses = [cur]
     best, since, it = cur, 0, 0
     for it in range(1, iters + 1):
         # 1. continuous step, undone if it raises the loss
-        saved = (A.detach().clone(), B.detach().clone(), Wp.detach().clone())
-        opt.zero_grad()
-        with torch.enable_grad():  # callers may run under no_grad (the calibration pipeline does)
-            loss = loss_of(A, Wp * keep, B)
-            loss.backward()
-        opt.step()
-        with torch.no_grad():
-            Wp.mul_(keep)
-            new = float(loss_of(A, Wp, B))
-            if new > cur:
-                A.copy_(saved[0])
-                B.copy_(saved[1])
-                Wp.copy_(saved[2])
-                for g in opt.param_groups:
-                    g["lr"] *= 0.5
-            else:
-                cur = new
-        # 2. sparse-core step
-        with torch.no_grad():
-            saved_core = (Wp.detach().clone(), keep.clone())
-            _sparse_core_step(A.detach(), B.detach(), Wp, keep, Wbar, w, block, gen)
-            new = float(loss_of(A, Wp, B))
-            if new > cur:  # only float rounding can do this; keep the guarantee exact
-                Wp.copy_(saved_core[0])
-                keep.copy_(saved_core[1])
-            else:
-                cur = new
+        dP = R * (w * (-2.0 / L0))
+        GC = bd_right(bd_left(A.transpose(1, 2), dP), B.transpose(1, 2))
+        CB = bd_right(Wp, B)
+        GA = torch.bmm(dP.reshape(nA, block, d_in), CB.reshape(nA, block, d_in).transpose(1, 2))
+        GB = torch.bmm(AC.reshape(d_out, nB, block).permute(1, 2, 0), dP.reshape(d_out, nB, block).transpose(0, 1))
+        trial = []
+        for k, (t, g) in enumerate(zip(params, (GA, GB, GC * keep))):
+            m1[k].mul_(beta1).add_(g, alpha=1 - beta1)
+            m2[k].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            step = m1[k] / (1 - beta1**it) / ((m2[k] / (1 - beta2**it)).sqrt() + adam_eps)
+            trial.append(t - lr * step)
+        trial[2].mul_(keep)
+        AC_t = bd_left(trial[0], trial[2])
+        R_t = Wbar - bd_right(AC_t, trial[1])
+        new = float((R_t.square() * w).sum()) / L0
+        if new > cur:
+            lr *= 0.5
+        else:
+            A, B, Wp = params[0], params[1], params[2] = trial
+            AC, R, cur = AC_t, R_t, new
+            GC = bd_right(bd_left(A.transpose(1, 2), R * w), B.transpose(1, 2))
+        # 2. sparse-core step (its loss change is computed on the blocks it touches)
+        delta = _sparse_core_step(A, B, Wp, keep, R, GC, w, block, gen, L0)
+        if delta <= 0.0:
+            cur += delta
+            AC = bd_left(A, Wp)
         losses.append(cur)
         if best - cur <= atol + rtol * best:
             since += 1
@@ -133,23 +135,24 @@ def armor(
         else:
             since = 0
         best = min(best, cur)
-    with torch.no_grad():
-        A_f = A.detach() * r.reshape(nA, block, 1)  # diag(r)·A
-        B_f = B.detach() * c.reshape(nB, 1, block)  # B·diag(c)
-        core = (Wp.detach() * keep).contiguous()
+    A_f = A * r.reshape(nA, block, 1)  # diag(r)·A
+    B_f = B * c.reshape(nB, 1, block)  # B·diag(c)
+    core = (Wp * keep).contiguous()
     return ArmorResult(A=A_f.contiguous(), B=B_f.contiguous(), core=core, keep=keep.clone(), losses=losses, iterations=it)
 
 
 def _sparse_core_step(
-    A: torch.Tensor, B: torch.Tensor, Wp: torch.Tensor, keep: torch.Tensor, Wbar: torch.Tensor, w: torch.Tensor,
-    b: int, gen: torch.Generator,
-) -> None:
+    A: torch.Tensor, B: torch.Tensor, Wp: torch.Tensor, keep: torch.Tensor, R: torch.Tensor, G: torch.Tensor, w: torch.Tensor,
+    b: int, gen: torch.Generator, L0: float,
+) -> float:
+    """One group of 4 per (block × block) region of the core, drawn ∝ the L1 norm of the gradient ``G``
+    over the group, re-solved over the six 2-of-4 masks. Updates Wp, keep and the residual R in place
+    and returns the change of the loss. A group's change alters its region of R by a rank-1 term
+    a·dᵀ (a: A's column for the group's row; d: the change of the group's contribution through B), so
+    the loss change is Σ_j w_j (2 d_j (aᵀR)_j + ‖a‖² d_j²) per region. If rounding made it positive,
+    nothing is written (the proxy loss never rises)."""
     d_out, d_in = Wp.shape
     nA, nB, gpb = d_out // b, d_in // b, b // 4
-    C = Wp * keep
-    R = Wbar - bd_right(bd_left(A, C), B)  # residual (d_out, d_in)
-    # gradient of the loss w.r.t. the core, up to a constant factor: Aᵀ (R ⊙ w) Bᵀ
-    G = bd_right(bd_left(A.transpose(1, 2), R * w), B.transpose(1, 2))
     score = G.abs().reshape(d_out, d_in // 4, 4).sum(dim=2)  # (d_out, d_in/4)
     score = score.reshape(nA, b, nB, gpb).permute(0, 2, 1, 3).reshape(nA * nB, b * gpb)
     pick = torch.multinomial(score + 1e-30, 1, generator=gen)[:, 0]  # one group per block
@@ -161,12 +164,13 @@ def _sparse_core_step(
     a = A[ra, :, rr].double()  # (nG, b): A's column for that core row, within its block
     Bsub = torch.stack([B[cb, gg * 4 + t, :] for t in range(4)], dim=1).double()  # (nG, 4, b)
     cols4 = col0[:, None] + torch.arange(4)
-    c_cur = C[rows[:, None], cols4].double()  # (nG, 4)
-    Rreg = R.reshape(nA, b, nB, b).permute(0, 2, 1, 3)[ra, cb].double()  # (nG, b, b)
-    R0 = Rreg + a[:, :, None] * torch.einsum("gt,gtj->gj", c_cur, Bsub)[:, None, :]  # group zeroed
+    c_cur = (Wp * keep)[rows[:, None], cols4].double()  # (nG, 4)
+    Rview = R.reshape(nA, b, nB, b).permute(0, 2, 1, 3)
+    y = torch.einsum("gr,grj->gj", a.float(), Rview[ra, cb]).double()  # aᵀ R per region (nG, b)
     wj = w.reshape(nB, b)[cb].double()  # (nG, b)
-    z = torch.einsum("gr,grj->gj", a, R0)  # (nG, b)
     a2 = a.square().sum(dim=1)  # (nG,)
+    old = torch.einsum("gt,gtj->gj", c_cur, Bsub)  # the group's current contribution through B (nG, b)
+    z = y + a2[:, None] * old  # aᵀ R with the group zeroed
     P = torch.tensor(PAIRS)
     U = Bsub[:, P]  # (nG, 6, 2, b)
     Uw = U * wj[:, None, None, :]
@@ -177,10 +181,18 @@ def _sparse_core_step(
     gain = (rhs * v).sum(dim=2)  # (nG, 6)
     best = gain.argmax(dim=1)
     sel = P[best]  # (nG, 2)
-    vals = v[torch.arange(len(best)), best].to(Wp.dtype)  # (nG, 2)
+    idx = torch.arange(len(best))
+    vals = v[idx, best]  # (nG, 2) float64
+    d = old - torch.einsum("gt,gtj->gj", vals, Bsub[idx[:, None], sel])  # R_region += a dᵀ
+    delta = float((wj * (2 * d * y + a2[:, None] * d.square())).sum()) / L0
+    if delta > 0.0:
+        return delta
+    vals = vals.to(Wp.dtype)
     Wp[rows[:, None], cols4] = 0.0
     keep[rows[:, None], cols4] = False
     Wp[rows, col0 + sel[:, 0]] = vals[:, 0]
     Wp[rows, col0 + sel[:, 1]] = vals[:, 1]
     keep[rows, col0 + sel[:, 0]] = True
     keep[rows, col0 + sel[:, 1]] = True
+    Rview[ra, cb] += (a[:, :, None] * d[:, None, :]).to(R.dtype)
+    return delta
