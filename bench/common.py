@@ -31,6 +31,8 @@ def parser(doc: str | None, name: str, rows: bool = True) -> argparse.ArgumentPa
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / name))
     if rows:
         ap.add_argument("--only", default="", help="comma-separated row indices to run (default: all)")
+        ap.add_argument("--append", action="store_true",
+                        help="add the rows to an existing result file of the same protocol (its dense row and time baseline are reused)")
     return ap
 
 
@@ -56,11 +58,18 @@ def device_name() -> str:
 class Results:
     """Rows written to ``<name>.json`` after each row (partial results survive) and ``<name>.md``."""
 
-    def __init__(self, path: Path, protocol: dict[str, Any], columns: list[str]) -> None:
+    def __init__(self, path: Path, protocol: dict[str, Any], columns: list[str], append: bool = False) -> None:
         self.path = path
         self.data: dict[str, Any] = {"protocol": protocol, "device": device_name(), "torch": torch.__version__,
                                      "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
         self.columns = columns
+        old = path.with_suffix(".json")
+        if append and old.is_file():
+            prev = json.loads(old.read_text())
+            if prev["protocol"] != protocol or prev["device"] != self.data["device"]:
+                raise SystemExit(f"--append: {old} was measured with another protocol or device; run without --append")
+            self.data = prev
+            self.data.setdefault("appended", []).append(time.strftime("%Y-%m-%d %H:%M:%S"))
 
     def add(self, row: dict[str, Any]) -> None:
         self.data["rows"].append(row)
@@ -85,7 +94,7 @@ class Bench:
     """Loads the model once, samples the protocol's calibration set, measures the dense row and a
     dense calibration forward (the time baseline), then compresses fresh copies row by row."""
 
-    def __init__(self, model_path: str, data_dir: str, out: Path, protocol: dict[str, Any], columns: list[str]) -> None:
+    def __init__(self, model_path: str, data_dir: str, out: Path, protocol: dict[str, Any], columns: list[str], append: bool = False) -> None:
         from compress.calib.data import CalibConfig, calibration_ids
         from compress.models import count_parameters, load_model
 
@@ -93,7 +102,7 @@ class Bench:
         self.count_parameters = count_parameters
         self.data_dir = data_dir
         self.protocol = protocol
-        self.results = Results(out, protocol, columns)
+        self.results = Results(out, protocol, columns, append)
         self.model, self.tok, _ = load_model(model_path, dtype="float32", device="cpu")
         c = protocol["calibration"]
         self.ids = calibration_ids(self.tok, CalibConfig(source="c4", samples=c["samples"], seqlen=c["seqlen"], seed=c["seed"]), data_dir)
@@ -102,6 +111,9 @@ class Bench:
             for b in range(0, self.ids.shape[0], 8):
                 self.model(input_ids=self.ids[b : b + 8], use_cache=False)
         self.t_forward = time.perf_counter() - t0
+        if any(r["method"] == "dense" for r in self.results.data["rows"]):
+            print(f"appending; dense row reused, calibration forward re-measured: {self.t_forward:.1f} s", flush=True)
+            return
         t0 = time.perf_counter()
         dense = self.ppl(self.model)
         self.results.add({
@@ -135,7 +147,7 @@ class Bench:
         row = {
             "method": method, "config": config, "ppl": self.ppl(m), "params": self.count_parameters(m),
             "target_ratio": round(s["target_ratio"], 4), "bits_per_weight": round(s["target_bits_per_weight"], 3),
-            "seconds": round(secs, 1), "seconds_vs_forward": round(secs / self.t_forward, 2),
+            "seconds": round(secs, 1), "seconds_vs_forward": round(secs / self.t_forward, 2), "calib_forward_seconds": round(self.t_forward, 1),
         }
         if extra is not None:
             row.update(extra(report))

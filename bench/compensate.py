@@ -24,9 +24,9 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("gptq+eora", [GPTQ, "eora:rank=32,branch_bits=8"], "rank=32"),
     ("gptq+eora", [GPTQ, "eora:rank=64,branch_bits=8"], "rank=64"),
     ("gptq+svd-comp", [GPTQ, "eora:rank=32,variant=svd,branch_bits=8"], "rank=32 (ablation: plain SVD of the error)"),
-    ("gptq+act-comp", [GPTQ, "eora:rank=32,variant=act,branch_bits=8"], "rank=32 (ablation: diagonal activation scaling)"),
     ("lq-lora", ["lq-lora:bits=3,group=64,rank=32,branch_bits=8"], "bits=3,group=64,rank=32,nf"),
     ("lq-lora", ["lq-lora:budget=3.5,rank=32,branch_bits=8"], "budget=3.5,rank=32,nf"),
+    ("gptq+act-comp", [GPTQ, "eora:rank=32,variant=act,branch_bits=8"], "rank=32 (ablation: diagonal activation scaling)"),
 ]
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     protocol = protocol_for(args)
     cols = ["method", "options", "ppl", "bits_per_weight", "layer_err_before_mean", "layer_err_after_mean", "seconds", "seconds_vs_forward"]
-    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols, append=args.append)
     rows = select(ROWS, args.only)
     for method, recipe, options in rows:
         bench.row(method, recipe, {"options": options, "recipe": recipe}, extra=_errors)

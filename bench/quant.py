@@ -43,7 +43,7 @@ def main() -> None:
     args = ap.parse_args()
     protocol = protocol_for(args)
     cols = ["method", "options", "ppl", "bits_per_weight", "dims", "seconds", "seconds_vs_forward"]
-    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols, append=args.append)
     rows = select(ROWS, args.only)
     for method, options in rows:
         bench.row(method, [f"{method}:{options}"], {"options": options}, extra=_dims)

@@ -20,7 +20,7 @@ from common import Bench, parser, protocol_for
 def main() -> None:
     ap = parser(__doc__, "slicegpt", rows=False)
     ap.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
-    ap.add_argument("--no-lowrank", action="store_true", help="skip the equal-parameter SVD-LLM rows")
+    ap.add_argument("--match", default="0.1,0.2,0.25,0.3", help="sparsities that get an equal-parameter SVD-LLM row ('' for none)")
     args = ap.parse_args()
     protocol = protocol_for(args)
     cols = ["method", "options", "ppl", "params", "params_removed", "hidden", "seconds", "seconds_vs_forward"]
@@ -40,8 +40,9 @@ def main() -> None:
         if "params" in row:
             removed[s] = dense - row["params"]
             row["params_removed"] = round(removed[s] / dense, 4)
-    if not args.no_lowrank:
-        for s, n in removed.items():
+    match = {float(x) for x in args.match.split(",") if x}
+    for s, n in removed.items():
+        if s in match:
             ratio = round(n / linear_params, 4)
             row = bench.row("svd-llm", [f"svd-llm:ratio={ratio}"], {"options": f"ratio={ratio} (= slicegpt {s} parameters)"})
             if "params" in row:

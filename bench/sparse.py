@@ -18,11 +18,11 @@ ROWS = [
     ("magnitude", "pattern=2:4"),
     ("wanda", "pattern=2:4"),
     ("sparsegpt", "pattern=2:4"),
-    ("armor", "block=64,iters=100,lr=1e-3"),
-    ("armor", "block=64,iters=500,lr=1e-3"),
     ("magnitude", "sparsity=0.5"),
     ("wanda", "sparsity=0.5"),
     ("sparsegpt", "sparsity=0.5"),
+    ("armor", "block=64,iters=50,lr=1e-3"),
+    ("armor", "block=64,iters=200,lr=1e-3"),
 ]
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     protocol = protocol_for(args)
     cols = ["method", "options", "ppl", "bits_per_weight", "proxy_loss_init_mean", "proxy_loss_mean", "seconds", "seconds_vs_forward"]
-    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols, append=args.append)
     rows = select(ROWS, args.only)
     for method, options in rows:
         bench.row(method, [f"{method}:{options}"], {"options": options}, extra=_armor)
