@@ -332,7 +332,7 @@ def ls(what: str = typer.Argument("passes", help="passes or adapters")) -> None:
 
         for name, cls in all_passes().items():
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            flags = ["calibration" if cls.requires_calibration else "data-free"]
+            flags = ["calibration" if cls.requires_calibration else "calibration optional" if cls.statistics else "data-free"]
             out_console.print(f"[bold]{name}[/bold]  ({', '.join(flags)})  {doc}")
             for f in cls.config_cls.fields():
                 out_console.print(f"    {f.name}: {describe_field(f)}", highlight=False)
@@ -345,6 +345,37 @@ def ls(what: str = typer.Argument("passes", help="passes or adapters")) -> None:
         out_console.print("[bold]generic[/bold]: any other decoder; every nn.Linear in the decoder layers, one group")
     else:
         raise CompressError(f"unknown listing '{what}'; use 'compress ls passes' or 'compress ls adapters'")
+
+
+@app.command()
+def env(build: bool = typer.Option(False, "--build", help="compile the CUDA kernels now (needs CUDA and nvcc)")) -> None:
+    """Report torch, CUDA and which compiled kernels are available (and why not)."""
+    import platform
+
+    import torch
+
+    from ..kernels import build as kb
+    from ..kernels.ops import get_preference
+
+    rows = [
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
+        ("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device (CPU only)"),
+        ("nvcc", kb.find_nvcc() or "not found"),
+        ("kernel preference", f"{get_preference()} (COMPRESS_KERNELS=auto|torch|cuda)"),
+        ("kernel sources", str(kb.csrc_dir())),
+        ("kernel cache", str(kb.cache_dir())),
+    ]
+    if build:
+        kb.load(verbose=True)
+    st = kb.status()
+    state = "available" if st.available else "unavailable"
+    for op in ("bcq_linear (LUT-GEMM)", "sparse24_linear (2:4)"):
+        rows.append((op, f"CUDA kernel {state}: {st.reason}; PyTorch implementation always available"))
+    if st.log is not None:
+        rows.append(("build log", str(st.log)))
+    for k, v in rows:
+        out_console.print(f"[bold]{k:>22}[/bold]  {v}", highlight=False, soft_wrap=True)
 
 
 @app.command()

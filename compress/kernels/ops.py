@@ -1,22 +1,177 @@
-"""``torch.library`` ops used by the compressed modules. Each has a default implementation in plain
-PyTorch that runs on any device, and a fake implementation so that ``torch.compile`` can trace it.
-Callers always go through the op; faster device implementations register for their dispatch key."""
+"""``torch.library`` ops used by the compressed modules.
+
+Each op has a default implementation in plain PyTorch that runs on any device (CPU CI runs product
+code through it), a CUDA implementation that calls the kernels of ``csrc/`` when they apply, and a
+fake implementation so that ``torch.compile`` can trace it. Callers always go through the op; the
+dispatcher picks the device.
+
+Kernel preference (tests, benchmarks): ``COMPRESS_KERNELS=auto|torch|cuda`` or
+:func:`set_preference` / :func:`preference`. ``auto`` uses a kernel where it applies and the
+PyTorch path elsewhere (one log line per unsupported shape); ``torch`` always takes the PyTorch path;
+``cuda`` raises where the kernel cannot run, naming why.
+
+- ``compress::bcq_linear(x, kplanes, alpha_t, offset_t, in_features, bias)``: BCQ weights in the
+  LUT-GEMM layout (:mod:`compress.kernels.layout`). Kernel: float16/bfloat16 activations, at most
+  :data:`LUT_MAX_TOKENS` rows of x, 1–4 bit-planes, group size a multiple of 8.
+- ``compress::sparse24_linear(x, values, meta, bias)``: 2:4 weights (values + 2-bit positions).
+  Kernel: float16/bfloat16, at most :data:`SPARSE24_MAX_TOKENS` rows, K % 32 == 0. Larger batches
+  use cuBLAS on the decompressed weight (the crossover to PyTorch's semi-structured path is to be
+  measured by bench/kernels.py on a GPU).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ..solvers.sparse24 import unpack_24
+from .layout import dense_from_kernel_layout
+
+logger = logging.getLogger(__name__)
+
+LUT_MAX_TOKENS = 8
+SPARSE24_MAX_TOKENS = 16
+_CHOICES = ("auto", "torch", "cuda")
+_preference: str | None = None
+_warned: set[tuple] = set()
+
+
+def get_preference() -> str:
+    p = _preference or os.environ.get("COMPRESS_KERNELS", "auto")
+    if p not in _CHOICES:
+        raise ValueError(f"COMPRESS_KERNELS={p!r}: use one of {', '.join(_CHOICES)}")
+    return p
+
+
+def set_preference(p: str | None) -> None:
+    """auto (default), torch or cuda; None returns to the environment's setting."""
+    global _preference
+    if p is not None and p not in _CHOICES:
+        raise ValueError(f"kernel preference {p!r}: use one of {', '.join(_CHOICES)}")
+    _preference = p
+
+
+@contextlib.contextmanager
+def preference(p: str) -> Iterator[None]:
+    global _preference
+    old = _preference
+    set_preference(p)
+    try:
+        yield
+    finally:
+        _preference = old
+
+
+def _fallback(op: str, why: str, key: tuple) -> None:
+    """Called where a kernel cannot run: an error under preference 'cuda', else one log line per key."""
+    if get_preference() == "cuda":
+        raise RuntimeError(f"{op}: the CUDA kernel cannot run here ({why}); use COMPRESS_KERNELS=auto to fall back")
+    if key not in _warned:
+        _warned.add(key)
+        logger.info("%s: %s; using the PyTorch implementation", op, why)
+
+
+def _extension() -> object | None:
+    if get_preference() == "torch":
+        return None
+    from .build import load, status
+
+    ext = load()
+    if ext is None:
+        _fallback("compress kernels", status().reason, ("build",))
+    return ext
+
+
+# ---------------------------------------------------------------- BCQ (LUT-GEMM)
+
+
+def _bcq_reference(x: torch.Tensor, kplanes: torch.Tensor, alpha_t: torch.Tensor, offset_t: torch.Tensor, in_features: int,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    W = dense_from_kernel_layout(kplanes, alpha_t, offset_t, in_features).to(x.dtype)
+    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+
+
+@torch.library.custom_op("compress::bcq_linear", mutates_args=())
+def bcq_linear(x: torch.Tensor, kplanes: torch.Tensor, alpha_t: torch.Tensor, offset_t: torch.Tensor, in_features: int,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x Wᵀ + bias with W in BCQ (LUT-GEMM layout); reference: decode then matmul."""
+    return _bcq_reference(x, kplanes, alpha_t, offset_t, in_features, bias)
+
+
+@bcq_linear.register_fake
+def _bcq_linear_fake(x, kplanes, alpha_t, offset_t, in_features, bias):  # type: ignore[no-untyped-def]
+    return x.new_empty(*x.shape[:-1], kplanes.shape[2])
+
+
+@bcq_linear.register_kernel("cuda")
+def _bcq_linear_cuda(x, kplanes, alpha_t, offset_t, in_features, bias):  # type: ignore[no-untyped-def]
+    ext = _extension()
+    if ext is None:
+        return _bcq_reference(x, kplanes, alpha_t, offset_t, in_features, bias)
+    x2 = x.reshape(-1, in_features)
+    q, _, n, _ = kplanes.shape
+    group = in_features // alpha_t.shape[1]
+    why = None
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        why = f"activations are {x.dtype}, the kernel takes float16/bfloat16"
+    elif x2.shape[0] > LUT_MAX_TOKENS:
+        why = f"{x2.shape[0]} tokens per call, the LUT kernel serves decode batches up to {LUT_MAX_TOKENS}"
+    elif q > 4 or group % 8:
+        why = f"{q} bit-planes / group {group}: the kernel takes 1-4 planes and groups that are multiples of 8"
+    if why is not None:
+        if x2.shape[0] <= LUT_MAX_TOKENS or get_preference() == "cuda":
+            _fallback("bcq_linear", why, ("bcq", n, in_features, q, group, x.dtype))
+        return _bcq_reference(x, kplanes, alpha_t, offset_t, in_features, bias)
+    y = ext.lut_gemm(x2.contiguous(), kplanes, alpha_t, offset_t, in_features, group, torch.cuda.current_stream(x.device).cuda_stream)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------- 2:4
+
+
+def _sparse24_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    W = unpack_24(values, meta).to(x.dtype)
+    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
 
 
 @torch.library.custom_op("compress::sparse24_linear", mutates_args=())
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x Wᵀ + bias with W in compressed 2:4 form (values, meta); reference: decompress then matmul."""
-    W = unpack_24(values, meta).to(x.dtype)
-    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
+    return _sparse24_reference(x, values, meta, bias)
 
 
 @sparse24_linear.register_fake
 def _sparse24_linear_fake(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], values.shape[0])
+
+
+@sparse24_linear.register_kernel("cuda")
+def _sparse24_linear_cuda(x, values, meta, bias):  # type: ignore[no-untyped-def]
+    ext = _extension()
+    if ext is None:
+        return _sparse24_reference(x, values, meta, bias)
+    n, half = values.shape
+    k = 2 * half
+    x2 = x.reshape(-1, k)
+    why = None
+    if x.dtype not in (torch.float16, torch.bfloat16) or values.dtype != x.dtype:
+        why = f"activations {x.dtype} / values {values.dtype}: the kernel takes float16/bfloat16 for both"
+    elif k % 32:
+        why = f"input dimension {k} is not a multiple of 32"
+    elif x2.shape[0] > SPARSE24_MAX_TOKENS:
+        why = f"{x2.shape[0]} tokens per call (kernel serves up to {SPARSE24_MAX_TOKENS})"
+    if why is not None:
+        if x2.shape[0] <= SPARSE24_MAX_TOKENS or get_preference() == "cuda":
+            _fallback("sparse24_linear", why, ("s24", n, k, x.dtype, values.dtype))
+        return _sparse24_reference(x, values, meta, bias)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    y = ext.sparse24_gemm(x2.contiguous(), values.contiguous(), meta.contiguous(), b, sms, torch.cuda.current_stream(x.device).cuda_stream)
+    return y.reshape(*x.shape[:-1], n)

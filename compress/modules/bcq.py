@@ -9,6 +9,10 @@ Layout (buffers):
   (inputs [k·g, (k+1)·g)).
 - ``offset``: float32 (d_out, d_in/g): β per output row and input group.
 W[m, j] = β[m, j//g] + Σ_i α[i, m, j//g]·(2·bit_i(m, j) − 1). Requires d_in and g divisible by 8.
+
+The forward pass calls ``compress::bcq_linear`` (LUT-GEMM on CUDA, decode + matmul elsewhere) on the
+kernel's tiled layout (:mod:`compress.kernels.layout`), built from these buffers once per device
+and rebuilt whenever a buffer changes.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.layout import bcq_kernel_layout
+from ..kernels.ops import bcq_linear
 from ..solvers.bcq import ALPHA_DTYPE, BCQ, OFFSET_DTYPE
-from .quant import cached_dense_weight
+from .quant import cached_kernel_layout
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
@@ -77,8 +82,12 @@ class BCQLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.to_bcq().dequantize().to(self.compute_dtype)
 
+    def kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return cached_kernel_layout(self, ("planes", "alpha", "offset"), lambda: bcq_kernel_layout(self.planes, self.alpha, self.offset))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, cached_dense_weight(self, ("planes", "alpha", "offset")).to(x.dtype), self.bias)
+        kplanes, alpha_t, offset_t = self.kernel_layout()
+        return bcq_linear(x, kplanes, alpha_t, offset_t, self.in_features, self.bias)
 
     def num_weights(self) -> int:
         return self.in_features * self.out_features

@@ -13,7 +13,7 @@ W = (q − zero)·scale.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,19 @@ def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Te
     if cache is None or cache[0] != key:
         cache = (key, module.dense_weight().detach())  # type: ignore[operator]
         module.__dict__["_dense_cache"] = cache
+    return cache[1]
+
+
+def cached_kernel_layout(module: nn.Module, buffers: tuple[str, ...], build: Callable[[], Any]) -> Any:
+    """A kernel's layout of the module's weight, kept between calls and rebuilt whenever a storage
+    buffer was replaced, moved or modified in place."""
+    tensors = [getattr(module, b) for b in buffers]
+    key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+    cache = module.__dict__.get("_kernel_layout")
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            cache = (key, build())
+        module.__dict__["_kernel_layout"] = cache
     return cache[1]
 
 
@@ -100,7 +113,27 @@ class QuantLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return dequantize(self.codes(), self.scales, self.zeros(), self.qspec).to(self.compute_dtype)
 
+    def lut_compatible(self) -> bool:
+        """Per-OC uniform codes of 1-4 bits with groups of a multiple of 8 convert exactly to BCQ,
+        so on CUDA the layer runs through the LUT-GEMM op."""
+        s = self.qspec
+        g = s.group_size or self.in_features
+        return s.dim == "oc" and s.levels == "uniform" and s.bits <= 4 and g % 8 == 0 and self.in_features % 8 == 0
+
+    def _bcq_kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from ..kernels.layout import bcq_kernel_layout
+        from ..solvers.bcq import bcq_from_uniform
+        from .bcq import pack_signs
+
+        b = bcq_from_uniform(Quantized(q=self.codes(), scales=self.scales, zeros=self.zeros(), spec=self.qspec))
+        return bcq_kernel_layout(pack_signs(b.signs), b.alpha, b.offset)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.lut_compatible():
+            from ..kernels.ops import bcq_linear
+
+            kp, a, o = cached_kernel_layout(self, ("qweight", "scales", "qzeros"), self._bcq_kernel_layout)
+            return bcq_linear(x, kp, a, o, self.in_features, self.bias)
         return F.linear(x, cached_dense_weight(self, ("qweight", "scales", "qzeros")).to(x.dtype), self.bias)
 
     def num_weights(self) -> int:

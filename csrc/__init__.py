@@ -1,0 +1,1 @@
+"""CUDA sources of the optional kernels (package data; compiled by compress.kernels.build)."""
