@@ -12,8 +12,8 @@ import pytest
 from .conftest import DATA_DIR, STORIES, needs
 
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+def _run(*args: str, cwd: Path | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env_extra or {})}
     if DATA_DIR.is_dir():
         env["COMPRESS_DATA_DIR"] = str(DATA_DIR)
     return subprocess.run(
@@ -35,6 +35,15 @@ def test_ls_passes() -> None:
     assert p.returncode == 0
     for name in ("svd", "asvd", "svd-llm", "lord", "ratio", "fraction of the target linears"):
         assert name in p.stdout
+
+
+def test_env_reports_kernels() -> None:
+    p = _run("env")
+    assert p.returncode == 0, p.stderr
+    for what in ("torch", "nvcc", "bcq_linear (LUT-GEMM)", "sparse24_linear (2:4)", "PyTorch implementation always available"):
+        assert what in p.stdout
+    p = _run("env", env_extra={"COMPRESS_KERNELS": "fastest"})
+    assert p.returncode == 2 and "COMPRESS_KERNELS='fastest'" in p.stderr and "Traceback" not in p.stderr
 
 
 @needs(STORIES)

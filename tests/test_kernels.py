@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from compress.errors import ConfigError
 from compress.kernels import ops
 from compress.kernels.build import SOURCES, csrc_dir, status
 from compress.kernels.emulate import lut_gemm_emulate, sparse24_emulate
@@ -112,7 +113,7 @@ def test_ops_pass_opcheck_and_trace_with_fake_tensors() -> None:
 
 
 def test_kernel_preference_and_status_without_cuda() -> None:
-    with pytest.raises(ValueError, match="auto, torch, cuda"):
+    with pytest.raises(ConfigError, match="auto, torch, cuda"):
         ops.set_preference("fast")
     with ops.preference("torch"):
         assert ops.get_preference() == "torch"

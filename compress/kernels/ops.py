@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..solvers.sparse24 import unpack_24
 from .layout import dense_from_kernel_layout
 
@@ -44,7 +45,7 @@ _warned: set[tuple] = set()
 def get_preference() -> str:
     p = _preference or os.environ.get("COMPRESS_KERNELS", "auto")
     if p not in _CHOICES:
-        raise ValueError(f"COMPRESS_KERNELS={p!r}: use one of {', '.join(_CHOICES)}")
+        raise ConfigError(f"COMPRESS_KERNELS={p!r}: use one of {', '.join(_CHOICES)}")
     return p
 
 
@@ -52,7 +53,7 @@ def set_preference(p: str | None) -> None:
     """auto (default), torch or cuda; None returns to the environment's setting."""
     global _preference
     if p is not None and p not in _CHOICES:
-        raise ValueError(f"kernel preference {p!r}: use one of {', '.join(_CHOICES)}")
+        raise ConfigError(f"kernel preference {p!r}: use one of {', '.join(_CHOICES)}")
     _preference = p
 
 
