@@ -124,3 +124,16 @@ def test_lqlora_budget_counts_what_is_stored(calib_ids, branch_bits):
     assert mods and sum(storage_bits(m) for m in mods) / sum(m.num_weights() for m in mods) == pytest.approx(s["target_bits_per_weight"], rel=1e-6)
     if branch_bits:
         assert not isinstance(mods[0].lora_A, torch.nn.Linear)
+
+
+def test_lq_decompose_stops_when_improvement_stalls() -> None:
+    from compress.solvers.lqlora import lq_decompose
+    from compress.solvers.quant import QuantSpec
+
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    spec = QuantSpec(bits=3, group_size=32, levels="nf")
+    full = lq_decompose(W, 4, spec, iters=50, tol=0.0)
+    loose = lq_decompose(W, 4, spec, iters=50, tol=0.5)
+    assert len(loose.errors) < len(full.errors)
+    assert len(loose.errors) == 2  # the second alternation improves by less than half: stop there
+    assert full.error <= loose.error
