@@ -86,6 +86,8 @@ class Results:
                 v = r.get(c, r.get("config", {}).get(c, ""))
                 cells.append(f"{v:,.4f}".rstrip("0").rstrip(".") if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v)))
             lines.append("| " + " | ".join(cells) + " |")
+        errors = [f"- {r['method']} {json.dumps(r.get('config', {}))}: {r['error']}" for r in self.data["rows"] if "error" in r]
+        lines += ["", "Rows that did not run:", ""] + errors if errors else []
         lines += [""] + notes
         self.path.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -4,7 +4,8 @@ the same total parameter count.
     python bench/slicegpt.py --model ../shared/models/smollm2-135m-instruct-q4_1-gguf --data-dir ../shared/data
 
 Rows: dense; SliceGPT at sparsity 0.1 / 0.2 / 0.25 / 0.3 (fraction of the hidden dimension removed,
-the paper's definition); then for each, SVD-LLM with the ratio that removes the same number of
+the paper's definition; a sparsity that would make the model larger is refused and recorded as such);
+SliceGPT with the paper's embedding-only basis for the tied embedding/head; then for each, SVD-LLM with the ratio that removes the same number of
 parameters from the decoder linears (SVD-LLM leaves the tied embedding alone), so both rows have the
 same total parameter count (shortcut matrices and the tied head's mixing matrix counted).
 """
@@ -21,6 +22,8 @@ def main() -> None:
     ap = parser(__doc__, "slicegpt", rows=False)
     ap.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
     ap.add_argument("--match", default="0.1,0.2,0.25,0.3", help="sparsities that get an equal-parameter SVD-LLM row ('' for none)")
+    ap.add_argument("--variants", default="0.25:tied_basis=embedding",
+                    help="extra SliceGPT rows, 'sparsity:options' separated by ';' (default: the paper's embedding-only basis for the tied head)")
     args = ap.parse_args()
     protocol = protocol_for(args)
     cols = ["method", "options", "ppl", "params", "params_removed", "hidden", "seconds", "seconds_vs_forward"]
@@ -40,6 +43,10 @@ def main() -> None:
         if "params" in row:
             removed[s] = dense - row["params"]
             row["params_removed"] = round(removed[s] / dense, 4)
+    for v in filter(None, args.variants.split(";")):
+        sp, opts = v.split(":", 1)
+        bench.row("slicegpt", [f"slicegpt:sparsity={sp},{opts}"], {"options": f"sparsity={sp},{opts}"},
+                  extra=lambda rep: {"hidden": rep.records[0].info.get("hidden", "")})
     match = {float(x) for x in args.match.split(",") if x}
     for s, n in removed.items():
         if s in match:

@@ -172,6 +172,7 @@ def save_checkpoint(
         manifest = {**manifest, "sliced": {
             "hidden": int(model.config.compress_sliced_hidden),
             "tied_mix": any(isinstance(m, MixedHead) for m in model.modules()),
+            "norm_eps_scale": float(getattr(model.config, "compress_sliced_eps_scale", 1.0)),
         }}
     full = {
         "format": _FORMAT,
@@ -227,7 +228,7 @@ def load_checkpoint(
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     sliced = manifest.get("sliced")
     if sliced:
-        _sliced_skeleton(model, int(sliced["hidden"]), bool(sliced["tied_mix"]), dtype)
+        _sliced_skeleton(model, int(sliced["hidden"]), bool(sliced["tied_mix"]), dtype, float(sliced.get("norm_eps_scale", 1.0)))
     for name, entry in manifest.get("modules", {}).items():
         cls = MODULE_TYPES.get(entry["type"])
         if cls is None:
@@ -253,14 +254,19 @@ def load_checkpoint(
     return model, tokenizer
 
 
-def _sliced_skeleton(model: nn.Module, hidden: int, tied_mix: bool, dtype: torch.dtype) -> None:
+def _sliced_skeleton(model: nn.Module, hidden: int, tied_mix: bool, dtype: torch.dtype, eps_scale: float = 1.0) -> None:
     """Give a freshly built model the structure of a SliceGPT result (shapes come from the weights)."""
     from .adapters import get_adapter
     from .modules.sliced import MixedHead, make_sliced
+    from .passes.slicegpt import scale_norm_eps
 
     adapter = get_adapter(model)
     for layer in adapter.layers(model):
         make_sliced(layer, torch.zeros(hidden, hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype))
+        for norm in (adapter.attn_norm, adapter.mlp_norm):
+            scale_norm_eps(layer.get_submodule(norm), eps_scale)
+    scale_norm_eps(model.get_submodule(adapter.final_norm), eps_scale)
+    model.config.compress_sliced_eps_scale = eps_scale
     if tied_mix:
         emb = model.get_submodule(adapter.embed)
         parent, _, child = adapter.lm_head.rpartition(".")

@@ -119,6 +119,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _slicing_lines(d: dict[str, Any]) -> list[str]:
+    """The SliceGPT accounting: the paper's sparsity (embedding dimension removed) beside the
+    fraction of all parameters removed, shortcut and mixing matrices included."""
+    sliced = [r.get("info", {}) for r in d.get("layers", []) if "hidden_before" in r.get("info", {})]
+    s = d.get("compression")
+    if not sliced or not s:
+        return []
+    info = sliced[0]
+    used = 1 - info["hidden"] / info["hidden_before"]
+    return [
+        f"Slicing: hidden {info['hidden_before']} -> {info['hidden']}; sparsity {info.get('sparsity', used)} requested, {used:.4f} used "
+        "(SliceGPT's definition: the fraction of the embedding dimension removed). Parameters removed from the whole model, "
+        f"shortcut and head-mixing matrices included: {s['model_ratio']:.4f} "
+        f"({s['model_params_before']:,} -> {s['model_params_after']:,}).",
+        "",
+    ]
+
+
 def render_markdown(d: dict[str, Any]) -> str:
     """The report as Markdown, from its dict form (so that ``compress eval`` can re-render it)."""
     model = d.get("model", {})
@@ -147,6 +165,7 @@ def render_markdown(d: dict[str, Any]) -> str:
             s["ratio_definition"],
             "",
         ]
+        lines += _slicing_lines(d)
     if d.get("metrics"):
         lines += ["## Metrics", "", "| metric | value | baseline | change | protocol |", "|---|---:|---:|---:|---|"]
         for m in d["metrics"]:

@@ -43,6 +43,27 @@ def test_fusion_and_rotation_without_slicing_is_exact(tiny_family: str, tied: bo
     assert isinstance(m.lm_head, MixedHead) == tied
 
 
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("basis", ["joint", "embedding"])
+def test_slicing_a_residual_stream_of_lower_rank_is_exact(tiny_family: str, tied: bool, basis: str) -> None:
+    """When every write to the residual stream (embedding, o_proj, down_proj) lies in a 24-dim
+    subspace of the 32-dim stream, slicing to 24 loses nothing: the logits are unchanged, RMSNorm's
+    epsilon included."""
+    m = _model(tiny_family, tied)
+    P = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))[0][:, :24]
+    proj = P @ P.T
+    with torch.no_grad():
+        m.model.embed_tokens.weight.copy_(m.model.embed_tokens.weight @ proj)
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.copy_(proj @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(proj @ layer.mlp.down_proj.weight)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    ref = _logits(m, ids)
+    compress(m, [f"slicegpt:sparsity=0.25,tied_basis={basis}"], ids)
+    assert m.model.embed_tokens.weight.shape[1] == 24
+    assert torch.allclose(_logits(m, ids), ref, atol=2e-6, rtol=1e-5), (_logits(m, ids) - ref).abs().max()
+
+
 def test_sliced_forward_with_identity_shortcuts_matches_upstream(calib_ids: torch.Tensor) -> None:
     m = make_tiny("qwen2")
     ref = _logits(m, calib_ids)
@@ -70,6 +91,7 @@ def test_slicing_removes_the_promised_dimensions_and_reloads(tied: bool, calib_i
         expected += d_new * d_new  # the head's mix matrix
     assert count_parameters(m) == expected
     assert report.summary()["model_params_after"] == expected
+    assert "Slicing: hidden 32 -> 24; sparsity 0.3 requested, 0.2500 used" in report.to_markdown()
     out = _logits(m, calib_ids)
     save_checkpoint(m, None, tmp_path / "c", {})
     m2, _ = load(tmp_path / "c")
@@ -93,6 +115,12 @@ def test_bad_inputs(calib_ids: torch.Tensor) -> None:
 
     with pytest.raises(ConfigError, match="must be in"):
         compress(make_tiny("llama"), ["slicegpt:sparsity=1.0"], calib_ids)
+    # hidden 64, MLP 16: two 56x56 shortcuts per layer (12,544) outweigh what slicing 8 dimensions removes (8 x 741)
+    wide = make_tiny("llama", hidden=64, intermediate=16)
+    with pytest.raises(ConfigError, match=r"larger than the dense one.*add 12,544 .* removes only 5,928; use sparsity >= 0.250 \(hidden 48\)"):
+        compress(wide, ["slicegpt:sparsity=0.125"], calib_ids)
+    with pytest.raises(ConfigError, match="tied_basis"):
+        compress(make_tiny("llama"), ["slicegpt:sparsity=0.25,tied_basis=nope"], calib_ids)
     cfg = AutoConfig.for_model("opt", vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                max_position_embeddings=128, word_embed_proj_dim=32)
     opt = AutoModelForCausalLM.from_config(cfg)
@@ -115,7 +143,7 @@ def test_stories_slicing_rises_smoothly() -> None:
 
     dense = ppl(model)
     values = []
-    for sp in (0.0, 0.1, 0.25):
+    for sp in (0.0, 0.25, 0.375):  # hidden 64, 48, 40 (0.1 -> 56 would make the model larger: refused)
         m = copy.deepcopy(model)
         m.lm_head.weight = m.model.embed_tokens.weight
         compress(m, [f"slicegpt:sparsity={sp}"], ids)
