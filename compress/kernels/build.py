@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import os
+import sys
 import shutil
 import threading
 from dataclasses import dataclass
@@ -129,10 +130,14 @@ def _try_build(verbose: bool) -> BuildStatus:
                 extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"], verbose=True,
             )
         log.write_text(buf.getvalue())
+        if verbose:
+            sys.stderr.write(buf.getvalue())
         (out / "build.ok").write_text(torch.__version__ + "\n")
         return BuildStatus(True, f"built in {out}", log)
     except Exception as e:  # any build failure: keep the reference path, keep the log
         with open(log, "a") as f:
             f.write(f"\n{type(e).__name__}: {e}\n")
+        if verbose:
+            sys.stderr.write(log.read_text())
         _module = None
         return BuildStatus(False, f"build failed: {type(e).__name__}; log saved to {log}", log)
