@@ -118,7 +118,8 @@ class SliceGPTPass(Pass):
                 if shrinking else "no sparsity shrinks this model")
         raise ConfigError(
             f"slicegpt:sparsity={self.config.sparsity} (hidden {d} -> {d_new}) would make the model larger than the dense one: "  # type: ignore[attr-defined]
-            f"its {2 * n_layers} shortcut matrices of {d_new}x{d_new} add {(d - d_new) * per_dim - net_removed(d_new):,} parameters "
+            f"its {2 * n_layers} shortcut matrices of {d_new}x{d_new}{' and the tied head mix' if tied else ''} "
+            f"add {(d - d_new) * per_dim - net_removed(d_new):,} parameters "
             f"and slicing removes only {(d - d_new) * per_dim:,}; {hint}"
         )
 
