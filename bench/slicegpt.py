@@ -24,10 +24,11 @@ def main() -> None:
     ap.add_argument("--match", default="0.1,0.2,0.25,0.3", help="sparsities that get an equal-parameter SVD-LLM row ('' for none)")
     ap.add_argument("--variants", default="0.25:tied_basis=embedding",
                     help="extra SliceGPT rows, 'sparsity:options' separated by ';' (default: the paper's embedding-only basis for the tied head)")
+    ap.add_argument("--append", action="store_true", help="add the rows to the existing result file of the same protocol")
     args = ap.parse_args()
     protocol = protocol_for(args)
     cols = ["method", "options", "ppl", "params", "params_removed", "hidden", "seconds", "seconds_vs_forward"]
-    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols, append=args.append)
     dense = bench.results.data["rows"][0]["params"]
     from torch import nn
 
@@ -61,6 +62,9 @@ def main() -> None:
         "params: all parameters of the model (tied embedding/head once, shortcut and mixing matrices included).",
         "params_removed: fraction of the dense model's parameters removed. hidden: the sliced hidden dimension.",
         "SVD-LLM rows remove the same number of parameters from the decoder linears as the SliceGPT row named in options.",
+        "SliceGPT rows use the default tied_basis=joint (the tied embedding/head keeps the subspace that both the layer-0 input "
+        "and the head's input need); tied_basis=embedding is the paper's choice (layer-0 input PCA only).",
+        "A sparsity whose shortcut matrices would add more parameters than slicing removes is refused (listed under rows that did not run).",
     ])
 
 
