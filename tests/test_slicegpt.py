@@ -64,6 +64,16 @@ def test_slicing_a_residual_stream_of_lower_rank_is_exact(tiny_family: str, tied
     assert torch.allclose(_logits(m, ids), ref, atol=2e-6, rtol=1e-5), (_logits(m, ids) - ref).abs().max()
 
 
+def test_joint_basis_with_zero_head_weight_is_the_papers_basis(calib_ids: torch.Tensor) -> None:
+    outs = {}
+    for opts in ("tied_basis=embedding", "head_weight=0", "head_weight=10"):
+        m = _model("llama", True)
+        compress(m, [f"slicegpt:sparsity=0.25,{opts}"], calib_ids)
+        outs[opts] = _logits(m, calib_ids)
+    assert torch.allclose(outs["head_weight=0"], outs["tied_basis=embedding"], atol=1e-5)
+    assert not torch.allclose(outs["head_weight=10"], outs["tied_basis=embedding"], atol=1e-3)
+
+
 def test_sliced_forward_with_identity_shortcuts_matches_upstream(calib_ids: torch.Tensor) -> None:
     m = make_tiny("qwen2")
     ref = _logits(m, calib_ids)
