@@ -53,7 +53,8 @@ def main() -> None:
         "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
         "All rows run as one `compress run` recipe (sequential calibration; EoRA's eigenspace from the recipe's C4 calibration).",
         "bits_per_weight: stored bits of the decoder linears per weight, branch included (8-bit branch factors, per-row scale).",
-        "layer_err_*: relative squared output error ‖X(W − Ŵ)ᵀ‖²/‖XWᵀ‖² per layer on the calibration Gram, mean over layers, before and after the branch (the plain-SVD ablation gathers no Gram: its columns are relative weight errors ‖W − Ŵ‖²/‖W‖²).",
+        "layer_err_*: relative squared output error ‖X(W − Ŵ)ᵀ‖²/‖XWᵀ‖² per layer on the calibration Gram, mean over layers, before and after the branch "
+        "(the plain-SVD ablation gathers no Gram: its columns are relative weight errors ‖W − Ŵ‖²/‖W‖²).",
     ])
 
 
