@@ -257,8 +257,7 @@ def load_checkpoint(
 def _sliced_skeleton(model: nn.Module, hidden: int, tied_mix: bool, dtype: torch.dtype, eps_scale: float = 1.0) -> None:
     """Give a freshly built model the structure of a SliceGPT result (shapes come from the weights)."""
     from .adapters import get_adapter
-    from .modules.sliced import MixedHead, make_sliced
-    from .passes.slicegpt import scale_norm_eps
+    from .modules.sliced import MixedHead, make_sliced, scale_norm_eps
 
     adapter = get_adapter(model)
     for layer in adapter.layers(model):

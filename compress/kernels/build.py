@@ -16,8 +16,8 @@ import hashlib
 import io
 import logging
 import os
-import sys
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path

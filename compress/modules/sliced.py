@@ -57,6 +57,15 @@ def make_sliced(layer: nn.Module, attn_shortcut: torch.Tensor, mlp_shortcut: tor
     layer.mlp_shortcut = nn.Parameter(mlp_shortcut.contiguous(), requires_grad=False)  # type: ignore[assignment]
 
 
+def scale_norm_eps(norm: nn.Module, factor: float) -> None:
+    """Scale an RMSNorm's epsilon so that, normalizing d′ values with scale √(d/d′), it still computes
+    x·√d / √(‖x‖² + d·eps) exactly as the unsliced norm did."""
+    for attr in ("variance_epsilon", "eps"):
+        if isinstance(getattr(norm, attr, None), float):
+            setattr(norm, attr, getattr(norm, attr) * factor)
+            return
+
+
 def is_sliced(model: nn.Module) -> bool:
     return any(isinstance(m, SlicedLayerMixin) for m in model.modules())
 

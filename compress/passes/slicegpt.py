@@ -43,7 +43,7 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..config import PassConfig, option
 from ..errors import ConfigError
-from ..modules.sliced import MixedHead, make_sliced
+from ..modules.sliced import MixedHead, make_sliced, scale_norm_eps
 from ..pipeline.sequential import Batch, ModuleRecord, _run_layer, _with_hidden, calibration_forward_context, capture_layer0_inputs, map_tensors
 from ..registry import register_pass
 from ..solvers.pca import pca
@@ -159,7 +159,8 @@ class SliceGPTPass(Pass):
             # 2. the embedding's basis
             inputs = capture_layer0_inputs(model, adapter, input_ids, batch_size, device)
             basis = self.config.tied_basis if tied else "embedding"  # type: ignore[attr-defined]
-            G_head = _head_input_gram(layers, final_norm, inputs, device) if basis != "embedding" else None
+            use_head = basis == "joint" and self.config.head_weight > 0  # type: ignore[attr-defined]
+            G_head = _head_input_gram(layers, final_norm, inputs, device) if use_head else None
             hidden = [_hidden(b).to(device) for b in inputs]
             G_first = _gram(hidden)
             if G_head is not None:  # one matrix serves the embedding and the head: keep what both read
@@ -242,15 +243,6 @@ class SliceGPTPass(Pass):
         logger.info("slicegpt: hidden %d -> %d (sparsity %.3f requested, %.4f used after rounding to a multiple of %d)",
                     d, d_new, self.config.sparsity, 1 - d_new / d, self.config.round_to)  # type: ignore[attr-defined]
         return records
-
-
-def scale_norm_eps(norm: nn.Module, factor: float) -> None:
-    """Scale an RMSNorm's epsilon so that, normalizing d′ values with scale √(d/d′), it still computes
-    x·√d / √(‖x‖² + d·eps) exactly as the unsliced norm did."""
-    for attr in ("variance_epsilon", "eps"):
-        if isinstance(getattr(norm, attr, None), float):
-            setattr(norm, attr, getattr(norm, attr) * factor)
-            return
 
 
 def _onto_row_space(G: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
