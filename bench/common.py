@@ -110,8 +110,9 @@ class Bench:
         self.ids = calibration_ids(self.tok, CalibConfig(source="c4", samples=c["samples"], seqlen=c["seqlen"], seed=c["seed"]), data_dir)
         t0 = time.perf_counter()
         with torch.no_grad():
-            for b in range(0, self.ids.shape[0], 8):
-                self.model(input_ids=self.ids[b : b + 8], use_cache=False)
+            bs = CalibConfig().batch_size
+            for b in range(0, self.ids.shape[0], bs):
+                self.model(input_ids=self.ids[b : b + bs], use_cache=False)
         self.t_forward = time.perf_counter() - t0
         if any(r["method"] == "dense" for r in self.results.data["rows"]):
             print(f"appending; dense row reused, calibration forward re-measured: {self.t_forward:.1f} s", flush=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from compress.kernels import ops
 from compress.kernels.layout import bcq_kernel_layout
-from compress.modules.bcq import pack_signs
+from compress.solvers.packing import pack_signs
 from compress.solvers.sparse import nm_mask
 from compress.solvers.sparse24 import pack_24
 

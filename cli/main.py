@@ -62,7 +62,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="compute device: cpu, cuda, auto"),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="which .gguf file when the directory has several"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
-    export: list[str] = typer.Option([], "--export", help="also write: dense (plain HF checkpoint), gptq (GPTQ format), peft (LoRA adapter of eora/lq-lora), in OUT/<format>"),
+    export: list[str] = typer.Option([], "--export", help="also write, after the checkpoint: dense (plain HF checkpoint), gptq (GPTQ format), peft (LoRA adapter of eora/lq-lora), in OUT/<format>"),
     ppl: list[str] = typer.Option([], "--ppl", help="measure perplexity after compression: wikitext2, c4, ptb"),
     ppl_seqlen: int = typer.Option(2048, "--ppl-seqlen", help="perplexity window length"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows"),
@@ -120,14 +120,15 @@ def run(
 
 
 def _print_layers(report: Any) -> None:
-    t = Table(title="per-layer results", show_lines=False)
-    for col in ("module", "pass", "type", "rank", "params before", "params after", "error", "s"):
-        t.add_column(col, justify="right" if col not in ("module", "pass", "type") else "left")
-    for r in report.records:
-        err = r.info.get("error")
+    """One row per decoder layer (the full per-module table is in report.md)."""
+    t = Table(title="per-layer summary (per-module table in report.md)", show_lines=False)
+    for col in ("layer", "modules", "passes", "params before", "params after", "bits/weight", "mean error", "s"):
+        t.add_column(col, justify="left" if col in ("passes",) else "right")
+    for row in report.layer_rows():
+        err = row["mean_error"]
         t.add_row(
-            r.name, r.pass_name, r.module_type, str(r.info.get("rank", "")), f"{r.params_before:,}", f"{r.params_after:,}",
-            "" if err is None else f"{err:.4g}", f"{r.seconds:.2f}",
+            str(row["layer"]), str(row["modules"]), ",".join(row["passes"]), f"{row['params_before']:,}", f"{row['params_after']:,}",
+            f"{row['bits_per_weight']:.3f}", "" if err is None else f"{err:.4g}", f"{row['seconds']:.1f}",
         )
     console.print(t)
 
@@ -153,12 +154,12 @@ def _metric_line(m: dict[str, Any]) -> str:
 
 
 def _print_summary(report: Any) -> None:
-    s = report.summary()
-    console.print(
-        f"target linears: {s['target_params_before']:,} -> {s['target_params_after']:,} params "
-        f"(removed {s['target_ratio']:.2%}); whole model {s['model_params_before']:,} -> {s['model_params_after']:,} "
-        f"(removed {s['model_ratio']:.2%})"
-    )
+    from ..report import summary_lines
+
+    for line in summary_lines(report.summary()):
+        console.print(line, markup=False, highlight=False)
+    for note in report.notes:
+        console.print(note, markup=False, highlight=False)
     for m in report.metrics:
         console.print(_metric_line(m), markup=False, highlight=False)
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items()))
@@ -173,7 +174,7 @@ def eval_cmd(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: few-shot examples"),
     batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size"),
     tasks_dir: Optional[str] = typer.Option(None, "--tasks-dir", help="local lm-eval task YAMLs (else $COMPRESS_TASKS_DIR, else <data dir>/lm_eval_tasks)"),
-    seqlen: int = typer.Option(2048, "--seqlen", help="perplexity window length"),
+    seqlen: int = typer.Option(2048, "--ppl-seqlen", "--seqlen", help="perplexity window length"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="evaluate only the first N windows (CPU)"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local data folder (else $COMPRESS_DATA_DIR, else the hub)"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, auto"),
@@ -194,12 +195,12 @@ def eval_cmd(
         limit=int(limit) if limit is not None and limit >= 1 else limit, num_fewshot=num_fewshot, batch_size=batch_size,
         tasks_dir=tasks_dir,
     )
-    if task_list:
-        from ..eval.harness import require_lm_eval
+    from ..validate import check_eval
 
-        require_lm_eval()
+    check_eval(spec, data_dir)
     dev = resolve_device(device)
     m, tok = api.load(model, device=dev)
+    check_eval(spec, data_dir, getattr(m, "config", None))
     if tok is None:
         raise CompressError(f"'{model}' has no tokenizer files; cannot tokenize the evaluation text")
     results = api.evaluate(m, tok, spec, data_dir=data_dir)
@@ -297,28 +298,26 @@ def sweep(
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="compressed checkpoint directory"),
-    out: Path = typer.Option(..., "--out", "-o", help="output directory for the plain HF checkpoint"),
-    format: str = typer.Option("dense", "--format", help="dense (multiplied out, loadable by from_pretrained) or gptq"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory of the export"),
+    format: str = typer.Option("dense", "--format", help="dense (multiplied out, loadable by from_pretrained), gptq, or peft"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Export a compressed checkpoint to another format."""
     from .. import api
     from ..adapters import get_adapter
-    from ..checkpoint import atomic_directory, export_dense
-    from ..export_gptq import check_gptq_exportable, export_gptq
+    from ..checkpoint import atomic_directory, read_manifest
+    from ..exports import get_export
+    from ..validate import check_output_dir
 
     _setup_logging(False)
-    if format not in ("dense", "gptq"):
-        raise CompressError(f"unknown export format '{format}'; available: dense, gptq")
+    ex = get_export(format)
+    check_output_dir(out, overwrite)
+    source = str(read_manifest(checkpoint).get("source", {}).get("source") or checkpoint)
     m, tok = api.load(checkpoint)
     layers_path = get_adapter(m).layers_path
-    if format == "gptq":
-        check_gptq_exportable(m, layers_path)
+    ex.check_model(m, layers_path)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        if format == "dense":
-            export_dense(m, tok, tmp)
-        else:
-            export_gptq(m, tok, tmp, layers_path)
+        ex.write(m, tok, tmp, layers_path, source)
     out_console.print(f"wrote {out}")
 
 
@@ -332,7 +331,10 @@ def ls(what: str = typer.Argument("passes", help="passes or adapters")) -> None:
 
         for name, cls in all_passes().items():
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-            flags = ["calibration" if cls.requires_calibration else "calibration optional" if cls.statistics else "data-free"]
+            caps = cls.capabilities(cls.config_cls())
+            flags = ["calibration" if caps.requires_calibration else "data-free with its defaults", f"{cls.granularity}-level"]
+            if caps.statistics:
+                flags.append("statistics " + "+".join(sorted(caps.statistics)))
             out_console.print(f"[bold]{name}[/bold]  ({', '.join(flags)})  {doc}")
             for f in cls.config_cls.fields():
                 out_console.print(f"    {f.name}: {describe_field(f)}", highlight=False)
@@ -395,7 +397,7 @@ def main() -> None:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted; no output directory was completed")
+        console.print("interrupted before the output directory was complete: nothing was written; rerun the same command")
         sys.exit(130)
 
 

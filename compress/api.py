@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,12 +15,15 @@ from torch import nn
 
 from .adapters import ModelAdapter, get_adapter
 from .calib.data import CalibConfig, calibration_ids
+from .checkpoint import STRUCTURE_ATTR, model_structure
 from .errors import CompressError
 from .models import count_parameters, load_model, resolve_device, storage_bytes, weights_fingerprint
 from .pipeline.sequential import run_sequential
 from .recipe import as_recipe
 from .registry import get_pass
 from .report import Report
+from .exports import check_exports, get_export
+from .validate import check_calibration, check_eval, check_finite, check_output_dir, check_passes
 
 logger = logging.getLogger(__name__)
 
@@ -39,63 +43,59 @@ def compress(
 ) -> Report:
     """Compress ``model`` in place with ``recipe`` and return the :class:`Report`.
 
-    ``recipe``: a :class:`Recipe`, a YAML path, a dict, or shorthand strings such as
-    ``["svd-llm:ratio=0.2"]``. ``calib``: token ids (samples × seqlen), or a :class:`CalibConfig`
-    (then ``tokenizer`` is needed), or None (the recipe's calibration block, else the defaults:
-    C4, 32 × 512 tokens, seed 0) — used only when a pass needs calibration.
+    ``recipe``: a :class:`Recipe`, a YAML path, a dict, pass configs such as ``[GPTQConfig(bits=3)]``
+    or shorthand strings such as ``["svd-llm:ratio=0.2"]``. ``calib``: token ids (samples × seqlen),
+    or a :class:`CalibConfig` (then ``tokenizer`` is needed), or None (the recipe's calibration
+    block, else the defaults of :class:`CalibConfig`) — used only when a pass needs calibration.
+    Every pass option is checked against every target's shape, and the weights for NaN/Inf, before
+    the first layer is touched.
     """
     rec = as_recipe(recipe)
     adapter = adapter or get_adapter(model)
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     passes = [get_pass(p.name)(p.config) for p in rec.passes]
+    check_passes(model, adapter, rec, passes)
+    check_finite(model)
+    base = calib if isinstance(calib, CalibConfig) else CalibConfig.from_dict(rec.calibration)
+    if isinstance(calib, torch.Tensor):
+        base = CalibConfig(samples=int(calib.shape[0]), seqlen=int(calib.shape[1]), batch_size=batch_size or base.batch_size)
+    batch_size = batch_size or base.batch_size
     timings: dict[str, float] = {}
     calib_info: dict[str, Any] | None = None
     ids: torch.Tensor | None = None
-    if any(p.requires_calibration and (stats_provider is None or p.uses_layer_inputs) for p in passes):
+    if any(p.caps.requires_calibration and (stats_provider is None or p.caps.uses_layer_inputs) for p in passes):
         t0 = time.perf_counter()
         if isinstance(calib, torch.Tensor):
             ids = calib
-            calib_info = {"source": "tensor", "samples": int(ids.shape[0]), "seqlen": int(ids.shape[1])}
+            calib_info = {"source": "tensor", "samples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "batch_size": batch_size}
         else:
-            cfg = calib if isinstance(calib, CalibConfig) else CalibConfig.from_dict(rec.calibration)
             if tokenizer is None:
                 raise CompressError("the recipe needs calibration data: pass token ids or a tokenizer")
-            ids = calibration_ids(tokenizer, cfg, data_dir)
-            calib_info = cfg.to_dict()
-            batch_size = batch_size or cfg.batch_size
+            ids = calibration_ids(tokenizer, base, data_dir)
+            calib_info = base.to_dict()
         timings["calibration_data"] = time.perf_counter() - t0
-    params_before, bytes_before = count_parameters(model), storage_bytes(model)
-    t0 = time.perf_counter()
     extra_ids: dict[str, torch.Tensor] = {}
-    for src in {getattr(p, "calib_source", None) for p in passes} - {None}:
+    for src in sorted({p.caps.calib_source for p in passes} - {None}):  # type: ignore[type-var]
         if tokenizer is None:
             raise CompressError(f"a pass calibrates on '{src}': pass the tokenizer to compress() so its text can be tokenized")
-        base = calib if isinstance(calib, CalibConfig) else CalibConfig.from_dict(rec.calibration)
-        if isinstance(calib, torch.Tensor):
-            base = CalibConfig(samples=int(calib.shape[0]), seqlen=int(calib.shape[1]))
-        cfg_src = CalibConfig(source=src, samples=base.samples, seqlen=base.seqlen, seed=base.seed, batch_size=base.batch_size)
+        cfg_src = dataclasses.replace(base, source=src)
         extra_ids[src] = calibration_ids(tokenizer, cfg_src, data_dir)
         calib_info = {**(calib_info or {}), f"source:{src}": cfg_src.to_dict()}
-    # consecutive per-linear passes run together layer by layer; a model-level pass runs on its own
-    records = []
-    segment: list[Any] = []
-    for p in passes + [None]:
-        if p is not None and p.granularity == "linear":
-            segment.append(p)
-            continue
-        if segment:
-            result = run_sequential(
-                model, adapter, segment, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer,
-                stats_provider=stats_provider, extra_ids=extra_ids,
-            )
-            records += result.records
-            segment = []
-        if p is not None:
-            if ids is None:
-                raise CompressError(f"pass '{p.name}' needs calibration data")
-            records += p.run_model(model, adapter, ids, device=dev, batch_size=batch_size or 8, on_layer=on_layer)
+    params_before, bytes_before = count_parameters(model), storage_bytes(model)
+    t0 = time.perf_counter()
+    result = run_sequential(
+        model, adapter, passes, ids, device=dev, batch_size=batch_size, on_layer=on_layer, stats_provider=stats_provider,
+        extra_ids=extra_ids,
+    )
     timings["compress"] = time.perf_counter() - t0
-    return Report(
+    structure = model_structure(model)
+    for p in passes:
+        s = p.structure(model)
+        if s is not None:
+            structure[p.name] = s
+    if structure and getattr(model, "config", None) is not None:
+        setattr(model.config, STRUCTURE_ATTR, structure)
+    report = Report(
         model={
             "model_type": getattr(getattr(model, "config", None), "model_type", None),
             "adapter": adapter.name,
@@ -103,14 +103,18 @@ def compress(
         },
         recipe=rec.to_dict(),
         calibration=calib_info,
-        records=records,
+        records=result.records,
         params_before=params_before,
         params_after=count_parameters(model),
         bytes_before=bytes_before,
         bytes_after=storage_bytes(model),
         timings=timings,
         device=str(dev),
+        structure=structure,
     )
+    summary = report.summary()
+    report.notes = [line for p in passes for line in p.notes(summary)]
+    return report
 
 
 def load(directory: str | Path, *, device: str | torch.device = "cpu", **kwargs: Any) -> tuple[nn.Module, Any]:
@@ -136,8 +140,31 @@ class EvalSpec:
     batch_size: int = 8
     tasks_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise CompressError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise CompressError(f"--num-fewshot must be 0 or more, got {self.num_fewshot}")
+        if self.limit is not None and self.limit <= 0:
+            raise CompressError(f"--limit must be positive (a count, or a fraction below 1), got {self.limit}")
+
     def __bool__(self) -> bool:
         return bool(self.ppl or self.tasks)
+
+    def cli_args(self) -> str:
+        """The ``compress eval`` options that measure the same thing."""
+        parts = [f"--ppl {p}" for p in self.ppl]
+        if self.ppl:
+            parts.append(f"--ppl-seqlen {self.ppl_seqlen}")
+            if self.max_windows is not None:
+                parts.append(f"--max-windows {self.max_windows}")
+        if self.tasks:
+            parts.append(f"--tasks {','.join(self.tasks)}")
+            for flag, v in (("--limit", self.limit), ("--num-fewshot", self.num_fewshot), ("--tasks-dir", self.tasks_dir)):
+                if v is not None:
+                    parts.append(f"{flag} {v}")
+            parts.append(f"--batch-size {self.batch_size}")
+        return " ".join(parts)
 
     @classmethod
     def parse(cls, text: str) -> "EvalSpec":
@@ -242,27 +269,28 @@ def run(
     on_layer: Callable[[int, int, float], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
 ) -> Report:
-    """Load a model, compress it, write the checkpoint (atomically) and its report; optionally
-    export other formats and evaluate (with ``baseline``, the dense model too, in the same run)."""
-    from .checkpoint import atomic_directory, export_dense, save_checkpoint
-    from .export_gptq import check_gptq_exportable, export_gptq
+    """Load a model, compress it, write the checkpoint (atomically), then export other formats and
+    evaluate (with ``baseline``, the dense model too, before compressing).
+
+    Every option that can fail is checked before the first layer is compressed: the recipe (before
+    loading), the output directory, the export formats against the recipe's modules, the
+    evaluation options and their data, the calibration source; then, once the model is loaded, the
+    evaluation against the model and every pass against every target's shape. The checkpoint is
+    written as soon as compression ends; a failing export or evaluation leaves it complete and says
+    how to rerun only that step.
+    """
+    from .checkpoint import atomic_directory, save_checkpoint
+    from .report import write_report
 
     stage = on_stage or (lambda s: logger.info(s))
     rec = as_recipe(recipe)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CompressError(f"output directory '{out}' exists; choose another --out or pass --overwrite")
-    unknown_exports = set(export) - {"dense", "gptq", "peft"}
-    if unknown_exports:
-        raise CompressError(f"unknown export format(s) {', '.join(sorted(unknown_exports))}; available: dense, gptq, peft")
-    if "dense" in export:
-        blocked = [p.name for p in rec.passes if not get_pass(p.name).dense_exportable]
-        if blocked:
-            raise CompressError(
-                f"--export dense is not possible after {', '.join(blocked)}: the sliced model has residual shortcut matrices "
-                "that plain transformers cannot express; load the output with compress.load(dir)"
-            )
+    check_output_dir(out, overwrite)
+    check_exports(export, rec.passes)
     cfg = calib or CalibConfig.from_dict(rec.calibration)
+    if eval_spec:
+        check_eval(eval_spec, data_dir)
+    check_calibration(rec, cfg, data_dir)
     t_start = time.perf_counter()
     stage(f"loading {model_source}")
     t0 = time.perf_counter()
@@ -270,15 +298,14 @@ def run(
         model_source, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code, gguf_file=gguf_file
     )
     t_load = time.perf_counter() - t0
+    if eval_spec:
+        check_eval(eval_spec, data_dir, model.config)
     info["fingerprint"] = weights_fingerprint(model)
     dev = resolve_device(device)
-    if eval_spec and eval_spec.tasks:
-        from .eval.harness import require_lm_eval
-
-        require_lm_eval()  # fail before the long compression
     base_metrics: list[dict[str, Any]] = []
     t_base = 0.0
     if eval_spec and baseline:
+        check_passes(model, get_adapter(model), rec, [get_pass(p.name)(p.config) for p in rec.passes])  # refuse before the baseline's time
         stage("evaluating the dense baseline")
         t0 = time.perf_counter()
         model.to(dev)
@@ -291,16 +318,6 @@ def run(
     report.timings = {"load": t_load, **report.timings}
     if base_metrics:
         report.timings["eval_baseline"] = t_base
-    if eval_spec:
-        model.to(dev)
-        stage("evaluating")
-        t0 = time.perf_counter()
-        metrics = evaluate(model, tokenizer, eval_spec, data_dir=data_dir)
-        report.metrics = with_baseline(metrics, base_metrics) if base_metrics else metrics
-        report.timings["eval"] = time.perf_counter() - t0
-        model.to("cpu")
-    if "gptq" in export:
-        check_gptq_exportable(model, report.model.get("layers_path", "model.layers"))  # refuse before writing
     stage(f"writing {out}")
     t0 = time.perf_counter()
     manifest = {
@@ -311,15 +328,36 @@ def run(
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_checkpoint(model, tokenizer, tmp, manifest, recipe_yaml=rec.to_yaml())
-        if "dense" in export:
-            export_dense(model, tokenizer, tmp / "dense")
-        if "gptq" in export:
-            export_gptq(model, tokenizer, tmp / "gptq", report.model.get("layers_path", "model.layers"))
-        if "peft" in export:
-            from .export_peft import export_peft
-
-            export_peft(model, tmp / "peft", str(model_source))
         report.timings["save"] = time.perf_counter() - t0
-        report.timings["total"] = time.perf_counter() - t_start
         report.write(tmp)
+    # the checkpoint is complete from here on: what follows can fail without costing the compression
+    layers_path = report.model.get("layers_path", "model.layers")
+    step = ""
+    try:
+        for fmt in export:
+            step = f"export {fmt}"
+            stage(f"exporting {fmt} to {out / fmt}")
+            t0 = time.perf_counter()
+            ex = get_export(fmt)
+            ex.check_model(model, layers_path)
+            with atomic_directory(out / fmt, overwrite=True) as tmp:
+                ex.write(model, tokenizer, tmp, layers_path, str(model_source))
+            report.timings[f"export_{fmt}"] = time.perf_counter() - t0
+        if eval_spec:
+            step = "evaluation"
+            model.to(dev)
+            stage("evaluating")
+            t0 = time.perf_counter()
+            metrics = evaluate(model, tokenizer, eval_spec, data_dir=data_dir)
+            report.metrics = with_baseline(metrics, base_metrics) if base_metrics else metrics
+            report.timings["eval"] = time.perf_counter() - t0
+            model.to("cpu")
+    except (Exception, KeyboardInterrupt) as e:
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else (str(e) if isinstance(e, CompressError) else f"{type(e).__name__}: {e}")
+        rerun = (f"compress export {out} --format {step.split()[1]} --out {out / step.split()[1]} --overwrite" if step.startswith("export")
+                 else f"compress eval {out} {eval_spec.cli_args() if eval_spec else ''}".rstrip())
+        raise CompressError(f"{step} failed ({what.splitlines()[0] if what else type(e).__name__}); the compressed checkpoint "
+                            f"in {out} is complete; rerun only this step with: {rerun}") from None
+    report.timings["total"] = time.perf_counter() - t_start
+    write_report(report.to_dict(), out)
     return report

@@ -31,10 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CompressError
-from .modules import MODULE_TYPES
+from .modules import MODULE_TYPES, CompressedLinear
 from .version import FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
+#: attribute of the model's config holding the structure passes added (pass name → description)
+STRUCTURE_ATTR = "compress_structure"
 SHARD_BYTES = 2 * 1024**3
 _FORMAT = "compress-checkpoint"
 
@@ -129,12 +131,11 @@ def _read_weights(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
 
 
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The outermost compressed modules of ``model`` by name (types listed in MODULE_TYPES); a module
-    nested in another (the base of a LoRALinear) is described by its parent's spec."""
-    types = tuple(MODULE_TYPES.values())
+    """The outermost compressed modules of ``model`` by name (registered CompressedLinear types); a
+    module nested in another (the base of a LoRALinear) is described by its parent's spec."""
     out: dict[str, nn.Module] = {}
     for n, m in model.named_modules():
-        if isinstance(m, types) and not any(n.startswith(p + ".") for p in out):
+        if isinstance(m, CompressedLinear) and not any(n.startswith(p + ".") for p in out):
             out[n] = m
     return out
 
@@ -166,14 +167,9 @@ def save_checkpoint(
     }
     for name, entry in modules.items():
         entry.update(manifest.get("modules", {}).get(name, {}))
-    from .modules.sliced import MixedHead, is_sliced
-
-    if is_sliced(model):
-        manifest = {**manifest, "sliced": {
-            "hidden": int(model.config.compress_sliced_hidden),
-            "tied_mix": any(isinstance(m, MixedHead) for m in model.modules()),
-            "norm_eps_scale": float(getattr(model.config, "compress_sliced_eps_scale", 1.0)),
-        }}
+    structure = model_structure(model)
+    if structure:
+        manifest = {**manifest, "structure": structure}
     full = {
         "format": _FORMAT,
         "format_version": FORMAT_VERSION,
@@ -226,9 +222,7 @@ def load_checkpoint(
     except (OSError, ValueError) as e:
         raise CompressError(f"checkpoint '{d}' is incomplete: cannot read config.json ({str(e).splitlines()[0][:120]})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    sliced = manifest.get("sliced")
-    if sliced:
-        _sliced_skeleton(model, int(sliced["hidden"]), bool(sliced["tied_mix"]), dtype, float(sliced.get("norm_eps_scale", 1.0)))
+    rebuild_structure(model, manifest, dtype)
     for name, entry in manifest.get("modules", {}).items():
         cls = MODULE_TYPES.get(entry["type"])
         if cls is None:
@@ -254,22 +248,31 @@ def load_checkpoint(
     return model, tokenizer
 
 
-def _sliced_skeleton(model: nn.Module, hidden: int, tied_mix: bool, dtype: torch.dtype, eps_scale: float = 1.0) -> None:
-    """Give a freshly built model the structure of a SliceGPT result (shapes come from the weights)."""
-    from .adapters import get_adapter
-    from .modules.sliced import MixedHead, make_sliced, scale_norm_eps
+def model_structure(model: nn.Module) -> dict[str, Any]:
+    """Structure that passes added to ``model`` (pass name → its description), as recorded on the
+    model's config by the engine (and by :func:`rebuild_structure` on load)."""
+    return dict(getattr(getattr(model, "config", None), STRUCTURE_ATTR, None) or {})
 
+
+def rebuild_structure(model: nn.Module, manifest: dict[str, Any], dtype: torch.dtype) -> None:
+    """Let each pass that added structure rebuild it on a freshly built model, before the weights load."""
+    from .adapters import get_adapter
+    from .registry import all_passes, get_pass
+
+    structure = dict(manifest.get("structure", {}))
+    for name, cls in all_passes().items():  # manifests of older formats kept a pass's structure under its own key
+        if cls.legacy_manifest_key and cls.legacy_manifest_key in manifest and name not in structure:
+            structure[name] = manifest[cls.legacy_manifest_key]
+    if not structure:
+        return
     adapter = get_adapter(model)
-    for layer in adapter.layers(model):
-        make_sliced(layer, torch.zeros(hidden, hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype))
-        for norm in (adapter.attn_norm, adapter.mlp_norm):
-            scale_norm_eps(layer.get_submodule(norm), eps_scale)
-    scale_norm_eps(model.get_submodule(adapter.final_norm), eps_scale)
-    model.config.compress_sliced_eps_scale = eps_scale
-    if tied_mix:
-        emb = model.get_submodule(adapter.embed)
-        parent, _, child = adapter.lm_head.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, MixedHead(emb.weight, torch.zeros(hidden, hidden, dtype=dtype)))
+    for name, desc in structure.items():
+        try:
+            cls = get_pass(name)
+        except CompressError:
+            raise CompressError(f"the checkpoint's structure was made by pass '{name}', unknown to this version; upgrade compress") from None
+        cls.rebuild(model, adapter, desc, dtype)
+    setattr(model.config, STRUCTURE_ATTR, structure)
 
 
 def _resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -315,15 +318,20 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def dense_export_blocker(model: nn.Module) -> str | None:
+    """Why ``model`` has no plain transformers equivalent (a module type that declares it), or None."""
+    for m in model.modules():
+        reason = getattr(type(m), "dense_export_blocker", None)
+        if isinstance(reason, str):
+            return reason
+    return None
+
+
 def export_dense(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     """Write a plain HF checkpoint (``from_pretrained`` without trust_remote_code) into ``directory``."""
-    from .modules.sliced import is_sliced
-
-    if is_sliced(model):
-        raise CompressError(
-            "a sliced (SliceGPT) model has residual shortcut matrices that plain transformers cannot express: "
-            "no dense export; load it with compress.load(dir)"
-        )
+    blocker = dense_export_blocker(model)
+    if blocker is not None:
+        raise CompressError(f"no dense export: {blocker}; load the checkpoint with compress.load(dir)")
     directory.mkdir(parents=True, exist_ok=True)
     _write_config_and_tokenizer(model, tokenizer, directory)
     state, _ = _dedupe(dense_state_dict(model))  # a tied head is re-tied by transformers on load

@@ -1,10 +1,11 @@
 """Typed, validated pass configurations.
 
-A pass configuration is a dataclass deriving from :class:`PassConfig`. Each field carries its
-help text and its allowed range in ``metadata`` (``help``, ``min``, ``max``, ``min_open``,
-``max_open``, ``choices``); :meth:`PassConfig.from_dict` rejects unknown keys, converts strings
-(from the CLI shorthand) to the field's type and checks ranges. The same metadata feeds
-``compress ls passes``.
+A pass configuration is a dataclass deriving from :class:`PassConfig`, one class per pass. Each
+field carries its help text and its allowed range in ``metadata`` (``help``, ``min``, ``max``,
+``min_open``, ``max_open``, ``choices``). A config validates itself when it is constructed
+(``__post_init__``): ``GPTQConfig(bits=5)`` raises :class:`ConfigError` just as the shorthand
+``gptq:bits=5`` does. :meth:`PassConfig.from_dict` rejects unknown keys and converts strings (from
+the CLI shorthand or YAML) to the field's type first. The same metadata feeds ``compress ls passes``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class PassConfig:
 
     pass_name: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @classmethod
     def fields(cls) -> list[dataclasses.Field[Any]]:
         return list(dataclasses.fields(cls))  # type: ignore[arg-type]
@@ -80,18 +84,18 @@ class PassConfig:
             )
         hints = typing.get_type_hints(cls)
         kwargs = {k: _convert(v, hints[k], f"pass '{cls.pass_name}' option '{k}'") for k, v in values.items()}
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
+        return cls(**kwargs)
 
     def validate(self) -> None:
-        """Check every field against its metadata; subclasses add cross-field checks."""
+        """Check every field's type and range against its metadata; subclasses add cross-field checks."""
+        hints = typing.get_type_hints(type(self))
         for f in self.fields():
-            v = getattr(self, f.name)
+            where = f"pass '{self.pass_name}' option '{f.name}'"
+            v = _check_type(getattr(self, f.name), hints[f.name], where)
+            setattr(self, f.name, v)
             if v is None:
                 continue
             md = f.metadata
-            where = f"pass '{self.pass_name}' option '{f.name}'"
             if "choices" in md and v not in md["choices"]:
                 raise ConfigError(f"{where} must be one of {', '.join(map(str, md['choices']))}, got {v!r}")
             lo, hi = md.get("min"), md.get("max")
@@ -104,6 +108,21 @@ class PassConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in self.fields()}
+
+
+def _check_type(value: Any, typ: Any, where: str) -> Any:
+    """A value set from Python must already have the field's type (an int is taken for a float)."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None:
+            return None
+        typ = [a for a in typing.get_args(typ) if a is not type(None)][0]
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in names and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {names[typ]}, got {value!r}")
+    return value
 
 
 def _range_text(md: typing.Mapping[str, Any]) -> str:

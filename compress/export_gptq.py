@@ -25,7 +25,7 @@ from torch import nn
 
 from .checkpoint import _dedupe, write_weights
 from .errors import CompressError
-from .modules import MODULE_TYPES
+from .modules import CompressedLinear
 from .modules.quant import QuantLinear
 from .solvers.packing import pack_bits
 
@@ -75,7 +75,7 @@ def check_gptq_exportable(model: nn.Module, layers_path: str) -> dict[str, Any]:
             settings.add((s.bits, s.group_size or m.in_features, s.sym))
         elif isinstance(m, nn.Linear):
             bad.append(f"{name} (not quantized)")
-        elif type(m).__name__ in MODULE_TYPES:
+        elif isinstance(m, CompressedLinear):
             bad.append(f"{name} ({type(m).__name__})")
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""

@@ -17,14 +17,20 @@ from .errors import CompressError
 from .modules import LoRALinear
 
 
-def export_peft(model: nn.Module, directory: Path, base_model: str | None = None) -> None:
-    loras = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def check_peft_exportable(model: nn.Module) -> int:
+    """The one rank of the model's branches, or a CompressError saying why there is no adapter to write."""
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
     if not loras:
         raise CompressError("no low-rank branches to export: add an eora or lq-lora pass to the recipe")
-    ranks = {m.rank for m in loras.values()}
+    ranks = {m.rank for m in loras}
     if len(ranks) != 1:
         raise CompressError(f"a PEFT adapter has one rank; this model's branches have ranks {sorted(ranks)}")
-    r = ranks.pop()
+    return ranks.pop()
+
+
+def export_peft(model: nn.Module, directory: Path, base_model: str | None = None) -> None:
+    r = check_peft_exportable(model)
+    loras = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     tensors: dict[str, torch.Tensor] = {}
     for name, m in loras.items():
         A, B = m.branch_weights()

@@ -22,7 +22,7 @@ import yaml
 
 from .config import PassConfig
 from .errors import ConfigError
-from .registry import get_pass
+from .registry import get_pass, pass_for_config
 
 _TOP_KEYS = {"passes", "calibration"}
 
@@ -42,6 +42,8 @@ class PassSpec:
 class Recipe:
     passes: list[PassSpec]
     calibration: dict[str, Any] = field(default_factory=dict)
+    #: set once :func:`check_order` accepted the pass order (a recipe is checked once per run)
+    checked: bool = field(default=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"passes": [p.to_dict() for p in self.passes]}
@@ -54,11 +56,58 @@ class Recipe:
 
     @property
     def requires_calibration(self) -> bool:
-        return any(get_pass(p.name)(p.config).requires_calibration for p in self.passes)
+        return any(get_pass(p.name).capabilities(p.config).requires_calibration for p in self.passes)
 
 
-def check_order(passes: list[PassSpec]) -> None:
-    """A pass that works on an earlier pass's result (e.g. eora) may not come first."""
+def _pattern(spec: PassSpec) -> str:
+    return str(getattr(spec.config, "targets", "*")).strip()
+
+
+def _applies(spec: PassSpec, name: str, exact: bool) -> bool:
+    """Whether the pass touches linear ``name``; without the model's names (``exact`` false) ``name``
+    is a targets pattern standing for the linears it selects, touched by the passes with that
+    pattern and by the untargeted ones."""
+    from .passes.base import matches
+
+    if not exact:
+        return _pattern(spec) in ("*", name)
+    return matches(name, _pattern(spec))
+
+
+def _order_error(passes: list[PassSpec], names: list[str] | None, explain: bool = True) -> str | None:
+    """Why the module types the passes produce cannot flow through the recipe on some linear, or None."""
+    from .passes.base import ANY, LINEAR
+
+    exact = names is not None
+    candidates = names if names is not None else ["*"] + sorted({_pattern(s) for s in passes} - {"*"})
+    for name in candidates:
+        kinds = {LINEAR}
+        producer: dict[str, PassSpec] = {}
+        for spec in passes:
+            if not _applies(spec, name, exact):
+                continue
+            cls = get_pass(spec.name)
+            bad = sorted(k for k in kinds if ANY not in cls.accepts and k not in cls.accepts)
+            if bad:
+                if not explain:
+                    return "refused"
+                earlier = producer[bad[0]]
+                where = f" on '{name}'" if exact else ""
+                if _order_error([spec, earlier], names and [name], explain=False) is None and not get_pass(earlier.name).consumes_previous:
+                    return f"{spec.name} must come before {earlier.name}{where}: {cls.accepts_reason}, and {earlier.name} makes them {bad[0]}"
+                return (f"{spec.name} cannot follow {earlier.name}{where}: {earlier.name} makes the linears {bad[0]} and {spec.name} "
+                        f"cannot take them ({cls.accepts_reason}); drop one, or narrow one with targets=...")
+            kinds = set(cls.produces(spec.config))
+            for k in kinds:
+                producer[k] = spec
+    return None
+
+
+def check_order(passes: list[PassSpec], names: list[str] | None = None) -> None:
+    """Refuse a recipe whose pass order cannot work, with one line naming the pair: a pass that works
+    on an earlier pass's result (eora) first, or a pass meeting a module type it does not accept.
+    ``names`` (layer-relative linear names, known once the model is loaded) makes the check exact for
+    passes narrowed with ``targets=``; without them only passes on every linear are compared."""
     if passes:
         first = get_pass(passes[0].name)
         if first.consumes_previous:
@@ -66,6 +115,9 @@ def check_order(passes: list[PassSpec]) -> None:
                 f"pass '{passes[0].name}' compensates or refines an earlier pass's result; put a compressing pass "
                 f"before it (example: --pass gptq:bits=3,group=64 --pass {passes[0].name})"
             )
+    why = _order_error(passes, names)
+    if why is not None:
+        raise ConfigError(why)
 
 
 def make_pass(name: str, options: dict[str, Any]) -> PassSpec:
@@ -104,7 +156,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     if not isinstance(calib, dict):
         raise ConfigError(f"{where}: 'calibration' must be a mapping")
     check_order(passes)
-    return Recipe(passes, dict(calib))
+    return Recipe(passes, dict(calib), checked=True)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -120,19 +172,35 @@ def load_recipe(path: str | Path) -> Recipe:
     return recipe_from_dict(data, where=f"recipe '{p}'")
 
 
-def as_recipe(recipe: "Recipe | list[PassSpec] | list[str] | str | dict[str, Any]") -> Recipe:
-    """Accept a Recipe, a list of PassSpecs or shorthand strings, a YAML path, or a dict."""
+def as_spec(item: "PassSpec | PassConfig | str") -> PassSpec:
+    """A recipe step from a PassSpec, a config instance (``GPTQConfig(bits=3)``) or shorthand text."""
+    if isinstance(item, PassSpec):
+        return item
+    if isinstance(item, PassConfig):
+        return PassSpec(pass_for_config(item).name, item)
+    if isinstance(item, str):
+        return parse_shorthand(item)
+    raise ConfigError(f"a recipe step must be a pass config, a PassSpec or 'name:key=val' text, got {type(item).__name__}")
+
+
+def as_recipe(recipe: "Recipe | list[PassSpec | PassConfig | str] | PassConfig | str | dict[str, Any]") -> Recipe:
+    """Accept a Recipe, a list of configs, PassSpecs or shorthand strings, one config, a YAML path, or a
+    dict; the pass order is checked once."""
     if isinstance(recipe, Recipe):
-        check_order(recipe.passes)
-        return recipe
-    if isinstance(recipe, dict):
-        return recipe_from_dict(recipe)
-    if isinstance(recipe, str):
-        if recipe.endswith((".yaml", ".yml")) or Path(recipe).is_file():
-            return load_recipe(recipe)
-        rec = Recipe([parse_shorthand(recipe)])
+        rec = recipe
+    elif isinstance(recipe, dict):
+        rec = recipe_from_dict(recipe)
+    elif isinstance(recipe, str) and (recipe.endswith((".yaml", ".yml")) or Path(recipe).is_file()):
+        rec = load_recipe(recipe)
+    elif isinstance(recipe, (str, PassConfig)):
+        rec = Recipe([as_spec(recipe)])
+    elif isinstance(recipe, (list, tuple)):
+        if not recipe:
+            raise ConfigError("empty recipe: give at least one pass (see 'compress ls passes')")
+        rec = Recipe([as_spec(p) for p in recipe])
+    else:
+        raise ConfigError(f"a recipe is a list of passes, a YAML path or a dict, got {type(recipe).__name__}")
+    if not rec.checked:
         check_order(rec.passes)
-        return rec
-    rec = Recipe([p if isinstance(p, PassSpec) else parse_shorthand(p) for p in recipe])
-    check_order(rec.passes)
+        rec.checked = True
     return rec

@@ -1,7 +1,9 @@
-"""The one registry of passes.
+"""The one registry of passes: by name and by config type.
 
 Passes register themselves with :func:`register_pass`; the modules holding them are listed in
-``_PASS_MODULES`` and imported lazily, so ``import compress`` stays light.
+``_PASS_MODULES`` and imported lazily, so ``import compress`` stays light. Each pass has its own
+config class, so a config instance names its pass: ``compress(model, [GPTQConfig(bits=3)])`` and
+``compress(model, ["gptq:bits=3"])`` are the same call.
 """
 
 from __future__ import annotations
@@ -14,22 +16,32 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    from .config import PassConfig
     from .passes.base import Pass
 
 _PASSES: dict[str, type["Pass"]] = {}
-_PASS_MODULES = ("compress.passes.lowrank", "compress.passes.quant", "compress.passes.sparse", "compress.passes.compensate", "compress.passes.slicegpt")
+_BY_CONFIG: dict[type["PassConfig"], type["Pass"]] = {}
+_PASS_MODULES = (
+    "compress.passes.lowrank", "compress.passes.quant", "compress.passes.sparse", "compress.passes.compensate",
+    "compress.passes.slicegpt",
+)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
 
 
 def register_pass(cls: type["Pass"]) -> type["Pass"]:
-    """Class decorator: register a pass under ``cls.name`` (lowercase, unique, no trailing '-')."""
+    """Class decorator: register a pass under ``cls.name`` (lowercase, unique, no trailing '-')
+    and its config class (one config class per pass)."""
     name = cls.name
     if not _NAME_RE.match(name):
         raise ValueError(f"invalid pass name {name!r}: lowercase letters, digits and '-' only")
     if name in _PASSES and _PASSES[name] is not cls:
         raise KeyError(f"pass {name!r} is already registered")
+    owner = _BY_CONFIG.get(cls.config_cls)
+    if owner is not None and owner is not cls:
+        raise KeyError(f"config class {cls.config_cls.__name__} already belongs to pass {owner.name!r}; give {name!r} its own")
     cls.config_cls.pass_name = name
     _PASSES[name] = cls
+    _BY_CONFIG[cls.config_cls] = cls
     return cls
 
 
@@ -52,3 +64,12 @@ def get_pass(name: str) -> type["Pass"]:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ConfigError(f"unknown pass '{name}'; {hint}available: {', '.join(passes)}")
     return passes[name]
+
+
+def pass_for_config(config: "PassConfig") -> type["Pass"]:
+    """The pass whose config class is exactly ``type(config)``."""
+    _load_all()
+    cls = _BY_CONFIG.get(type(config))
+    if cls is None:
+        raise ConfigError(f"{type(config).__name__} is not the config of a registered pass; see 'compress ls passes'")
+    return cls

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .pipeline.sequential import ModuleRecord
+from .records import ModuleRecord
 
 RATIO_DEFINITION = (
     "achieved ratio = 1 - (parameters of the target linears after) / (parameters of the target linears before); "
@@ -30,6 +30,10 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     device: str = "cpu"
+    #: lines the passes contributed about what they did (e.g. SliceGPT's hidden size and accounting)
+    notes: list[str] = field(default_factory=list)
+    #: structure the passes added to the model, by pass name
+    structure: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_params_before(self) -> int:
@@ -76,6 +80,9 @@ class Report:
             "ratio_definition": RATIO_DEFINITION,
         }
 
+    def layer_rows(self) -> list[dict[str, Any]]:
+        return layer_rows([asdict(r) for r in self.records])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -85,6 +92,8 @@ class Report:
             "compression": self.summary(),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "metrics": self.metrics,
+            "notes": self.notes,
+            "structure": self.structure,
             "layers": [asdict(r) for r in self.records],
         }
 
@@ -93,6 +102,56 @@ class Report:
 
     def write(self, directory: str | Path) -> None:
         write_report(self.to_dict(), directory)
+
+
+def layer_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per decoder layer: modules, passes, weights before → after (each module counted once:
+    first "before", last "after"), stored bits per original weight, mean error, seconds."""
+    rows: dict[int, dict[str, Any]] = {}
+    first: dict[str, dict[str, Any]] = {}
+    last: dict[str, dict[str, Any]] = {}
+    for r in records:
+        first.setdefault(r["name"], r)
+        last[r["name"]] = r
+        row = rows.setdefault(r["layer"], {"layer": r["layer"], "passes": [], "seconds": 0.0, "errors": []})
+        if r["pass_name"] not in row["passes"]:
+            row["passes"].append(r["pass_name"])
+        row["seconds"] += r["seconds"]
+    for name, r in last.items():
+        row = rows[r["layer"]]
+        row["modules"] = row.get("modules", 0) + 1
+        row["params_before"] = row.get("params_before", 0) + first[name]["params_before"]
+        row["params_after"] = row.get("params_after", 0) + r["params_after"]
+        row["bits_after"] = row.get("bits_after", 0) + r["bits_after"]
+        err = r.get("info", {}).get("error")
+        if isinstance(err, (int, float)):
+            row["errors"].append(float(err))
+    out = []
+    for i in sorted(rows):
+        row = rows[i]
+        errs = row.pop("errors")
+        row["mean_error"] = sum(errs) / len(errs) if errs else None
+        row["bits_per_weight"] = row.pop("bits_after") / max(row["params_before"], 1)
+        out.append(row)
+    return out
+
+
+def _signed(after: int, before: int) -> str:
+    change = after / before - 1 if before else 0.0
+    return f"{'+' if change > 0 else ''}{change:.2%}"
+
+
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """The compression summary in parameters, bytes and bits per weight (a quantized model can hold
+    more parameters, its branches included, in far fewer bytes)."""
+    return [
+        f"target linears: {s['target_params_before']:,} -> {s['target_params_after']:,} parameters ({_signed(s['target_params_after'], s['target_params_before'])}), "
+        f"{s['target_bits_before'] // 8:,} -> {s['target_bits_after'] // 8:,} bytes ({_signed(s['target_bits_after'], s['target_bits_before'])}), "
+        f"{s['target_bits_per_weight']:.3f} bits per original weight",
+        f"whole model: {s['model_params_before']:,} -> {s['model_params_after']:,} parameters ({_signed(s['model_params_after'], s['model_params_before'])}), "
+        f"{s.get('model_bytes_before', 0):,} -> {s.get('model_bytes_after', 0):,} bytes "
+        f"({_signed(s.get('model_bytes_after', 0), s.get('model_bytes_before', 0))})",
+    ]
 
 
 def write_report(data: dict[str, Any], directory: str | Path) -> None:
@@ -117,24 +176,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
-
-
-def _slicing_lines(d: dict[str, Any]) -> list[str]:
-    """The SliceGPT accounting: the paper's sparsity (embedding dimension removed) beside the
-    fraction of all parameters removed, shortcut and mixing matrices included."""
-    sliced = [r.get("info", {}) for r in d.get("layers", []) if "hidden_before" in r.get("info", {})]
-    s = d.get("compression")
-    if not sliced or not s:
-        return []
-    info = sliced[0]
-    used = 1 - info["hidden"] / info["hidden_before"]
-    return [
-        f"Slicing: hidden {info['hidden_before']} -> {info['hidden']}; sparsity {info.get('sparsity', used)} requested, {used:.4f} used "
-        "(SliceGPT's definition: the fraction of the embedding dimension removed). Parameters removed from the whole model, "
-        f"shortcut and head-mixing matrices included: {s['model_ratio']:.4f} "
-        f"({s['model_params_before']:,} -> {s['model_params_after']:,}).",
-        "",
-    ]
 
 
 def render_markdown(d: dict[str, Any]) -> str:
@@ -165,7 +206,8 @@ def render_markdown(d: dict[str, Any]) -> str:
             s["ratio_definition"],
             "",
         ]
-        lines += _slicing_lines(d)
+        for note in d.get("notes", []):
+            lines += [note, ""]
     if d.get("metrics"):
         lines += ["## Metrics", "", "| metric | value | baseline | change | protocol |", "|---|---:|---:|---:|---|"]
         for m in d["metrics"]:
@@ -185,7 +227,20 @@ def render_markdown(d: dict[str, Any]) -> str:
         lines += ["## Timings (s)", "", ", ".join(f"{k} {v:.1f}" for k, v in d["timings"].items()), ""]
     if d.get("layers"):
         lines += [
-            "## Per-layer table",
+            "## Per decoder layer",
+            "",
+            "| layer | modules | passes | params before | params after | bits/weight | mean error | seconds |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in layer_rows(d["layers"]):
+            err = row["mean_error"]
+            lines.append(
+                f"| {row['layer']} | {row['modules']} | {', '.join(row['passes'])} | {row['params_before']:,} | {row['params_after']:,} | "
+                f"{row['bits_per_weight']:.3f} | {'' if err is None else f'{err:.4g}'} | {row['seconds']:.2f} |"
+            )
+        lines += [
+            "",
+            "## Per-module table",
             "",
             "| module | pass | type | shape | rank / bits | dim | params before | params after | bits/weight | error | metric | seconds |",
             "|---|---|---|---|---:|---|---:|---:|---:|---:|---|---:|",

@@ -145,11 +145,11 @@ def sweep(
 
     todo = [p for p in grid if p.label not in done]
     passes = [get_pass(p.method)(make_pass(p.method, p.options).config) for p in todo]
-    kinds = frozenset().union(*[p.statistics for p in passes if p.requires_calibration]) if passes else frozenset()
+    kinds = frozenset().union(*[p.caps.statistics for p in passes if p.caps.requires_calibration]) if passes else frozenset()
     cfg = calib or CalibConfig()
     ids: torch.Tensor | None = None
     cache: StatsCache | None = None
-    if any(p.requires_calibration for p in passes):
+    if any(p.caps.requires_calibration for p in passes):
         ids = calibration_ids(tok, cfg, data_dir)
     if kinds:
         assert ids is not None

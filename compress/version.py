@@ -1,3 +1,3 @@
 __version__ = "0.1.0"
 #: version of the compressed-checkpoint layout; a reader refuses a newer one
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2

@@ -119,6 +119,25 @@ def _metrics_of(task: str, requested: str, res: dict[str, Any], out: dict[str, A
     return rows
 
 
+def task_manager(tasks_dir: str | Path | None = None, data_dir: str | Path | None = None) -> tuple[Any, str | None]:
+    """lm-eval's TaskManager over the local task directory (rendered) when there is one; (manager, include path)."""
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    tdir = resolve_tasks_dir(tasks_dir, data_dir)
+    include = None
+    if tdir is not None:
+        ddir = Path(data_dir) if data_dir is not None else (Path(os.environ["COMPRESS_DATA_DIR"]) if os.environ.get("COMPRESS_DATA_DIR") else None)
+        include = str(render_tasks_dir(tdir, ddir))
+    return (TaskManager(include_path=include) if include else TaskManager()), include
+
+
+def check_tasks(tasks: list[str], tasks_dir: str | Path | None = None, data_dir: str | Path | None = None) -> dict[str, str]:
+    """Resolve task names before any compute (lm-eval installed, task directory present, names known)."""
+    tm, include = task_manager(tasks_dir, data_dir)
+    return resolve_task_names(tasks, set(tm.all_tasks), prefer_offline=include is not None)
+
+
 def run_tasks(
     model: nn.Module,
     tokenizer: Any,
@@ -141,14 +160,8 @@ def run_tasks(
     if not tasks:
         raise CompressError("no tasks given; example: --tasks arc_easy,piqa")
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    tdir = resolve_tasks_dir(tasks_dir, data_dir)
-    include = None
-    if tdir is not None:
-        ddir = Path(data_dir) if data_dir is not None else (Path(os.environ["COMPRESS_DATA_DIR"]) if os.environ.get("COMPRESS_DATA_DIR") else None)
-        include = str(render_tasks_dir(tdir, ddir))
-    tm = TaskManager(include_path=include) if include else TaskManager()
+    tm, include = task_manager(tasks_dir, data_dir)
     names = resolve_task_names(tasks, set(tm.all_tasks), prefer_offline=include is not None)
     if lm_factory is not None:
         lm = lm_factory(model, tokenizer, batch_size)

@@ -27,6 +27,25 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_ppl(dataset: str, seqlen: int, max_windows: int | None, config: Any = None) -> None:
+    """Refuse evaluation options that cannot run on a model with this ``config`` (one line each)."""
+    if dataset not in PPL_DATASETS:
+        raise CompressError(f"unknown perplexity dataset '{dataset}'; use one of {', '.join(PPL_DATASETS)} with --ppl")
+    if seqlen < 2:
+        raise CompressError(f"--ppl-seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise CompressError(f"--max-windows must be positive, got {max_windows}")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seqlen > max_pos:
+        raise CompressError(f"--ppl-seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}; pass --ppl-seqlen {max_pos}")
+
+
+def check_ppl_data(dataset: str, data_dir: str | Path | None = None) -> None:
+    """The evaluation text can be read (local file present, or the hub reachable)."""
+    source, split = PPL_DATASETS[dataset]
+    load_documents(source, split, data_dir)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -40,15 +59,7 @@ def perplexity(
     on_window: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on ``dataset``; returns {"value", "protocol"}."""
-    if dataset not in PPL_DATASETS:
-        raise CompressError(f"unknown perplexity dataset '{dataset}'; use one of {', '.join(PPL_DATASETS)}")
-    if seqlen < 2:
-        raise CompressError(f"--seqlen must be at least 2, got {seqlen}")
-    if max_windows is not None and max_windows < 1:
-        raise CompressError(f"--max-windows must be positive, got {max_windows}")
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and seqlen > max_pos:
-        raise CompressError(f"--seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}; pass --seqlen {max_pos}")
+    check_ppl(dataset, seqlen, max_windows, getattr(model, "config", None))
     source, default_split = PPL_DATASETS[dataset]
     split = split or default_split
     text = join_documents(source, load_documents(source, split, data_dir))

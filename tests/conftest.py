@@ -28,19 +28,30 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny(family: str, seed: int = 0, hidden: int = 32, intermediate: int = 64) -> torch.nn.Module:
+#: a family no declared adapter covers: it goes through the generic adapter
+GENERIC_FAMILY = "opt"
+
+
+def make_tiny(family: str, seed: int = 0, hidden: int = 32, intermediate: int = 64, tied: bool = False) -> torch.nn.Module:
+    """A two-layer random model of ``family`` (one of TINY_CONFIGS, or GENERIC_FAMILY)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        family,
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        **TINY_CONFIGS[family],
-    )
+    if family == GENERIC_FAMILY:
+        cfg = AutoConfig.for_model(
+            "opt", vocab_size=128, hidden_size=hidden, ffn_dim=intermediate, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=hidden, tie_word_embeddings=tied,
+        )
+    else:
+        cfg = AutoConfig.for_model(
+            family,
+            vocab_size=128,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=tied,
+            **TINY_CONFIGS[family],
+        )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # random init is nearly isotropic; give the weights some spectral decay like trained ones

@@ -17,7 +17,8 @@ from compress.kernels.build import SOURCES, csrc_dir, status
 from compress.kernels.emulate import lut_gemm_emulate, sparse24_emulate
 from compress.kernels.layout import bcq_kernel_layout, bcq_storage_layout, dense_from_kernel_layout
 from compress.modules import QuantLinear
-from compress.modules.bcq import BCQLinear, pack_signs
+from compress.modules.bcq import BCQLinear
+from compress.solvers.packing import pack_signs
 from compress.solvers.bcq import bcq_quantize
 from compress.solvers.quant import QuantSpec, quantize_rtn
 from compress.solvers.sparse24 import pack_24, unpack_24

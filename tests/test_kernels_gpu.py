@@ -53,7 +53,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def test_lut_gemm_matches_float64(ext, q: int, n: int, k: int, g: int, dtype: torch.dtype) -> None:
     from compress.kernels.layout import bcq_kernel_layout, dense_from_kernel_layout
     from compress.kernels.ops import bcq_linear
-    from compress.modules.bcq import pack_signs
+    from compress.solvers.packing import pack_signs
 
     for batch in (1, 2, 3, 8):
         signs = torch.rand(q, n, k, device="cuda") > 0.5
@@ -121,7 +121,7 @@ def test_compute_sanitizer_memcheck_is_clean(ext, tmp_path: Path) -> None:
         "import torch\n"
         "from compress.kernels import ops\n"
         "from compress.kernels.layout import bcq_kernel_layout\n"
-        "from compress.modules.bcq import pack_signs\n"
+        "from compress.solvers.packing import pack_signs\n"
         "from compress.solvers.sparse import nm_mask\n"
         "from compress.solvers.sparse24 import pack_24\n"
         "ops.set_preference('cuda')\n"

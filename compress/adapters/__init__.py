@@ -8,10 +8,10 @@ from torch import nn
 
 from ..errors import CompressError
 from .base import ModelAdapter, find_layers_path
-from .llama import LLAMA
+from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 
 #: adapters with declared sub-groups, by family
-ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA,)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3)
 GENERIC = ModelAdapter(name="generic")
 
 

@@ -1,5 +1,9 @@
 """Llama-family decoders: Llama, Mistral, Qwen2, Qwen3 (GQA included; the k/v projections are
-simply narrower than q)."""
+simply narrower than q). They share one layout; each family has its own adapter so that a family
+whose layout diverges later changes in one place (Qwen2 adds q/k/v biases and Qwen3 per-head q/k
+norms inside attention, which no pass touches)."""
+
+import dataclasses
 
 from .base import ModelAdapter
 
@@ -12,7 +16,7 @@ _ATTN_MLP_GROUPS = (
 
 LLAMA = ModelAdapter(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    model_types=("llama",),
     layers_path="model.layers",
     sequential_groups=_ATTN_MLP_GROUPS,
     blocks=(
@@ -29,3 +33,6 @@ LLAMA = ModelAdapter(
     mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
     mlp_output="mlp.down_proj",
 )
+MISTRAL = dataclasses.replace(LLAMA, name="mistral", model_types=("mistral",))
+QWEN2 = dataclasses.replace(LLAMA, name="qwen2", model_types=("qwen2",))
+QWEN3 = dataclasses.replace(LLAMA, name="qwen3", model_types=("qwen3",))

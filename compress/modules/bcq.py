@@ -25,27 +25,11 @@ from torch import nn
 from ..kernels.layout import bcq_kernel_layout
 from ..kernels.ops import bcq_linear
 from ..solvers.bcq import ALPHA_DTYPE, BCQ, OFFSET_DTYPE
-from .quant import cached_kernel_layout
+from ..solvers.packing import pack_signs, unpack_signs
+from .base import CompressedLinear, cached_kernel_layout
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
-
-
-def pack_signs(signs: torch.Tensor) -> torch.Tensor:
-    """bool (..., d_in) → uint8 (..., d_in/8), LSB first."""
-    s = signs.reshape(*signs.shape[:-1], -1, 8).to(torch.int32)
-    return (s * _BIT_WEIGHTS.to(s.device)).sum(dim=-1).to(torch.uint8)
-
-
-def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., d_in/8) → bool (..., d_in)."""
-    p = packed.to(torch.int32)[..., None]
-    bits = (p >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1
-    return bits.reshape(*packed.shape[:-1], -1).bool()
-
-
-class BCQLinear(nn.Module):
-    #: the weight is held in buffers (codes, compressed values), not parameters
+class BCQLinear(CompressedLinear):
     weights_in_buffers = True
 
     def __init__(

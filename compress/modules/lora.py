@@ -12,33 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _spec_of(m: nn.Module) -> dict[str, Any]:
-    if isinstance(m, nn.Linear):
-        return {"type": "Linear", "spec": {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}}
-    return {"type": type(m).__name__, "spec": m.spec()}  # type: ignore[operator]
+from .base import CompressedLinear, build_module, dense_weight_of, module_spec
+from .base import storage_bits as _bits
 
 
-def _build(entry: dict[str, Any], dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    from . import MODULE_TYPES
-
-    if entry["type"] == "Linear":
-        s = entry["spec"]
-        return nn.Linear(s["in_features"], s["out_features"], bias=s["bias"], dtype=dtype, device=device)
-    return MODULE_TYPES[entry["type"]].from_spec(entry["spec"], dtype=dtype, device=device)  # type: ignore[attr-defined]
-
-
-def _dense(m: nn.Module) -> torch.Tensor:
-    return m.weight if isinstance(m, nn.Linear) else m.dense_weight()  # type: ignore[operator]
-
-
-def _bits(m: nn.Module) -> int:
-    from . import storage_bits
-
-    return storage_bits(m)
-
-
-class LoRALinear(nn.Module):
+class LoRALinear(CompressedLinear):
     def __init__(self, base: nn.Module, lora_A: nn.Module, lora_B: nn.Module) -> None:
         super().__init__()
         self.base, self.lora_A, self.lora_B = base, lora_A, lora_B
@@ -51,11 +29,11 @@ class LoRALinear(nn.Module):
 
     def branch_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r × d_in), B (d_out × r)) as used in the forward (dequantized if quantized)."""
-        return _dense(self.lora_A), _dense(self.lora_B)
+        return dense_weight_of(self.lora_A), dense_weight_of(self.lora_B)
 
     def dense_weight(self) -> torch.Tensor:
         A, B = self.branch_weights()
-        return _dense(self.base) + B @ A
+        return dense_weight_of(self.base) + B @ A
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -66,12 +44,11 @@ class LoRALinear(nn.Module):
 
     def storage_bits(self) -> int:
         """Base + branch; the base's bias is not counted."""
-        base_bits = _bits(self.base)
-        return base_bits + _bits(self.lora_A) + _bits(self.lora_B)
+        return _bits(self.base) + _bits(self.lora_A) + _bits(self.lora_B)
 
     def spec(self) -> dict[str, Any]:
-        return {"base": _spec_of(self.base), "lora_A": _spec_of(self.lora_A), "lora_B": _spec_of(self.lora_B), "rank": self.rank}
+        return {"base": module_spec(self.base), "lora_A": module_spec(self.lora_A), "lora_B": module_spec(self.lora_B), "rank": self.rank}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "LoRALinear":
-        return cls(_build(spec["base"], dtype, device), _build(spec["lora_A"], dtype, device), _build(spec["lora_B"], dtype, device))
+        return cls(build_module(spec["base"], dtype, device), build_module(spec["lora_A"], dtype, device), build_module(spec["lora_B"], dtype, device))

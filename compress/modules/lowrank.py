@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import CompressedLinear
 
-class LowRankLinear(nn.Module):
+
+class LowRankLinear(CompressedLinear):
     """A linear layer stored as ``weight_out`` (B, d_out × r) @ ``weight_in`` (A, r × d_in)."""
 
     def __init__(

@@ -13,7 +13,7 @@ W = (q − zero)·scale.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,40 +21,12 @@ from torch import nn
 
 from ..solvers.packing import pack_bits, packed_nbytes, unpack_bits
 from ..solvers.quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize
+from .base import CompressedLinear, cached_dense_weight, cached_kernel_layout
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Tensor:
-    """The module's dequantized weight; on the CPU it is kept between calls (evaluation re-runs every
-    layer many times) and rebuilt whenever a storage buffer was replaced or modified in place. On
-    accelerators it is rebuilt each call, so the packed form stays the only copy in device memory."""
-    tensors = [getattr(module, b) for b in buffers]
-    if tensors[0].device.type != "cpu":
-        return module.dense_weight()  # type: ignore[operator]
-    key = tuple((t.data_ptr(), t._version) for t in tensors)
-    cache = module.__dict__.get("_dense_cache")
-    if cache is None or cache[0] != key:
-        cache = (key, module.dense_weight().detach())  # type: ignore[operator]
-        module.__dict__["_dense_cache"] = cache
-    return cache[1]
-
-
-def cached_kernel_layout(module: nn.Module, buffers: tuple[str, ...], build: Callable[[], Any]) -> Any:
-    """A kernel's layout of the module's weight, kept between calls and rebuilt whenever a storage
-    buffer was replaced, moved or modified in place."""
-    tensors = [getattr(module, b) for b in buffers]
-    key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
-    cache = module.__dict__.get("_kernel_layout")
-    if cache is None or cache[0] != key:
-        with torch.no_grad():
-            cache = (key, build())
-        module.__dict__["_kernel_layout"] = cache
-    return cache[1]
-
-
-class QuantLinear(nn.Module):
-    #: the weight is held in buffers (codes, compressed values), not parameters
+class QuantLinear(CompressedLinear):
     weights_in_buffers = True
 
     def __init__(
@@ -123,7 +95,7 @@ class QuantLinear(nn.Module):
     def _bcq_kernel_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from ..kernels.layout import bcq_kernel_layout
         from ..solvers.bcq import bcq_from_uniform
-        from .bcq import pack_signs
+        from ..solvers.packing import pack_signs
 
         b = bcq_from_uniform(Quantized(q=self.codes(), scales=self.scales, zeros=self.zeros(), spec=self.qspec))
         return bcq_kernel_layout(pack_signs(b.signs), b.alpha, b.offset)

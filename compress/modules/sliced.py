@@ -21,8 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+#: why a model holding these modules has no plain transformers equivalent (read by the dense export)
+_NO_DENSE = "a sliced (SliceGPT) model has residual shortcut matrices that plain transformers cannot express"
+
+
 class SlicedLayerMixin:
     """Forward of a Llama-family decoder layer with residual shortcut matrices."""
+
+    dense_export_blocker = _NO_DENSE
 
     attn_shortcut: nn.Parameter
     mlp_shortcut: nn.Parameter
@@ -66,12 +72,10 @@ def scale_norm_eps(norm: nn.Module, factor: float) -> None:
             return
 
 
-def is_sliced(model: nn.Module) -> bool:
-    return any(isinstance(m, SlicedLayerMixin) for m in model.modules())
-
-
 class MixedHead(nn.Module):
     """LM head sharing the embedding matrix: logits = (x · mix) · weightᵀ."""
+
+    dense_export_blocker = _NO_DENSE
 
     def __init__(self, weight: nn.Parameter, mix: torch.Tensor) -> None:
         super().__init__()

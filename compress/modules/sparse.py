@@ -16,11 +16,12 @@ from torch import nn
 from ..kernels.ops import sparse24_linear
 from ..solvers.armor import bd_left, bd_right
 from ..solvers.sparse24 import pack_24, unpack_24
+from .base import CompressedLinear
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class Sparse24Linear(nn.Module):
+class Sparse24Linear(CompressedLinear):
     #: the weight is held in buffers (codes, compressed values), not parameters
     weights_in_buffers = True
 
@@ -70,7 +71,7 @@ class Sparse24Linear(nn.Module):
         return cls(spec["in_features"], spec["out_features"], spec["bias"], _DTYPES.get(spec.get("dtype", ""), dtype), device)
 
 
-class ArmorLinear(nn.Module):
+class ArmorLinear(CompressedLinear):
     #: the weight is held in buffers (codes, compressed values), not parameters
     weights_in_buffers = True
 

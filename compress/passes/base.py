@@ -1,22 +1,44 @@
 """The pass protocol.
 
-A pass compresses the linear layers of each decoder layer. The pipeline drives it in two phases
-per sub-group of linears: *observe* (the pipeline runs calibration data through the layer with
-hooks that accumulate the statistics the pass declares) then *apply* (the pass turns each target
-linear and its statistics into a compressed module). Capabilities are class attributes that the
-pipeline reads; the pipeline never tests a pass's class.
+Every pass is driven by the one layer loop of :mod:`compress.pipeline.sequential`, at fixed points:
 
-To add a pass: write its math in ``compress/solvers``, a ``PassConfig`` dataclass and a ``Pass``
-subclass here-like in ``compress/passes/<name>.py`` decorated with ``@register_pass``, and add the
-module to ``compress.registry._PASS_MODULES``.
+1. ``check(model, adapter, shapes)``: before the first layer is touched, every option against every
+   target's shape (group sizes, N:M, block sizes, ranks); returns the shapes the pass leaves behind,
+   so that the next pass is checked against them.
+2. ``prepare(model, adapter)``: once before the loop (global allocations such as LoRD's ranks). A
+   pass with ``global_prepare`` that follows other passes starts a new layer loop, so that it sees
+   their results in every layer.
+3. Model-level passes (``granularity = "model"``): ``begin(ctx)`` with a :class:`ModelContext`
+   (embeddings, head, the layer-0 calibration inputs), then per layer
+   ``compress_layer(index, layer, ctx)`` with a :class:`LayerContext`, then ``finish(ctx)``.
+4. Per-linear passes (``granularity = "linear"``): per layer and sequential sub-group of linears,
+   the engine accumulates the statistics the pass declares (*observe*), then calls
+   ``apply(name, module, stats, ctx)`` for each target (*apply*).
+
+After every pass has run on a layer, the engine re-runs the compressed layer on its calibration
+inputs to produce the next layer's inputs (errors propagate as in GPTQ).
+
+Capabilities that depend on the options (does ``rtn`` need calibration? with ``dim=ada`` it does)
+are computed from the config instance by :meth:`Pass.capabilities`; facts about the method itself
+(granularity, which module types it accepts and produces) are class attributes. The engine never
+tests a pass's class or name.
+
+Structure that a model-level pass adds to the model (sliced hidden sizes, mixing matrices) is
+described by :meth:`Pass.structure`, written into the checkpoint's manifest under the pass's name,
+and rebuilt by :meth:`Pass.rebuild` before the weights load.
+
+To add a pass: its math in ``compress/solvers/``; a ``PassConfig`` dataclass (one per pass) and a
+``Pass`` subclass in ``compress/passes/<name>.py`` decorated with ``@register_pass``; the module in
+``compress.registry._PASS_MODULES``; a row in the contract table of ``tests/test_pass_contract.py``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
 
+import torch
 from torch import nn
 
 from ..config import PassConfig
@@ -24,8 +46,16 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
-    from ..pipeline.sequential import LayerContext
-    from ..pipeline.stats import LinearStats
+    from ..pipeline.stats import LayerStats, LinearStats
+
+#: shapes of the target linears of a model, by full name: (d_out, d_in)
+Shapes = dict[str, tuple[int, int]]
+#: module type name of a plain linear in ``accepts``/``produces``
+LINEAR = "Linear"
+#: in ``accepts``: any module type
+ANY = "*"
+#: the name under which :meth:`LayerContext.observe` reports the decoder layer's own output
+LAYER_OUTPUT = "<output>"
 
 
 @dataclass
@@ -40,6 +70,60 @@ class PassResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What the engine must provide to one configured pass."""
+
+    #: calibration activations are needed (no forward runs when no pass needs them)
+    requires_calibration: bool = False
+    #: statistics of each target linear's input to accumulate (names known to LinearStats)
+    statistics: frozenset[str] = frozenset()
+    #: the pass reads the layer's calibration inputs itself (sub-block forwards, observations of
+    #: points that are not linear inputs), so precomputed statistics are not enough for it
+    uses_layer_inputs: bool = False
+    #: the pass reads each linear's weight from before the recipe (``ctx.original(name)``)
+    needs_original: bool = False
+    #: calibration source of the pass's statistics when it differs from the recipe's (None = same)
+    calib_source: str | None = None
+
+
+class LayerContext(Protocol):
+    """What a pass may use while one decoder layer is compressed (the engine implements it)."""
+
+    layer: nn.Module
+    index: int
+    device: torch.device
+    adapter: "ModelAdapter"
+
+    def observe(self, names: list[str], kinds: frozenset[str]) -> "LayerStats":
+        """Statistics of the inputs of the submodules ``names`` (relative to the layer; LAYER_OUTPUT
+        for the layer's output) over the calibration set, the layer as it is now."""
+
+    def block_error(self, block: str, replace: dict[str, nn.Module]) -> float:
+        """Σ‖out − ref‖² of sub-block ``block`` with the linears in ``replace`` swapped in."""
+
+    def original(self, name: str) -> torch.Tensor:
+        """The weight of linear ``name`` before any pass of the recipe changed it."""
+
+
+class ModelContext(Protocol):
+    """What a model-level pass may use before and after the layer loop."""
+
+    model: nn.Module
+    adapter: "ModelAdapter"
+    device: torch.device
+
+    def input_stats(self, kinds: frozenset[str]) -> "LinearStats":
+        """Statistics of the hidden states entering decoder layer 0 (the calibration set)."""
+
+    def head_input_stats(self, kinds: frozenset[str]) -> "LinearStats":
+        """Statistics of what the LM head reads (the final norm's output) over a forward of the
+        model as it is now."""
+
+    def map_hidden(self, fn: Any) -> None:
+        """Replace the hidden states entering the next layer by ``fn(hidden)`` (e.g. a rotation)."""
+
+
 def layer_relative_name(name: str, layers_path: str) -> str:
     """'model.layers.3.self_attn.q_proj' → 'self_attn.q_proj'."""
     prefix = layers_path + "."
@@ -47,50 +131,83 @@ def layer_relative_name(name: str, layers_path: str) -> str:
     return rest.split(".", 1)[1] if "." in rest else rest
 
 
+def matches(name: str, pattern: str) -> bool:
+    """Whether a layer-relative linear name matches a ``targets=`` glob list ('|'-separated)."""
+    return any(fnmatch.fnmatchcase(name, p.strip()) for p in str(pattern).split("|"))
+
+
 class Pass:
     """Base class of every compression pass."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type[PassConfig]]
-    #: the pass needs calibration activations (the pipeline skips all forwards when no pass does)
-    requires_calibration: ClassVar[bool] = False
-    #: statistics of each target linear's input that the pipeline must accumulate
-    #: (names understood by :class:`compress.pipeline.stats.LinearStats`)
-    statistics: ClassVar[frozenset[str]] = frozenset()
-    #: the pass reads the decoder layer's calibration inputs itself (through the LayerContext), so
-    #: precomputed statistics are not enough for it
-    uses_layer_inputs: ClassVar[bool] = False
-    #: the pass reads each linear's weight from before the recipe (``context.original(name)``)
-    needs_original: ClassVar[bool] = False
+    #: "linear": the engine calls observe/apply per linear; "model": the pass has begin /
+    #: compress_layer / finish hooks (it changes embeddings, layers and head together)
+    granularity: ClassVar[str] = "linear"
+    #: module types the pass can take as input (LINEAR for a plain nn.Linear, ANY for every type)
+    accepts: ClassVar[frozenset[str]] = frozenset({LINEAR})
+    #: why it accepts only those (completes "X must come before Y: ...")
+    accepts_reason: ClassVar[str] = "it works on dense weights"
     #: the pass works on the result of an earlier pass (a recipe may not start with it)
     consumes_previous: ClassVar[bool] = False
-    #: calibration source of this pass's statistics when it differs from the recipe's (None = same)
-    calib_source: str | None = None
-    #: "linear": the pipeline calls observe/apply per linear; "model": the pass transforms the whole
-    #: model in ``run_model`` (e.g. SliceGPT rotates embeddings, layers and head together)
-    granularity: ClassVar[str] = "linear"
-    #: whether the result can be written as a plain transformers checkpoint (--export dense)
-    dense_exportable: ClassVar[bool] = True
-
-    def run_model(self, model: nn.Module, adapter: "ModelAdapter", input_ids: Any, *, device: Any, batch_size: int = 8,
-                  on_layer: Any = None) -> list[Any]:
-        """Model-level passes: transform ``model`` in place and return per-module records."""
-        raise NotImplementedError
+    #: ``prepare`` reads every layer's weights (global allocation): after other passes it starts a
+    #: new layer loop so that it sees their results
+    global_prepare: ClassVar[bool] = False
+    #: why the result cannot be written as a plain transformers checkpoint (None: it can)
+    dense_export_blocker: ClassVar[str | None] = None
+    #: a key under which manifests of an older format recorded this pass's structure
+    legacy_manifest_key: ClassVar[str | None] = None
 
     def __init__(self, config: PassConfig) -> None:
+        if not isinstance(config, self.config_cls):
+            raise ConfigError(f"pass '{self.name}' takes a {self.config_cls.__name__}, got {type(config).__name__}")
         self.config = config
+        self.caps = self.capabilities(config)
+
+    # -- what the pass needs and does, from its options ------------------------------------------
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        """What the engine must provide for this configuration (default: nothing, data-free)."""
+        return Capabilities()
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        """Module types a target linear may have after this pass."""
+        return frozenset({LINEAR})
+
+    @property
+    def targets_pattern(self) -> str:
+        return str(getattr(self.config, "targets", "*"))
+
+    # -- before any compute ----------------------------------------------------------------------
+
+    def check(self, model: nn.Module, adapter: "ModelAdapter", shapes: Shapes) -> Shapes:
+        """Refuse options that cannot work on these targets (one-line :class:`ConfigError` naming
+        the layer and the fix); return the shapes after the pass (default: unchanged)."""
+        for name, (d_out, d_in) in shapes.items():
+            if matches(layer_relative_name(name, adapter.layers_path), self.targets_pattern):
+                why = self.check_shape(d_out, d_in)
+                if why is not None:
+                    raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
+        return shapes
+
+    def check_shape(self, d_out: int, d_in: int) -> str | None:
+        """Why this pass's options cannot compress a d_out × d_in target (None: they can)."""
+        return None
 
     def prepare(self, model: nn.Module, adapter: "ModelAdapter") -> None:
         """Called once before the layer loop (e.g. for a global rank allocation)."""
 
+    # -- per-linear passes -----------------------------------------------------------------------
+
     def targets(self, name: str, module: nn.Module) -> bool:
         """Whether this pass compresses ``module`` (``name`` is relative to its decoder layer).
-        A selected module that an earlier pass already turned into a compressed type is an error,
-        never a silent skip."""
-        pattern = getattr(self.config, "targets", "*")
-        if not any(fnmatch.fnmatchcase(name, p.strip()) for p in str(pattern).split("|")):
+        A selected module of a type the pass does not accept is an error, never a silent skip."""
+        if not matches(name, self.targets_pattern):
             return False
-        if not isinstance(module, nn.Linear):
+        kind = LINEAR if type(module) is nn.Linear else type(module).__name__
+        if ANY not in self.accepts and kind not in self.accepts:
             raise ConfigError(
                 f"pass '{self.name}' cannot compress '{name}': an earlier pass made it a {type(module).__name__}; "
                 f"reorder the recipe or narrow one pass with targets=..."
@@ -109,6 +226,31 @@ class Pass:
     def apply(
         self, name: str, module: nn.Module, stats: "LinearStats | None", context: "LayerContext | None" = None
     ) -> PassResult:
-        """Compress one linear; ``name`` is its full dotted name in the model; ``context`` gives
-        access to the decoder layer and its calibration inputs (e.g. for sub-block errors)."""
-        raise NotImplementedError
+        """Compress one linear; ``name`` is its full dotted name in the model."""
+        raise NotImplementedError(f"pass '{self.name}' has no per-linear apply")
+
+    # -- model-level passes ----------------------------------------------------------------------
+
+    def begin(self, ctx: ModelContext) -> None:
+        """Before the first layer (after the layer-0 calibration inputs were captured)."""
+
+    def compress_layer(self, index: int, layer: nn.Module, ctx: LayerContext) -> dict[str, dict[str, Any]]:
+        """Transform decoder layer ``index`` in place; return info per changed linear (relative name)."""
+        raise NotImplementedError(f"pass '{self.name}' has no per-layer hook")
+
+    def finish(self, ctx: ModelContext) -> None:
+        """After the last layer."""
+
+    # -- structure it adds to the model ----------------------------------------------------------
+
+    def structure(self, model: nn.Module) -> dict[str, Any] | None:
+        """JSON description of the structure this pass added (None: nothing beyond module types)."""
+        return None
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, adapter: "ModelAdapter", structure: dict[str, Any], dtype: torch.dtype) -> None:
+        """Give a freshly built model the structure :meth:`structure` described (shapes come from the weights)."""
+
+    def notes(self, summary: dict[str, Any]) -> list[str]:
+        """Lines for the report about what this pass did, given the run's compression summary."""
+        return []

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import PassConfig, option
 from ..errors import ConfigError
 from ..modules import LoRALinear, QuantLinear, storage_bits
+from ..modules.base import dense_weight_of
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.eora import compensate
@@ -42,14 +43,10 @@ from ..solvers.lowrank import relative_output_error
 from ..solvers.lqlora import allocate, lq_decompose
 from ..solvers.packing import packed_nbytes
 from ..solvers.quant import SUPPORTED_BITS, QuantSpec, group_error_check, quantize_rtn
-from .base import Pass, PassResult, layer_relative_name
+from .base import ANY, Capabilities, Pass, PassResult, layer_relative_name, matches
 
 logger = logging.getLogger(__name__)
 _TARGETS_HELP = "which linears of each decoder layer: glob(s) on names like 'mlp.down_proj', '|'-separated"
-
-
-def _dense(module: nn.Module) -> torch.Tensor:
-    return module.weight.data if isinstance(module, nn.Linear) else module.dense_weight()  # type: ignore[operator]
 
 
 def _branch_cost(d_out: int, d_in: int, rank: int, bits: int, elt_bits: int) -> int:
@@ -87,27 +84,37 @@ class EoRAPass(Pass):
 
     name = "eora"
     config_cls = EoRAConfig
-    statistics = frozenset({"gram"})
-    requires_calibration = True  # except variant=svd (set per instance)
-    needs_original = True
     consumes_previous = True
+    accepts = frozenset({ANY})
 
     def __init__(self, config: PassConfig) -> None:
         super().__init__(config)
         assert isinstance(config, EoRAConfig)
         self.cfg = config
-        self.requires_calibration = config.variant != "svd"
-        self.calib_source = config.calib or None
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        assert isinstance(config, EoRAConfig)
+        calib = config.variant != "svd"  # the plain-SVD ablation is data-free
+        return Capabilities(requires_calibration=calib, statistics=frozenset({"gram"}) if calib else frozenset(),
+                            needs_original=True, calib_source=(config.calib or None) if calib else None)
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        return frozenset({"LoRALinear", "Linear"})  # a layer no earlier pass changed stays as it is
+
+    def check_shape(self, d_out: int, d_in: int) -> str | None:
+        if self.cfg.rank >= min(d_out, d_in):
+            return f"eora rank {self.cfg.rank} must be below {min(d_out, d_in)}; lower rank="
+        return None
 
     def targets(self, name: str, module: nn.Module) -> bool:
-        import fnmatch
-
-        return any(fnmatch.fnmatchcase(name, p.strip()) for p in self.cfg.targets.split("|"))
+        return matches(name, self.cfg.targets)
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
         rel = layer_relative_name(name, context.adapter.layers_path)
         W = context.original(rel)
-        Wc = _dense(module).to(W.dtype)
+        Wc = dense_weight_of(module).detach().to(W.dtype)
         delta = (W - Wc).double()
         d_out, d_in = W.shape
         if float(delta.abs().max()) == 0.0:
@@ -168,14 +175,34 @@ class LQLoRAPass(Pass):
 
     name = "lq-lora"
     config_cls = LQLoRAConfig
-    statistics = frozenset({"rms"})
+    global_prepare = True
+    accepts_reason = "it decomposes dense weights"
 
     def __init__(self, config: PassConfig) -> None:
         super().__init__(config)
         assert isinstance(config, LQLoRAConfig)
         self.cfg = config
-        self.requires_calibration = config.data_aware
         self._choice: dict[str, tuple[int, int]] = {}
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        assert isinstance(config, LQLoRAConfig)
+        return Capabilities(requires_calibration=config.data_aware, statistics=frozenset({"rms"}) if config.data_aware else frozenset())
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        return frozenset({"LoRALinear"})
+
+    def check_shape(self, d_out: int, d_in: int) -> str | None:
+        c = self.cfg
+        if c.rank >= min(d_out, d_in):
+            return f"lq-lora rank {c.rank} must be below {min(d_out, d_in)}; lower rank="
+        if c.budget is not None:
+            if not any(d_in % g == 0 for g in _GRID_GROUPS):
+                return f"no group size of {_GRID_GROUPS} divides its input dimension {d_in}"
+            return None
+        why = group_error_check(QuantSpec(bits=c.bits, group_size=c.group, levels=c.levels), d_out, d_in)
+        return None if why is None else f"{why}; choose another group size"
 
     def prepare(self, model: nn.Module, adapter: Any) -> None:
         c = self.cfg

@@ -45,7 +45,7 @@ from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.linalg import cholesky_psd
 from ..solvers.lowrank import allocate_ranks, factorize, rank_for_ratio, relative_output_error, saves_parameters
-from .base import Pass, PassResult
+from .base import Capabilities, Pass, PassResult
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ class _LowRankPass(Pass):
     """Shared apply step: factorize W with the pass's scaling and build a LowRankLinear."""
 
     error_metric: ClassVar[str] = "rel_weight_err"
+    accepts_reason = "it factorizes dense weights"
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        return frozenset({"LowRankLinear", "Linear"})  # a layer whose rank would not save parameters stays dense
 
     def rank(self, name: str, d_out: int, d_in: int) -> int | None:
         return rank_for_ratio(d_out, d_in, self.config.ratio)  # type: ignore[attr-defined]
@@ -136,13 +141,12 @@ class ASVDPass(_LowRankPass):
 
     name = "asvd"
     config_cls = ASVDConfig
-    requires_calibration = True
     error_metric = "rel_scaled_err"
 
-    def __init__(self, config: PassConfig) -> None:
-        super().__init__(config)
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
         assert isinstance(config, ASVDConfig)
-        self.statistics = frozenset({config.statistic})
+        return Capabilities(requires_calibration=True, statistics=frozenset({config.statistic}))
 
     def scaling(self, name: str, stats: LinearStats | None) -> dict[str, torch.Tensor]:
         assert stats is not None
@@ -166,8 +170,10 @@ class SVDLLMPass(_LowRankPass):
 
     name = "svd-llm"
     config_cls = SVDLLMConfig
-    requires_calibration = True
-    statistics = frozenset({"gram"})
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}))
 
     def scaling(self, name: str, stats: LinearStats | None) -> dict[str, torch.Tensor]:
         assert stats is not None and stats.gram is not None
@@ -181,6 +187,7 @@ class LoRDPass(_LowRankPass):
 
     name = "lord"
     config_cls = LoRDConfig
+    global_prepare = True
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter) -> None:
         names: list[str] = []

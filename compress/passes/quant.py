@@ -40,7 +40,7 @@ from ..registry import register_pass
 from ..solvers.gptq import gptq_quantize
 from ..solvers.lowrank import relative_output_error
 from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
-from .base import Pass, PassResult, layer_relative_name
+from .base import Capabilities, Pass, PassResult, layer_relative_name
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +70,21 @@ class GPTQConfig(RTNConfig):
 class _QuantPass(Pass):
     """Shared apply: choose the grouping (fixed or AdaDim), quantize, pack."""
 
+    accepts_reason = "it quantizes dense weights; prune unstructured or 4:8 (stored dense, zeros kept) before quantizing"
+
     def __init__(self, config: PassConfig) -> None:
         super().__init__(config)
-        cfg = config
-        assert isinstance(cfg, RTNConfig)
-        self.cfg = cfg
-        self.uses_layer_inputs = cfg.dim == "ada"  # AdaDim runs sub-blocks on the layer's inputs
+        assert isinstance(config, RTNConfig)
+        self.cfg = config
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        return frozenset({"QuantLinear"})
+
+    def check_shape(self, d_out: int, d_in: int) -> str | None:
+        dims = ["oc", "ic"] if self.cfg.dim == "ada" else [self.cfg.dim]
+        why = [group_error_check(self._spec(dim), d_out, d_in) for dim in dims]
+        return None if any(w is None for w in why) else f"{why[0]}; choose another group size"
 
     def targets(self, name: str, module: nn.Module) -> bool:
         if getattr(module, "is_sparse_24", False) and super().targets(name, _LINEAR_PROBE):
@@ -150,11 +159,13 @@ class RTNPass(_QuantPass):
     name = "rtn"
     config_cls = RTNConfig
 
-    def __init__(self, config: PassConfig) -> None:
-        super().__init__(config)
-        needs = self.cfg.dim == "ada" or self.cfg.clip
-        self.requires_calibration = needs
-        self.statistics = frozenset({"gram"}) if needs else frozenset()
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        assert isinstance(config, RTNConfig)
+        needs = config.dim == "ada" or config.clip
+        # AdaDim runs sub-blocks on the layer's inputs
+        return Capabilities(requires_calibration=needs, statistics=frozenset({"gram"}) if needs else frozenset(),
+                            uses_layer_inputs=config.dim == "ada")
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         hdiag = stats.gram.diagonal() if stats is not None and stats.gram is not None else None
@@ -167,8 +178,11 @@ class GPTQPass(_QuantPass):
 
     name = "gptq"
     config_cls = GPTQConfig
-    requires_calibration = True
-    statistics = frozenset({"gram"})
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        assert isinstance(config, GPTQConfig)
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), uses_layer_inputs=config.dim == "ada")
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         assert stats is not None and stats.gram is not None
@@ -198,6 +212,21 @@ class BCQPass(Pass):
 
     name = "bcq"
     config_cls = BCQConfig
+    accepts_reason = "it quantizes dense weights"
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        return frozenset({"BCQLinear"})
+
+    def check_shape(self, d_out: int, d_in: int) -> str | None:
+        c = self.config
+        assert isinstance(c, BCQConfig)
+        g = c.group or d_in
+        if d_in % g or g % 8:
+            ok = [s for s in (32, 64, 128, 256) if d_in % s == 0]
+            return (f"BCQ group size {g} must divide the input dimension {d_in} and be a multiple of 8 "
+                    f"(sizes that work: {', '.join(map(str, ok)) or 'none'})")
+        return None
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
         from ..modules.bcq import BCQLinear

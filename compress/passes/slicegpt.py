@@ -24,6 +24,14 @@ Steps (a model-level pass: it changes the embedding, every layer and the head):
    needs: on SmolLM2-135M at sparsity 0.2, held-out PTB perplexity (3 windows of 2048) was 337 with
    it and 196 / 178 / 179 with head_weight 1 / 10 / 100 (dense 56.1), hence the default 10.
 
+Lifecycle (a model-level pass of the engine): ``check`` refuses an architecture without a residual
+layout and a sparsity that would enlarge the model; ``begin`` takes the first basis from the
+layer-0 inputs (and the head's input) and rotates the embedding and the calibration stream;
+``compress_layer`` fuses the layer's norms, observes the stream between attention and MLP and
+leaving the layer through the engine (temporary rectangular shortcuts make the layer's own forward
+produce those full-dimension signals), rotates and slices; ``finish`` slices the final norm and the
+head. The math is in :mod:`compress.solvers.rotate`.
+
 ``sparsity`` is the fraction of the embedding dimension removed (the paper's definition); d′ is
 rounded to a multiple of ``round_to``. The report gives the fraction of all parameters removed,
 shortcut matrices included.
@@ -33,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +51,9 @@ from ..adapters.base import ModelAdapter
 from ..config import PassConfig, option
 from ..errors import ConfigError
 from ..modules.sliced import MixedHead, make_sliced, scale_norm_eps
-from ..pipeline.sequential import Batch, ModuleRecord, _run_layer, _with_hidden, calibration_forward_context, capture_layer0_inputs, map_tensors
 from ..registry import register_pass
-from ..solvers.pca import pca
-from .base import Pass
+from ..solvers.rotate import joint_gram, kept_dim, net_removed, onto_row_space, principal_basis, rotate_inputs, rotate_outputs, scale_inputs
+from .base import LAYER_OUTPUT, Capabilities, LayerContext, ModelContext, Pass, Shapes, layer_relative_name
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +68,17 @@ class SliceGPTConfig(PassConfig):
     head_weight: float = option(10.0, "joint basis: weight of the head's trace-normalized Gram against the embedding's", min=0.0)
 
 
-def _gram(xs: list[torch.Tensor]) -> torch.Tensor:
-    G = None
-    for x in xs:
-        f = x.reshape(-1, x.shape[-1]).double()
-        G = f.T @ f if G is None else G + f.T @ f
-    assert G is not None
-    return G
-
-
 def _set_weight(linear: nn.Module, W: torch.Tensor) -> None:
     assert isinstance(linear, nn.Linear)
     linear.weight = nn.Parameter(W.to(linear.weight.dtype).contiguous(), requires_grad=False)
     linear.out_features, linear.in_features = W.shape
+
+
+def _set_norm(norm: nn.Module, d_new: int, scale: float, eps_factor: float) -> None:
+    """An RMSNorm over d′ values with scale √(d/d′) (after norm fusion its γ is 1) and epsilon × d/d′."""
+    w = norm.weight
+    norm.weight = nn.Parameter(torch.full((d_new,), scale, dtype=w.dtype, device=w.device), requires_grad=False)
+    scale_norm_eps(norm, eps_factor)
 
 
 @register_pass
@@ -83,17 +87,49 @@ class SliceGPTPass(Pass):
 
     name = "slicegpt"
     config_cls = SliceGPTConfig
-    requires_calibration = True
     granularity = "model"
-    dense_exportable = False
+    accepts_reason = "it rotates dense weights"
+    dense_export_blocker = (
+        "the sliced model has residual shortcut matrices that plain transformers cannot express; load the output with compress.load(dir)"
+    )
+    legacy_manifest_key = "sliced"
+
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        assert isinstance(config, SliceGPTConfig)
+        self.cfg = config
+        self._structure: dict[str, Any] | None = None
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        # the PCA bases are taken from the stream of the model as it is being sliced, so they can
+        # never come from statistics profiled on the dense model
+        return Capabilities(requires_calibration=True, uses_layer_inputs=True)
 
     def kept_dim(self, d: int) -> int:
-        c = self.config
-        assert isinstance(c, SliceGPTConfig)
-        if c.sparsity == 0:
-            return d
-        k = int(round((1 - c.sparsity) * d / c.round_to)) * c.round_to
-        return min(d, max(c.round_to, k))
+        return kept_dim(d, self.cfg.sparsity, self.cfg.round_to)
+
+    # -- before any compute ----------------------------------------------------------------------
+
+    def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes) -> Shapes:
+        missing = adapter.missing_residual_layout()
+        if missing:
+            raise ConfigError(
+                f"slicegpt needs the residual layout of the architecture, which adapter '{adapter.name}' does not describe "
+                f"(missing: {', '.join(missing)}); supported families: llama, mistral, qwen2, qwen3"
+            )
+        emb = model.get_submodule(adapter.embed)
+        d = emb.weight.shape[1]
+        d_new = self.kept_dim(d)
+        self._check_shrinks(model, adapter, d, d_new, model.get_submodule(adapter.lm_head).weight is emb.weight)
+        out = dict(shapes)
+        for name, (o, i) in shapes.items():
+            rel = layer_relative_name(name, adapter.layers_path)
+            if rel in adapter.attn_inputs + adapter.mlp_inputs:
+                out[name] = (o, d_new)
+            elif rel in (adapter.attn_output, adapter.mlp_output):
+                out[name] = (d_new, i)
+        return out
 
     def _check_shrinks(self, model: nn.Module, adapter: ModelAdapter, d: int, d_new: int, tied: bool) -> None:
         """Refuse a slicing whose shortcut matrices add more parameters than the deleted rows and
@@ -105,175 +141,139 @@ class SliceGPTPass(Pass):
         for layer in adapter.layers(model):
             per_dim += sum(layer.get_submodule(n).out_features for n in adapter.attn_inputs + adapter.mlp_inputs)
             per_dim += sum(layer.get_submodule(n).in_features for n in (adapter.attn_output, adapter.mlp_output)) + 2
-        n_layers = len(adapter.layers(model))
-
-        def net_removed(k: int) -> int:
-            return (d - k) * per_dim - (2 * n_layers + (1 if tied else 0)) * k * k
-
-        if net_removed(d_new) > 0:
+        n_mats = 2 * len(adapter.layers(model)) + (1 if tied else 0)
+        if net_removed(d, d_new, per_dim, n_mats) > 0:
             return
-        r = self.config.round_to  # type: ignore[attr-defined]
-        shrinking = [k for k in range(d - r, 0, -r) if net_removed(k) > 0]
+        r = self.cfg.round_to
+        shrinking = [k for k in range(d - r, 0, -r) if net_removed(d, k, per_dim, n_mats) > 0]
         hint = (f"use sparsity >= {1 - shrinking[0] / d:.3f} (hidden {shrinking[0]}), the least that makes it smaller"
                 if shrinking else "no sparsity shrinks this model")
         raise ConfigError(
-            f"slicegpt:sparsity={self.config.sparsity} (hidden {d} -> {d_new}) would make the model larger than the dense one: "  # type: ignore[attr-defined]
-            f"its {2 * n_layers} shortcut matrices of {d_new}x{d_new}{' and the tied head mix' if tied else ''} "
-            f"add {(d - d_new) * per_dim - net_removed(d_new):,} parameters "
+            f"slicegpt:sparsity={self.cfg.sparsity} (hidden {d} -> {d_new}) would make the model larger than the dense one: "
+            f"its {n_mats - (1 if tied else 0)} shortcut matrices of {d_new}x{d_new}{' and the tied head mix' if tied else ''} "
+            f"add {(d - d_new) * per_dim - net_removed(d, d_new, per_dim, n_mats):,} parameters "
             f"and slicing removes only {(d - d_new) * per_dim:,}; {hint}"
         )
 
-    def run_model(
-        self, model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, *, device: torch.device, batch_size: int = 8,
-        on_layer: Any = None,
-    ) -> list[ModuleRecord]:
-        missing = adapter.missing_residual_layout()
-        if missing:
-            raise ConfigError(
-                f"slicegpt needs the residual layout of the architecture, which adapter '{adapter.name}' does not describe "
-                f"(missing: {', '.join(missing)}); supported families: llama, mistral, qwen2, qwen3"
-            )
+    # -- the lifecycle ---------------------------------------------------------------------------
+
+    def begin(self, ctx: ModelContext) -> None:
+        model, adapter = ctx.model, ctx.adapter
         emb = model.get_submodule(adapter.embed)
         head = model.get_submodule(adapter.lm_head)
         final_norm = model.get_submodule(adapter.final_norm)
-        d = emb.weight.shape[1]
-        d_new = self.kept_dim(d)
-        tied = head.weight is emb.weight
-        layers = adapter.layers(model)
-        self._check_shrinks(model, adapter, d, d_new, tied)
-        records: list[ModuleRecord] = []
-        scale = math.sqrt(d / d_new)
-        with calibration_forward_context(model), torch.no_grad():
-            # 1. norm fusion
-            for layer in layers:
-                for norm_name, readers in ((adapter.attn_norm, adapter.attn_inputs), (adapter.mlp_norm, adapter.mlp_inputs)):
-                    norm = layer.get_submodule(norm_name)
-                    for n in readers:
-                        lin = layer.get_submodule(n)
-                        _set_weight(lin, lin.weight.double() * norm.weight.double()[None, :])
-                    norm.weight.fill_(1.0)
-            gamma_final = final_norm.weight.detach().double().clone()
+        self._d = d = emb.weight.shape[1]
+        self._d_new = d_new = self.kept_dim(d)
+        self._tied = tied = head.weight is emb.weight
+        with torch.no_grad():
+            self._gamma_final = final_norm.weight.detach().double().clone()
+            G = ctx.input_stats(frozenset({"gram"})).gram
+            assert G is not None
+            if tied and self.cfg.tied_basis == "joint" and self.cfg.head_weight > 0:
+                # one matrix serves the embedding and the head: keep what both read
+                G_head = ctx.head_input_stats(frozenset({"gram"})).gram
+                assert G_head is not None
+                G = joint_gram(G, onto_row_space(G_head, emb.weight), self.cfg.head_weight)
             if not tied:
-                _set_weight(head, head.weight.double() * gamma_final[None, :])
+                _set_weight(head, scale_inputs(head.weight, self._gamma_final.to(head.weight.device)))
                 final_norm.weight.fill_(1.0)
-            # 2. the embedding's basis
-            inputs = capture_layer0_inputs(model, adapter, input_ids, batch_size, device)
-            basis = self.config.tied_basis if tied else "embedding"  # type: ignore[attr-defined]
-            use_head = basis == "joint" and self.config.head_weight > 0  # type: ignore[attr-defined]
-            G_head = _head_input_gram(layers, final_norm, inputs, device) if use_head else None
-            hidden = [_hidden(b).to(device) for b in inputs]
-            G_first = _gram(hidden)
-            if G_head is not None:  # one matrix serves the embedding and the head: keep what both read
-                G_head = _onto_row_space(G_head, emb.weight)
-                G_first = G_first / G_first.trace() + self.config.head_weight * G_head / G_head.trace()  # type: ignore[attr-defined]
-            _, Q = pca(G_first)
-            Q_first = Q[:, :d_new].to(device)
-            emb.weight = nn.Parameter((emb.weight.double() @ Q_first.to(emb.weight.device)).to(emb.weight.dtype), requires_grad=False)
+            Q_first = principal_basis(G, d_new)  # (d, d′) float64, CPU
+            emb.weight = nn.Parameter(rotate_inputs(emb.weight, Q_first).to(emb.weight.dtype), requires_grad=False)
             emb.embedding_dim = d_new
-            X = [(h.double() @ Q_first).float() for h in hidden]
-            Q_in = Q_first
-            for i, layer in enumerate(layers):
-                t0 = time.perf_counter()
-                home = next(layer.parameters()).device
-                layer.to(device)
-                before = {n: layer.get_submodule(n).weight.numel() for n in adapter.attn_inputs + adapter.mlp_inputs + (adapter.attn_output, adapter.mlp_output)}
-                # attention reads the stream in basis Q_in
-                for n in adapter.attn_inputs:
+        ctx.map_hidden(lambda h: (h.double() @ Q_first.to(h.device)).to(h.dtype))
+        self._Q_first = self._Q = Q_first
+
+    def compress_layer(self, index: int, layer: nn.Module, ctx: LayerContext) -> dict[str, dict[str, Any]]:
+        a = ctx.adapter
+        d, d_new, dev = self._d, self._d_new, ctx.device
+        scale, eps_factor = math.sqrt(d / d_new), d / d_new
+        with torch.no_grad():
+            # norm fusion: each norm's scale moves into the linears that read it, leaving γ = 1
+            for norm_name, readers in ((a.attn_norm, a.attn_inputs), (a.mlp_norm, a.mlp_inputs)):
+                norm = layer.get_submodule(norm_name)
+                for n in readers:
                     lin = layer.get_submodule(n)
-                    _set_weight(lin, lin.weight.double() @ Q_in)
-                attn_norm = layer.get_submodule(adapter.attn_norm)
-                attn_norm.weight = nn.Parameter(torch.full((d_new,), scale, dtype=attn_norm.weight.dtype, device=device), requires_grad=False)
-                scale_norm_eps(attn_norm, d / d_new)
-                attn = layer.get_submodule(adapter.attn_output.rsplit(".", 1)[0])
-                mids = []
-                for x, b in zip(X, inputs):
-                    kwargs = {k: v for k, v in map_tensors(b[1], lambda t: t.to(device)).items() if k != "hidden_states"}
-                    out = attn(hidden_states=attn_norm(x.to(attn_norm.weight.dtype)), **kwargs)[0]
-                    mids.append(x.double() @ Q_in.T + out.double())
-                _, Q = pca(_gram(mids))
-                Q_mid = Q[:, :d_new]
-                o = layer.get_submodule(adapter.attn_output)
-                _set_weight(o, Q_mid.T @ o.weight.double())
-                S_attn = Q_in.T @ Q_mid
-                X_mid = [(m @ Q_mid).float() for m in mids]
-                # the MLP reads the stream in basis Q_mid
-                for n in adapter.mlp_inputs:
-                    lin = layer.get_submodule(n)
-                    _set_weight(lin, lin.weight.double() @ Q_mid)
-                mlp_norm = layer.get_submodule(adapter.mlp_norm)
-                mlp_norm.weight = nn.Parameter(torch.full((d_new,), scale, dtype=mlp_norm.weight.dtype, device=device), requires_grad=False)
-                scale_norm_eps(mlp_norm, d / d_new)
-                mlp = layer.get_submodule(adapter.mlp_output.rsplit(".", 1)[0])
-                outs = [x.double() @ Q_mid.T + mlp(mlp_norm(x.to(mlp_norm.weight.dtype))).double() for x in X_mid]
-                _, Q = pca(_gram(outs))
-                Q_out = Q[:, :d_new]
-                down = layer.get_submodule(adapter.mlp_output)
-                _set_weight(down, Q_out.T @ down.weight.double())
-                S_mlp = Q_mid.T @ Q_out
-                dtype = o.weight.dtype
-                make_sliced(layer, S_attn.to(dtype), S_mlp.to(dtype))
-                X = [(m @ Q_out).float() for m in outs]
-                Q_in = Q_out
-                layer.to(home)
-                secs = time.perf_counter() - t0
-                for n, numel in before.items():
-                    lin = layer.get_submodule(n)
-                    records.append(ModuleRecord(
-                        layer=i, name=f"{adapter.layers_path}.{i}.{n}", pass_name=self.name, module_type="Linear",
-                        shape=(lin.out_features, lin.in_features), params_before=numel, params_after=lin.weight.numel(),
-                        seconds=secs / len(before), info={"hidden": d_new, "hidden_before": d, "sparsity": self.config.sparsity},  # type: ignore[attr-defined]
-                        bits_before=numel * 8 * lin.weight.element_size(), bits_after=lin.weight.numel() * 8 * lin.weight.element_size(),
-                    ))
-                if on_layer is not None:
-                    on_layer(i, len(layers), secs)
-            # 4. final norm and head
-            final_norm.weight = nn.Parameter(torch.full((d_new,), scale, dtype=final_norm.weight.dtype, device=final_norm.weight.device),
-                                             requires_grad=False)
-            scale_norm_eps(final_norm, d / d_new)
-            Q_last = Q_in.to(head.weight.device)
-            if tied:
-                mix = Q_last.T @ torch.diag(gamma_final.to(Q_last.device)) @ Q_first.to(Q_last.device)
-                new_head = MixedHead(emb.weight, mix.to(emb.weight.dtype))
+                    _set_weight(lin, scale_inputs(lin.weight, norm.weight))
+                norm.weight.fill_(1.0)
+            Q_in = self._Q.to(dev)
+            dtype = layer.get_submodule(a.attn_output).weight.dtype
+            # attention reads the stream in basis Q_in; with the shortcut Q_inᵀ (d′ × d) the layer's
+            # forward writes the full-dimension stream between attention and MLP
+            for n in a.attn_inputs:
+                lin = layer.get_submodule(n)
+                _set_weight(lin, rotate_inputs(lin.weight, Q_in))
+            _set_norm(layer.get_submodule(a.attn_norm), d_new, scale, eps_factor)
+            make_sliced(layer, Q_in.T.to(dtype), torch.eye(d, dtype=dtype, device=dev))
+            G_mid = ctx.observe([a.mlp_norm], frozenset({"gram"})).linears[a.mlp_norm].gram
+            assert G_mid is not None
+            Q_mid = principal_basis(G_mid, d_new).to(dev)
+            o = layer.get_submodule(a.attn_output)
+            _set_weight(o, rotate_outputs(o.weight, Q_mid))
+            S_attn = Q_in.T @ Q_mid
+            # the MLP reads the stream in basis Q_mid; the shortcut Q_midᵀ gives the full-dimension output
+            for n in a.mlp_inputs:
+                lin = layer.get_submodule(n)
+                _set_weight(lin, rotate_inputs(lin.weight, Q_mid))
+            _set_norm(layer.get_submodule(a.mlp_norm), d_new, scale, eps_factor)
+            make_sliced(layer, S_attn.to(dtype), Q_mid.T.to(dtype))
+            G_out = ctx.observe([LAYER_OUTPUT], frozenset({"gram"})).linears[LAYER_OUTPUT].gram
+            assert G_out is not None
+            Q_out = principal_basis(G_out, d_new).to(dev)
+            down = layer.get_submodule(a.mlp_output)
+            _set_weight(down, rotate_outputs(down.weight, Q_out))
+            make_sliced(layer, S_attn.to(dtype), (Q_mid.T @ Q_out).to(dtype))
+        self._Q = Q_out.cpu()
+        info = {"hidden": d_new, "hidden_before": d, "sparsity": self.cfg.sparsity}
+        return {n: dict(info) for n in a.attn_inputs + a.mlp_inputs + (a.attn_output, a.mlp_output)}
+
+    def finish(self, ctx: ModelContext) -> None:
+        model, adapter = ctx.model, ctx.adapter
+        d, d_new = self._d, self._d_new
+        final_norm = model.get_submodule(adapter.final_norm)
+        head = model.get_submodule(adapter.lm_head)
+        emb = model.get_submodule(adapter.embed)
+        with torch.no_grad():
+            _set_norm(final_norm, d_new, math.sqrt(d / d_new), d / d_new)
+            Q_last = self._Q.to(head.weight.device)
+            if self._tied:
+                gamma = self._gamma_final.to(Q_last.device)
+                mix = Q_last.T @ torch.diag(gamma) @ self._Q_first.to(Q_last.device)
                 parent, _, child = adapter.lm_head.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, new_head)
+                setattr(model.get_submodule(parent) if parent else model, child, MixedHead(emb.weight, mix.to(emb.weight.dtype)))
             else:
-                _set_weight(head, head.weight.double() @ Q_last)
-        model.config.compress_sliced_hidden = d_new  # recorded for the checkpoint; transformers ignores it
-        model.config.compress_sliced_eps_scale = d / d_new
+                _set_weight(head, rotate_inputs(head.weight, Q_last))
+        self._structure = {"hidden": d_new, "tied_mix": self._tied, "norm_eps_scale": d / d_new}
         logger.info("slicegpt: hidden %d -> %d (sparsity %.3f requested, %.4f used after rounding to a multiple of %d)",
-                    d, d_new, self.config.sparsity, 1 - d_new / d, self.config.round_to)  # type: ignore[attr-defined]
-        return records
+                    d, d_new, self.cfg.sparsity, 1 - d_new / d, self.cfg.round_to)
 
+    # -- structure -------------------------------------------------------------------------------
 
-def _onto_row_space(G: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-    """P·G·P with P the projector onto the row space of ``E``: the head's logits see only the
-    part of its input that the (tied) vocabulary matrix can read."""
-    K = E.detach().double().T @ E.detach().double()
-    lam, V = torch.linalg.eigh(K.to(G.device))
-    V = V[:, lam > lam.max() * 1e-10]
-    P = V @ V.T
-    return P @ G @ P
+    def structure(self, model: nn.Module) -> dict[str, Any] | None:
+        return self._structure
 
+    @classmethod
+    def rebuild(cls, model: nn.Module, adapter: ModelAdapter, structure: dict[str, Any], dtype: torch.dtype) -> None:
+        hidden = int(structure["hidden"])
+        eps_scale = float(structure.get("norm_eps_scale", 1.0))
+        for layer in adapter.layers(model):
+            make_sliced(layer, torch.zeros(hidden, hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype))
+            for norm in (adapter.attn_norm, adapter.mlp_norm):
+                scale_norm_eps(layer.get_submodule(norm), eps_scale)
+        scale_norm_eps(model.get_submodule(adapter.final_norm), eps_scale)
+        if structure.get("tied_mix"):
+            emb = model.get_submodule(adapter.embed)
+            parent, _, child = adapter.lm_head.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, MixedHead(emb.weight, torch.zeros(hidden, hidden, dtype=dtype)))
 
-def _head_input_gram(layers: nn.ModuleList, final_norm: nn.Module, inputs: list[Batch], device: torch.device) -> torch.Tensor:
-    """Gram matrix (float64) of what the LM head reads (the final norm's output) on the calibration
-    set, from one layer-by-layer forward of the not yet sliced model."""
-    hs = [_hidden(b) for b in inputs]
-    for layer in layers:
-        home = next(layer.parameters()).device
-        layer.to(device)
-        hs = [_run_layer(layer, _with_hidden(b, h), device).cpu() for b, h in zip(inputs, hs)]
-        layer.to(home)
-    home = final_norm.weight.device
-    final_norm.to(device)
-    G = _gram([final_norm(h.to(device)) for h in hs])
-    final_norm.to(home)
-    return G
-
-
-def _hidden(batch: Batch) -> torch.Tensor:
-    args, kwargs = batch
-    return args[0] if args else kwargs["hidden_states"]
-
-
-__all__ = ["SliceGPTPass", "_with_hidden", "_run_layer"]
+    def notes(self, summary: dict[str, Any]) -> list[str]:
+        """SliceGPT's accounting: the paper's sparsity (embedding dimension removed) beside the fraction of
+        all parameters removed, shortcut and mixing matrices included."""
+        if self._structure is None:
+            return []
+        d, d_new = self._d, self._d_new
+        return [
+            f"Slicing: hidden {d} -> {d_new}; sparsity {self.cfg.sparsity} requested, {1 - d_new / d:.4f} used "
+            "(SliceGPT's definition: the fraction of the embedding dimension removed). Parameters removed from the whole model, "
+            f"shortcut and head-mixing matrices included: {summary['model_ratio']:.4f} "
+            f"({summary['model_params_before']:,} -> {summary['model_params_after']:,})."
+        ]

@@ -36,26 +36,23 @@ from ..registry import register_pass
 from ..solvers.armor import armor
 from ..solvers.lowrank import relative_output_error
 from ..solvers.sparse import nm_mask, parse_pattern, sparsegpt_prune, unstructured_mask
-from .base import Pass, PassResult
+from .base import Capabilities, Pass, PassResult
 
 logger = logging.getLogger(__name__)
 _TARGETS_HELP = "which linears of each decoder layer to prune: glob(s) on names like 'mlp.down_proj', '|'-separated"
 
 
 @dataclass
-class PruneConfig(PassConfig):
-    pattern: str = option("2:4", "N:M (N kept of every M consecutive inputs), or 'unstructured' with sparsity")
+class _PruneOptions(PassConfig):
+    pattern: str = option("", "N:M (N kept of every M consecutive inputs), or 'unstructured' with sparsity "
+                          "(default: 2:4, or unstructured when sparsity is given)")
     sparsity: float | None = option(None, "fraction of weights removed, unstructured (given alone, selects unstructured)",
                                     min=0.0, max=1.0, min_open=True, max_open=True)
     targets: str = option("*", _TARGETS_HELP)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PassConfig":
-        if "sparsity" in values and "pattern" not in values:
-            values = {**values, "pattern": "unstructured"}
-        return super().from_dict(values)
-
     def validate(self) -> None:
+        if not self.pattern:
+            self.pattern = "unstructured" if self.sparsity is not None else "2:4"
         super().validate()
         if self.pattern == "unstructured":
             if self.sparsity is None:
@@ -71,7 +68,17 @@ class PruneConfig(PassConfig):
 
 
 @dataclass
-class SparseGPTConfig(PruneConfig):
+class MagnitudeConfig(_PruneOptions):
+    """Options of magnitude pruning."""
+
+
+@dataclass
+class WandaConfig(_PruneOptions):
+    """Options of Wanda."""
+
+
+@dataclass
+class SparseGPTConfig(_PruneOptions):
     damp: float = option(0.01, "damping added to diag(H), as a fraction of its mean", min=0.0, max=1.0)
     blocksize: int = option(128, "columns per mask-selection / lazy-update block", min=1)
 
@@ -79,13 +86,27 @@ class SparseGPTConfig(PruneConfig):
 class _PrunePass(Pass):
     """Shared apply: check shapes, compute a mask (or a pruned weight), store the result."""
 
-    def _check(self, name: str, d_out: int, d_in: int) -> tuple[int, int] | None:
+    accepts_reason = "it prunes dense weights"
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        assert isinstance(config, _PruneOptions)
+        # 2:4 is stored packed where the input dimension allows it; other patterns stay dense with zeros
+        return frozenset({"Sparse24Linear", "Linear"}) if config.nm == (2, 4) else frozenset({"Linear"})
+
+    def check_shape(self, d_out: int, d_in: int) -> str | None:
         cfg = self.config
-        assert isinstance(cfg, PruneConfig)
+        assert isinstance(cfg, _PruneOptions)
         nm = cfg.nm
         if nm is not None and d_in % nm[1]:
-            raise ConfigError(f"{name} ({d_out}x{d_in}): input dimension {d_in} is not divisible by M = {nm[1]} of pattern {cfg.pattern}")
-        return nm
+            return f"input dimension {d_in} is not divisible by M = {nm[1]} of pattern {cfg.pattern}; choose another pattern"
+        return None
+
+    def _check(self, name: str, d_out: int, d_in: int) -> tuple[int, int] | None:
+        why = self.check_shape(d_out, d_in)
+        if why is not None:
+            raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
+        return self.config.nm  # type: ignore[attr-defined]
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         raise NotImplementedError
@@ -121,7 +142,7 @@ class MagnitudePass(_PrunePass):
     """Magnitude pruning: keep the largest |W| (data-free)."""
 
     name = "magnitude"
-    config_cls = PruneConfig
+    config_cls = MagnitudeConfig
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         score = W.abs().float()
@@ -134,9 +155,11 @@ class WandaPass(_PrunePass):
     """Wanda: keep the largest |W_ij|·‖X_j‖₂ within each output row."""
 
     name = "wanda"
-    config_cls = PruneConfig
-    requires_calibration = True
-    statistics = frozenset({"rms"})
+    config_cls = WandaConfig
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"}))
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.sq_sum is not None
@@ -151,8 +174,10 @@ class SparseGPTPass(_PrunePass):
 
     name = "sparsegpt"
     config_cls = SparseGPTConfig
-    requires_calibration = True
-    statistics = frozenset({"gram"})
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}))
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.gram is not None
@@ -178,8 +203,23 @@ class ArmorPass(Pass):
 
     name = "armor"
     config_cls = ArmorConfig
-    requires_calibration = True
-    statistics = frozenset({"rms"})
+    accepts_reason = "it prunes dense weights"
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"}))
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        return frozenset({"ArmorLinear"})
+
+    def check_shape(self, d_out: int, d_in: int) -> str | None:
+        b = self.config.block  # type: ignore[attr-defined]
+        if b % 4 or d_in % b or d_out % b or d_in % 8:
+            ok = [s for s in (16, 32, 64, 128, 256) if d_in % s == 0 and d_out % s == 0]
+            return (f"block size {b} must be a multiple of 4 dividing both dimensions "
+                    f"(block sizes that work: {', '.join(map(str, ok)) or 'none'})")
+        return None
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
         assert isinstance(module, nn.Linear) and stats is not None and stats.sq_sum is not None
@@ -187,13 +227,10 @@ class ArmorPass(Pass):
         assert isinstance(c, ArmorConfig)
         W = module.weight.data
         d_out, d_in = W.shape
+        why = self.check_shape(d_out, d_in)
+        if why is not None:
+            raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
         b = c.block
-        if b % 4 or d_in % b or d_out % b or d_in % 8:
-            ok = [s for s in (16, 32, 64, 128, 256) if d_in % s == 0 and d_out % s == 0]
-            raise ConfigError(
-                f"{name} ({d_out}x{d_in}): block size {b} must be a multiple of 4 dividing both dimensions "
-                f"(block sizes that work: {', '.join(map(str, ok)) or 'none'})"
-            )
         res = armor(W, stats.sq_sum, block=b, iters=c.iters, lr=c.lr, patience=c.patience, seed=c.seed)
         bias = module.bias.data if module.bias is not None else None
         new = ArmorLinear.from_factors(res.A, res.core, res.B, res.keep, bias, like=W)

@@ -41,3 +41,19 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
     vals = (word[:, None] >> shifts) & (2**bits - 1)
     return vals.reshape(-1)[:n].to(torch.uint8)
+
+
+_BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.int32)
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """bool (..., d_in) → uint8 (..., d_in/8), LSB first (BCQ's binary planes)."""
+    s = signs.reshape(*signs.shape[:-1], -1, 8).to(torch.int32)
+    return (s * _BIT_WEIGHTS.to(s.device)).sum(dim=-1).to(torch.uint8)
+
+
+def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., d_in/8) → bool (..., d_in)."""
+    p = packed.to(torch.int32)[..., None]
+    bits = (p >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1
+    return bits.reshape(*packed.shape[:-1], -1).bool()

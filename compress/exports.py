@@ -1,0 +1,138 @@
+"""The export formats, in one table that ``compress run --export`` and ``compress export`` both read.
+
+Each format says, from the recipe alone, why the recipe's modules cannot produce it (checked before
+the model is loaded), checks the compressed model (before anything is written) and writes itself
+into a directory. Exports run after the compressed checkpoint is written, so a failing export never
+costs the compression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from torch import nn
+
+from .errors import CompressError
+
+if TYPE_CHECKING:
+    from .recipe import PassSpec
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    help: str
+    #: why a recipe (its passes, in order) cannot produce this format, or None
+    check_recipe: Callable[[list["PassSpec"]], str | None]
+    #: raise a CompressError when the compressed model cannot be written in this format
+    check_model: Callable[[nn.Module, str], None]
+    #: write(model, tokenizer, directory, layers_path, source)
+    write: Callable[[nn.Module, Any, Path, str, str], None]
+
+
+def final_module_types(passes: list["PassSpec"]) -> set[str]:
+    """Module types an untargeted linear may have after the recipe (passes narrowed with targets=
+    leave the other linears as they were, so their types are added)."""
+    from .passes.base import LINEAR
+    from .registry import get_pass
+
+    kinds = {LINEAR}
+    narrowed: set[str] = set()
+    for spec in passes:
+        produced = set(get_pass(spec.name).produces(spec.config))
+        if str(getattr(spec.config, "targets", "*")).strip() == "*":
+            kinds = produced
+        else:
+            narrowed |= produced
+    return kinds | narrowed
+
+
+def _dense_recipe(passes: list["PassSpec"]) -> str | None:
+    from .registry import get_pass
+
+    blocked = [(s.name, get_pass(s.name).dense_export_blocker) for s in passes if get_pass(s.name).dense_export_blocker]
+    return f"--export dense is not possible after {blocked[0][0]}: {blocked[0][1]}" if blocked else None
+
+
+def _dense_model(model: nn.Module, layers_path: str) -> None:
+    from .checkpoint import dense_export_blocker
+
+    why = dense_export_blocker(model)
+    if why is not None:
+        raise CompressError(f"no dense export: {why}")
+
+
+def _dense_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: str, source: str) -> None:
+    from .checkpoint import export_dense
+
+    export_dense(model, tokenizer, directory)
+
+
+def _gptq_recipe(passes: list["PassSpec"]) -> str | None:
+    kinds = final_module_types(passes)
+    if kinds != {"QuantLinear"}:
+        other = sorted(kinds - {"QuantLinear"})
+        return (f"--export gptq needs every decoder linear quantized by rtn or gptq (dim=oc); this recipe leaves {', '.join(other)} "
+                "modules; drop --export gptq or quantize last")
+    for s in passes:
+        if getattr(s.config, "dim", "oc") != "oc":
+            return f"--export gptq holds per-output-channel groups only; {s.name}:dim={s.config.dim} can produce per-IC layers; use dim=oc"  # type: ignore[attr-defined]
+        if getattr(s.config, "levels", "uniform") != "uniform":
+            return f"--export gptq holds uniform levels only; {s.name} uses levels={s.config.levels}"  # type: ignore[attr-defined]
+    return None
+
+
+def _gptq_model(model: nn.Module, layers_path: str) -> None:
+    from .export_gptq import check_gptq_exportable
+
+    check_gptq_exportable(model, layers_path)
+
+
+def _gptq_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: str, source: str) -> None:
+    from .export_gptq import export_gptq
+
+    export_gptq(model, tokenizer, directory, layers_path)
+
+
+def _peft_recipe(passes: list["PassSpec"]) -> str | None:
+    if "LoRALinear" not in final_module_types(passes):
+        return "--export peft needs low-rank branches: add an eora or lq-lora pass to the recipe"
+    return None
+
+
+def _peft_model(model: nn.Module, layers_path: str) -> None:
+    from .export_peft import check_peft_exportable
+
+    check_peft_exportable(model)
+
+
+def _peft_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: str, source: str) -> None:
+    from .export_peft import export_peft
+
+    export_peft(model, directory, source)
+
+
+EXPORTS: dict[str, ExportFormat] = {
+    f.name: f for f in (
+        ExportFormat("dense", "plain HF checkpoint, factors multiplied out (from_pretrained without this library)",
+                     _dense_recipe, _dense_model, _dense_write),
+        ExportFormat("gptq", "GPTQ format (packed int32 qweight/qzeros, fp16 scales) for GPTQ kernels", _gptq_recipe, _gptq_model, _gptq_write),
+        ExportFormat("peft", "the low-rank branches of eora/lq-lora as a PEFT LoRA adapter", _peft_recipe, _peft_model, _peft_write),
+    )
+}
+
+
+def get_export(name: str) -> ExportFormat:
+    if name not in EXPORTS:
+        raise CompressError(f"unknown export format '{name}'; available: {', '.join(EXPORTS)} (--export)")
+    return EXPORTS[name]
+
+
+def check_exports(names: tuple[str, ...] | list[str], passes: list["PassSpec"]) -> None:
+    """Refuse unknown formats and formats the recipe cannot produce, before any compute."""
+    for n in names:
+        why = get_export(n).check_recipe(passes)
+        if why is not None:
+            raise CompressError(why)

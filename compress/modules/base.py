@@ -1,0 +1,131 @@
+"""The base of every compressed module, and the registry the checkpoint reads.
+
+A compressed module stands in for one ``nn.Linear``. It describes itself (:meth:`spec`, JSON), is
+rebuilt empty from that description (:meth:`from_spec`) before a checkpoint's weights load, and
+multiplies itself out (:meth:`dense_weight`) for the dense export. Subclasses register themselves
+by class name when they are defined (``class FooLinear(CompressedLinear)``), so the checkpoint,
+the report and the passes never keep a list of types by hand.
+
+Helpers shared by several module types (caches of a dequantized weight or of a kernel layout) live
+here too, so that module files do not import each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+#: compressed module types by class name, as written in the checkpoint manifest
+MODULE_TYPES: dict[str, type["CompressedLinear"]] = {}
+
+
+class CompressedLinear(nn.Module):
+    """A module computing y = x·Wᵀ (+ b) from a compressed representation of W."""
+
+    #: the weight is held in buffers (codes, packed values), not parameters: parameter counts add
+    #: :meth:`num_weights` for such modules
+    weights_in_buffers: ClassVar[bool] = False
+    #: the kept values are stored in the packed 2:4 form (a later pass must not densify them)
+    is_sparse_24: ClassVar[bool] = False
+    in_features: int
+    out_features: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__name__
+        if name in MODULE_TYPES and MODULE_TYPES[name] is not cls:
+            raise KeyError(f"compressed module type {name!r} is already registered by {MODULE_TYPES[name].__module__}")
+        MODULE_TYPES[name] = cls
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (d_out, d_in) weight of the equivalent nn.Linear."""
+        raise NotImplementedError
+
+    def num_weights(self) -> int:
+        """Weights the module counts as its parameters (biases excluded): its stored parameters by
+        default (a low-rank layer's factors); quantized and packed types count the d_out·d_in weights
+        their codes represent."""
+        return sum(p.numel() for n, p in self.named_parameters() if not n.endswith("bias"))
+
+    def storage_bits(self) -> int:
+        """Bits the weight occupies as stored (bias excluded)."""
+        return sum(8 * p.numel() * p.element_size() for n, p in self.named_parameters() if not n.endswith("bias"))
+
+    def spec(self) -> dict[str, Any]:
+        """JSON description from which :meth:`from_spec` rebuilds an empty module of the same shapes."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "CompressedLinear":
+        raise NotImplementedError
+
+
+def module_spec(m: nn.Module) -> dict[str, Any]:
+    """{"type", "spec"} of a plain or compressed linear (nested specs, e.g. a LoRA branch's factors)."""
+    if isinstance(m, nn.Linear):
+        return {"type": "Linear", "spec": {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}}
+    return {"type": type(m).__name__, "spec": m.spec()}  # type: ignore[operator]
+
+
+def build_module(entry: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild an empty module from :func:`module_spec`'s description."""
+    if entry["type"] == "Linear":
+        s = entry["spec"]
+        return nn.Linear(s["in_features"], s["out_features"], bias=s["bias"], dtype=dtype, device=device)
+    cls = MODULE_TYPES.get(entry["type"])
+    if cls is None:
+        raise KeyError(entry["type"])
+    return cls.from_spec(entry["spec"], dtype=dtype, device=device)
+
+
+def dense_weight_of(m: nn.Module) -> torch.Tensor:
+    """The weight of a plain linear, or a compressed module multiplied out."""
+    return m.weight if isinstance(m, nn.Linear) else m.dense_weight()  # type: ignore[operator]
+
+
+def weight_count(module: nn.Module) -> int:
+    """Weights a (compressed) linear represents: parameters, or the codes of a quantized layer (bias excluded)."""
+    if isinstance(module, CompressedLinear):
+        return int(module.num_weights())
+    return sum(p.numel() for n, p in module.named_parameters() if not n.endswith("bias"))
+
+
+def storage_bits(module: nn.Module) -> int:
+    """Bits the weight of a (compressed) linear occupies as stored (bias excluded)."""
+    if isinstance(module, CompressedLinear):
+        return int(module.storage_bits())
+    return sum(8 * p.numel() * p.element_size() for n, p in module.named_parameters() if not n.endswith("bias"))
+
+
+def is_compressed(module: nn.Module) -> bool:
+    return isinstance(module, CompressedLinear)
+
+
+def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Tensor:
+    """The module's dequantized weight; on the CPU it is kept between calls (evaluation re-runs every
+    layer many times) and rebuilt whenever a storage buffer was replaced or modified in place. On
+    accelerators it is rebuilt each call, so the packed form stays the only copy in device memory."""
+    tensors = [getattr(module, b) for b in buffers]
+    if tensors[0].device.type != "cpu":
+        return module.dense_weight()  # type: ignore[operator]
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cache = module.__dict__.get("_dense_cache")
+    if cache is None or cache[0] != key:
+        cache = (key, module.dense_weight().detach())  # type: ignore[operator]
+        module.__dict__["_dense_cache"] = cache
+    return cache[1]
+
+
+def cached_kernel_layout(module: nn.Module, buffers: tuple[str, ...], build: Callable[[], Any]) -> Any:
+    """A kernel's layout of the module's weight, kept between calls and rebuilt whenever a storage
+    buffer was replaced, moved or modified in place."""
+    tensors = [getattr(module, b) for b in buffers]
+    key = tuple((t.data_ptr(), t._version, t.device) for t in tensors)
+    cache = module.__dict__.get("_kernel_layout")
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            cache = (key, build())
+        module.__dict__["_kernel_layout"] = cache
+    return cache[1]
