@@ -66,7 +66,13 @@ class PassConfig:
     pass_name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        self.validate()
+        try:
+            self.validate()
+        except ConfigError as e:
+            # every message names the pass it is about (a helper shared by several passes may not)
+            if self.pass_name and f"pass '{self.pass_name}'" not in str(e) and not str(e).startswith(self.pass_name):
+                raise ConfigError(f"pass '{self.pass_name}': {e}") from None
+            raise
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field[Any]]:
