@@ -2,9 +2,10 @@
 
 Every pass is driven by the one layer loop of :mod:`compress.pipeline.sequential`, at fixed points:
 
-1. ``check(model, adapter, shapes)``: before the first layer is touched, every option against every
-   target's shape (group sizes, N:M, block sizes, ranks); returns the shapes the pass leaves behind,
-   so that the next pass is checked against them.
+1. ``check(model, adapter, shapes, stored)``: before the first layer is touched, every option
+   against every target's shape (group sizes, N:M, block sizes, ranks) and against what the passes
+   before it leave (``stored``: bits per target, from :meth:`Pass.stored_bits`); returns the shapes
+   the pass leaves behind, so that the next pass is checked against them.
 2. ``prepare(model, adapter)``: once before the loop (global allocations such as LoRD's ranks). A
    pass with ``global_prepare`` that follows other passes starts a new layer loop, so that it sees
    their results in every layer.
@@ -50,6 +51,18 @@ if TYPE_CHECKING:
 
 #: shapes of the target linears of a model, by full name: (d_out, d_in)
 Shapes = dict[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What the recipe's passes so far leave of one target, as known before any compute."""
+
+    #: bits its weight occupies as stored (None: known only once the pass has run, e.g. a global allocation)
+    bits: int | None
+    #: the last pass that changed it (None: the source model's weight)
+    by: str | None = None
+    #: bits of one element of the model's dense weights
+    elt_bits: int = 32
 #: module type name of a plain linear in ``accepts``/``produces``
 LINEAR = "Linear"
 #: in ``accepts``: any module type
@@ -102,6 +115,11 @@ class LayerContext(Protocol):
     def block_error(self, block: str, replace: dict[str, nn.Module]) -> float:
         """Σ‖out − ref‖² of sub-block ``block`` with the linears in ``replace`` swapped in."""
 
+    def map_outputs(self, fn: Any) -> None:
+        """Declare that the layer's outputs are now ``fn(h)`` of the outputs seen by the last
+        ``observe`` of LAYER_OUTPUT (e.g. a rotation): when no later pass changes the layer, the
+        engine propagates these instead of re-running the layer."""
+
     def original(self, name: str) -> torch.Tensor:
         """The weight of linear ``name`` before any pass of the recipe changed it."""
 
@@ -122,6 +140,17 @@ class ModelContext(Protocol):
 
     def map_hidden(self, fn: Any) -> None:
         """Replace the hidden states entering the next layer by ``fn(hidden)`` (e.g. a rotation)."""
+
+
+def dense_bits(d_out: int, d_in: int, dtype: torch.dtype) -> int:
+    """Bits of a plain d_out × d_in weight in ``dtype``."""
+    return d_out * d_in * 8 * torch.empty((), dtype=dtype).element_size()
+
+
+def meta_storage_bits(module_cls: Any, *args: Any, **kwargs: Any) -> int:
+    """Stored bits of a compressed module of these constructor arguments, from an instance on the
+    meta device (exact, and no memory is allocated)."""
+    return int(module_cls(*args, device="meta", **kwargs).storage_bits())
 
 
 def layer_relative_name(name: str, layers_path: str) -> str:
@@ -182,20 +211,39 @@ class Pass:
 
     # -- before any compute ----------------------------------------------------------------------
 
-    def check(self, model: nn.Module, adapter: "ModelAdapter", shapes: Shapes) -> Shapes:
+    def check(self, model: nn.Module, adapter: "ModelAdapter", shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
         """Refuse options that cannot work on these targets (one-line :class:`ConfigError` naming
-        the layer and the fix); return the shapes after the pass (default: unchanged)."""
+        the layer and the fix); return the shapes after the pass (default: unchanged). ``stored``
+        says what the passes before this one leave of each target."""
         for name, (d_out, d_in) in shapes.items():
-            if matches(layer_relative_name(name, adapter.layers_path), self.targets_pattern):
-                why = self.check_shape(d_out, d_in)
+            if self.selects(name, adapter):
+                before = (stored or {}).get(name)
+                why = self.check_target(d_out, d_in, before)
                 if why is not None:
-                    raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
+                    after = f" after {before.by}" if before is not None and before.by else ""
+                    raise ConfigError(f"{self.name}: {name} ({d_out}x{d_in}{after}): {why}")
         return shapes
+
+    def selects(self, name: str, adapter: "ModelAdapter") -> bool:
+        """Whether the target ``name`` (full name) matches this pass's ``targets=`` option."""
+        return matches(layer_relative_name(name, adapter.layers_path), self.targets_pattern)
+
+    def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
+        """Why this pass's options cannot compress a d_out × d_in target that earlier passes left
+        as ``stored`` (None: they can). Default: :meth:`check_shape`."""
+        return self.check_shape(d_out, d_in)
 
     def check_shape(self, d_out: int, d_in: int) -> str | None:
         """Why this pass's options cannot compress a d_out × d_in target (None: they can)."""
         return None
 
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        """Bits a d_out × d_in target's weight occupies after this pass, known before any compute
+        (None: only the run knows, e.g. a global allocation). Default: a pass that produces only
+        plain linears leaves a dense weight; otherwise unknown."""
+        if self.produces(self.config) == frozenset({LINEAR}):
+            return dense_bits(d_out, d_in, dtype)
+        return None
     def prepare(self, model: nn.Module, adapter: "ModelAdapter") -> None:
         """Called once before the layer loop (e.g. for a global rank allocation)."""
 

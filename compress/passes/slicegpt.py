@@ -53,7 +53,7 @@ from ..errors import ConfigError
 from ..modules.sliced import MixedHead, make_sliced, scale_norm_eps
 from ..registry import register_pass
 from ..solvers.rotate import joint_gram, kept_dim, net_removed, onto_row_space, principal_basis, rotate_inputs, rotate_outputs, scale_inputs
-from .base import LAYER_OUTPUT, Capabilities, LayerContext, ModelContext, Pass, Shapes, layer_relative_name
+from .base import LAYER_OUTPUT, Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class SliceGPTPass(Pass):
 
     # -- before any compute ----------------------------------------------------------------------
 
-    def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes) -> Shapes:
+    def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
         missing = adapter.missing_residual_layout()
         if missing:
             raise ConfigError(
@@ -222,7 +222,11 @@ class SliceGPTPass(Pass):
             down = layer.get_submodule(a.mlp_output)
             _set_weight(down, rotate_outputs(down.weight, Q_out))
             make_sliced(layer, S_attn.to(dtype), (Q_mid.T @ Q_out).to(dtype))
-        self._Q = Q_out.cpu()
+        # the sliced layer writes the observed full-dimension output in basis Q_out: the engine
+        # propagates that instead of running the layer once more
+        Q_out_cpu = Q_out.cpu()
+        ctx.map_outputs(lambda h: (h.double() @ Q_out_cpu).to(h.dtype))
+        self._Q = Q_out_cpu
         info = {"hidden": d_new, "hidden_before": d, "sparsity": self.cfg.sparsity}
         return {n: dict(info) for n in a.attn_inputs + a.mlp_inputs + (a.attn_output, a.mlp_output)}
 

@@ -17,11 +17,13 @@ from .stats import LayerStats, LinearStats
 
 
 def observe(
-    layer: nn.Module, names: list[str], kinds: frozenset[str], inputs: list[Batch], device: torch.device
+    layer: nn.Module, names: list[str], kinds: frozenset[str], inputs: list[Batch], device: torch.device,
+    outputs: list[torch.Tensor] | None = None,
 ) -> LayerStats:
     """Run the calibration batches through ``layer`` with hooks on the inputs of ``names``
     (``LAYER_OUTPUT``: the layer's own output); stop each forward as soon as every hooked point has
-    been seen."""
+    been seen. With ``LAYER_OUTPUT`` observed, the layer's outputs are appended to ``outputs``
+    (on the CPU) when a list is given."""
     stats = LayerStats(kinds)
     inner = [n for n in names if n != LAYER_OUTPUT]
     want_output = LAYER_OUTPUT in names
@@ -37,7 +39,10 @@ def observe(
         return hook
 
     def output_hook(_mod: nn.Module, _args: Any, out: Any) -> None:
-        stats.observe(LAYER_OUTPUT, (out[0] if isinstance(out, (tuple, list)) else out).detach())
+        h = (out[0] if isinstance(out, (tuple, list)) else out).detach()
+        stats.observe(LAYER_OUTPUT, h)
+        if outputs is not None:
+            outputs.append(h.to("cpu"))
 
     handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in inner]
     if want_output:
@@ -74,9 +79,23 @@ class LayerState:
         self.originals = originals or {}
         self._block_inputs: dict[str, list[Batch]] = {}
         self._block_ref: dict[str, list[torch.Tensor]] = {}
+        self._seen_outputs: list[torch.Tensor] | None = None
+        #: the layer's outputs on ``inputs`` as declared by :meth:`map_outputs` (None: not known)
+        self.outputs: list[torch.Tensor] | None = None
 
     def observe(self, names: list[str], kinds: frozenset[str]) -> LayerStats:
-        return observe(self.layer, names, kinds, self.inputs, self.device)
+        seen: list[torch.Tensor] | None = [] if LAYER_OUTPUT in names else None
+        stats = observe(self.layer, names, kinds, self.inputs, self.device, seen)
+        if seen is not None:
+            self._seen_outputs = seen
+        self.outputs = None  # whatever was declared before may no longer hold
+        return stats
+
+    def map_outputs(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self._seen_outputs is None:
+            raise RuntimeError("map_outputs needs the layer's outputs: observe LAYER_OUTPUT first")
+        self.outputs = [fn(h) for h in self._seen_outputs]
+        self._seen_outputs = None
 
     def original(self, name: str) -> torch.Tensor:
         if name not in self.originals:

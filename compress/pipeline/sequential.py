@@ -34,8 +34,8 @@ from .stats import LayerStats
 
 logger = logging.getLogger(__name__)
 
-#: body(index, layer) of one layer's work; returns the layer's outputs per source when it computed
-#: them itself (else the loop re-runs the layer)
+#: body(index, layer) of one layer's work; returns the layer's outputs for the sources whose outputs
+#: it already knows (the loop re-runs the layer for the others)
 LayerBody = Callable[[int, nn.Module], "dict[str | None, list[torch.Tensor]] | None"]
 StatsProvider = Callable[[int, list[str], frozenset[str]], LayerStats]
 
@@ -61,7 +61,8 @@ def layer_loop(
         outs = body(i, layer)
         if i + 1 < len(layers):
             for src, inputs in inputs_by.items():
-                hs = outs[src] if outs is not None else [run_layer(layer, b, device).detach().to("cpu") for b in inputs]
+                known = outs.get(src) if outs is not None else None
+                hs = known if known is not None else [run_layer(layer, b, device).detach().to("cpu") for b in inputs]
                 inputs_by[src] = [with_hidden(b, h) for b, h in zip(inputs, hs)]
         layer.to(home)
         cleanup_memory()
@@ -143,8 +144,9 @@ def _run_segment(
             if p.granularity == "model":
                 p.begin(model_state)
 
-        def body(i: int, layer: nn.Module) -> None:
+        def body(i: int, layer: nn.Module) -> dict[str | None, list[torch.Tensor]] | None:
             groups = adapter.groups(layer)
+            known: dict[str | None, list[torch.Tensor]] | None = None
 
             def snapshot() -> dict[str, torch.Tensor] | None:
                 # each linear's weight before the per-linear passes (after a model-level pass rotated it)
@@ -154,7 +156,10 @@ def _run_segment(
             main = inputs_by.get(None, [])
             for p in passes:
                 if p.granularity == "model":
-                    records.extend(_model_layer(p, i, layer, LayerState(layer, i, main, device, adapter, originals), prefix))
+                    state = LayerState(layer, i, main, device, adapter, originals)
+                    records.extend(_model_layer(p, i, layer, state, prefix))
+                    # outputs the pass derived from what it observed hold while no later pass changes the layer
+                    known = {None: state.outputs} if state.outputs is not None and p is passes[-1] else None
                     originals = snapshot()
                     continue
                 for group in groups:  # the layer's linears as they were before any pass replaced them
@@ -185,6 +190,7 @@ def _run_segment(
                         ))
                     del stats, context
             del originals
+            return known
 
         seconds = layer_loop(adapter, model, inputs_by, device, body, on_layer)
         for p in passes:
