@@ -98,6 +98,15 @@ def check_passes(model: nn.Module, adapter: "ModelAdapter", rec: "Recipe", passe
         if pattern is not None and not any(matches(n, pattern) for n in names):
             raise ConfigError(f"pass '{spec.name}': targets={pattern} matches no linear of this model; its linears are {', '.join(names)}")
     check_order(rec.passes, names)
+    from .passes.base import Stored, dense_bits
+
     shapes = linear_shapes(model, adapter)
+    dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    elt = dense_bits(1, 1, dtype)
+    stored = {n: Stored(dense_bits(o, i, dtype), None, elt) for n, (o, i) in shapes.items()}
     for p in passes:
-        shapes = p.check(model, adapter, shapes)
+        after = p.check(model, adapter, shapes, stored)
+        for n, (o, i) in after.items():
+            if p.selects(n, adapter) or after[n] != shapes[n]:
+                stored[n] = Stored(p.stored_bits(o, i, dtype), p.name, elt)
+        shapes = after

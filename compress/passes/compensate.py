@@ -43,7 +43,7 @@ from ..solvers.lowrank import relative_output_error
 from ..solvers.lqlora import allocate, lq_decompose
 from ..solvers.packing import packed_nbytes
 from ..solvers.quant import SUPPORTED_BITS, QuantSpec, group_error_check, quantize_rtn
-from .base import ANY, Capabilities, Pass, PassResult, layer_relative_name, matches
+from .base import ANY, Capabilities, Pass, PassResult, Stored, layer_relative_name, matches
 
 logger = logging.getLogger(__name__)
 _TARGETS_HELP = "which linears of each decoder layer: glob(s) on names like 'mlp.down_proj', '|'-separated"
@@ -108,6 +108,24 @@ class EoRAPass(Pass):
             return f"eora rank {self.cfg.rank} must be below {min(d_out, d_in)}; lower rank="
         return None
 
+    def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
+        why = self.check_shape(d_out, d_in)
+        if why is not None or stored is None or stored.by is None or stored.bits is None:
+            return why  # untouched targets are left alone; an allocation known only at run time is checked then
+        return self._cost_check(d_out, d_in, stored.elt_bits * d_out * d_in - stored.bits, stored.elt_bits, stored.by)
+
+    def _cost_check(self, d_out: int, d_in: int, saved: int, elt_bits: int, by: str) -> str | None:
+        """Why a branch of the configured rank does not pay for itself on a target that ``by`` left
+        ``saved`` bits smaller than dense (None: it does)."""
+        r, bb = self.cfg.rank, self.cfg.branch_bits
+        cost = _branch_cost(d_out, d_in, r, bb, elt_bits)
+        if cost < saved:
+            return None
+        fits = [k for k in range(r - 1, 0, -1) if _branch_cost(d_out, d_in, k, bb, elt_bits) < saved]
+        fix = f"use rank={fits[0]} or lower" if fits else f"no rank pays for itself here; narrow eora with targets= or compress more with {by}"
+        return (f"an eora branch of rank {r} costs {cost:,} bits, more than the {max(saved, 0):,} bits {by} saves on this layer; {fix}"
+                + ("" if bb else " (or branch_bits=8)"))
+
     def targets(self, name: str, module: nn.Module) -> bool:
         return matches(name, self.cfg.targets)
 
@@ -122,13 +140,9 @@ class EoRAPass(Pass):
         r = self.cfg.rank
         if r >= min(d_out, d_in):
             raise ConfigError(f"{name} ({d_out}x{d_in}): eora rank {r} must be below {min(d_out, d_in)}")
-        branch_cost = _branch_cost(d_out, d_in, r, self.cfg.branch_bits, 8 * W.element_size())
-        saved = 8 * W.element_size() * d_out * d_in - storage_bits(module)
-        if branch_cost >= saved:
-            raise ConfigError(
-                f"{name}: an eora branch of rank {r} costs {branch_cost:,} bits, more than the {max(saved, 0):,} bits the "
-                "earlier compression saved on this layer; lower rank= or compress more"
-            )
+        why = self._cost_check(d_out, d_in, 8 * W.element_size() * d_out * d_in - storage_bits(module), 8 * W.element_size(), "the earlier passes")
+        if why is not None:  # checked up front where the earlier passes' storage was known; here after a global allocation
+            raise ConfigError(f"{name}: {why}")
         H = stats.gram if stats is not None else None
         B, A, _ = compensate(delta, r, H=H, variant=self.cfg.variant, n_tokens=stats.n_tokens if stats else 1)
         lora = LoRALinear(module, _factor(A, W, self.cfg.branch_bits), _factor(B, W, self.cfg.branch_bits))

@@ -45,7 +45,7 @@ from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.linalg import cholesky_psd
 from ..solvers.lowrank import allocate_ranks, factorize, rank_for_ratio, relative_output_error, saves_parameters
-from .base import Capabilities, Pass, PassResult
+from .base import Capabilities, Pass, PassResult, dense_bits, meta_storage_bits
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,12 @@ class _LowRankPass(Pass):
 
     def rank(self, name: str, d_out: int, d_in: int) -> int | None:
         return rank_for_ratio(d_out, d_in, self.config.ratio)  # type: ignore[attr-defined]
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        r = rank_for_ratio(d_out, d_in, self.config.ratio)  # type: ignore[attr-defined]
+        if not saves_parameters(d_out, d_in, r):
+            return dense_bits(d_out, d_in, dtype)
+        return meta_storage_bits(LowRankLinear, d_in, d_out, r, dtype=dtype)
 
     def scaling(self, name: str, stats: LinearStats | None) -> dict[str, torch.Tensor]:
         return {}
@@ -203,3 +209,6 @@ class LoRDPass(_LowRankPass):
 
     def rank(self, name: str, d_out: int, d_in: int) -> int | None:
         return self._ranks[name]
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        return None  # the ranks come from a global allocation over every layer's spectrum

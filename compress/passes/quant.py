@@ -40,7 +40,7 @@ from ..registry import register_pass
 from ..solvers.gptq import gptq_quantize
 from ..solvers.lowrank import relative_output_error
 from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
-from .base import Capabilities, Pass, PassResult, layer_relative_name
+from .base import Capabilities, Pass, PassResult, layer_relative_name, meta_storage_bits
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,14 @@ class _QuantPass(Pass):
         dims = ["oc", "ic"] if self.cfg.dim == "ada" else [self.cfg.dim]
         why = [group_error_check(self._spec(dim), d_out, d_in) for dim in dims]
         return None if any(w is None for w in why) else f"{why[0]}; choose another group size"
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        c = self.cfg
+        dims = [d for d in (["oc", "ic"] if c.dim == "ada" else [c.dim]) if group_error_check(self._spec(d), d_out, d_in) is None]
+        if not dims:
+            return None
+        # AdaDim picks per layer; the larger of the two layouts bounds what is stored
+        return max(meta_storage_bits(QuantLinear, d_in, d_out, c.bits, c.group, dim=d, sym=c.sym, dtype=dtype) for d in dims)
 
     def targets(self, name: str, module: nn.Module) -> bool:
         if getattr(module, "is_sparse_24", False) and super().targets(name, _LINEAR_PROBE):
@@ -227,6 +235,13 @@ class BCQPass(Pass):
             return (f"BCQ group size {g} must divide the input dimension {d_in} and be a multiple of 8 "
                     f"(sizes that work: {', '.join(map(str, ok)) or 'none'})")
         return None
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        from ..modules.bcq import BCQLinear
+
+        c = self.config
+        assert isinstance(c, BCQConfig)
+        return meta_storage_bits(BCQLinear, d_in, d_out, c.bits, c.group or d_in, dtype=dtype)
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
         from ..modules.bcq import BCQLinear

@@ -36,7 +36,7 @@ from ..registry import register_pass
 from ..solvers.armor import armor
 from ..solvers.lowrank import relative_output_error
 from ..solvers.sparse import nm_mask, parse_pattern, sparsegpt_prune, unstructured_mask
-from .base import Capabilities, Pass, PassResult
+from .base import Capabilities, Pass, PassResult, dense_bits, meta_storage_bits
 
 logger = logging.getLogger(__name__)
 _TARGETS_HELP = "which linears of each decoder layer to prune: glob(s) on names like 'mlp.down_proj', '|'-separated"
@@ -101,6 +101,11 @@ class _PrunePass(Pass):
         if nm is not None and d_in % nm[1]:
             return f"input dimension {d_in} is not divisible by M = {nm[1]} of pattern {cfg.pattern}; choose another pattern"
         return None
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        if self.config.nm == (2, 4) and d_in % 8 == 0:  # type: ignore[attr-defined]
+            return meta_storage_bits(Sparse24Linear, d_in, d_out, dtype=dtype)
+        return dense_bits(d_out, d_in, dtype)  # other patterns keep a dense weight holding the zeros
 
     def _check(self, name: str, d_out: int, d_in: int) -> tuple[int, int] | None:
         why = self.check_shape(d_out, d_in)
@@ -220,6 +225,9 @@ class ArmorPass(Pass):
             return (f"block size {b} must be a multiple of 4 dividing both dimensions "
                     f"(block sizes that work: {', '.join(map(str, ok)) or 'none'})")
         return None
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        return meta_storage_bits(ArmorLinear, d_in, d_out, self.config.block, dtype=dtype)  # type: ignore[attr-defined]
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
         assert isinstance(module, nn.Linear) and stats is not None and stats.sq_sum is not None
