@@ -126,7 +126,7 @@ def test_sweep_reuses_statistics_resumes_and_records_failures(stories, tmp_path:
     assert statuses["rtn:bits=4,group=48"] == "failed" and statuses["svd-llm:ratio=0.5"] == "ok"
     for f in ("sweep.csv", "sweep.md", "sweep.png", "dense.json"):
         assert (tmp_path / "sw" / f).is_file()
-    assert "failed: model.layers.0.self_attn.q_proj" in (tmp_path / "sw" / "sweep.md").read_text()
+    assert "failed: rtn: model.layers.0.self_attn.q_proj" in (tmp_path / "sw" / "sweep.md").read_text()
 
 
 def test_incomplete_and_newer_checkpoints_are_refused(stories, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

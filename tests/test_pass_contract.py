@@ -97,7 +97,7 @@ CASES: dict[str, Row] = {
     "slicegpt": Row("sparsity=0.25", 0.6, _sliced, ("slice", 0.2), refused=(("generic", "needs the residual layout"),)),
 }
 #: passes that work on an earlier pass's result, run after every base pass that produces what they take
-CHAINED = {"eora": ("rank=4", 0.05)}
+CHAINED = {"eora": ("rank=2", 0.05)}
 ADAPTERS = sorted(TINY_CONFIGS) + ["generic"]
 
 
@@ -210,15 +210,16 @@ def test_eora_after_every_base_pass(base: str, adapter: str, calib_ids: torch.Te
     err_base = _rel(_logits(reference, PROBE), dense_logits)
     try:
         report = compress(model, [f"{base}:{CASES[base].options}", f"eora:{options}"], calib_ids)
-    except ConfigError as e:  # a branch that costs more than the base saved is refused with the fix
-        assert "lower rank=" in str(e)
+    except ConfigError as e:  # a branch that costs more than the base saved is refused up front, with the fix
+        # on these 32-wide layers ARMOR's block-diagonal wrappers outweigh what its 2:4 core saves
+        assert base == "armor" and "eora branch of rank 2 costs" in str(e) and "no rank pays for itself" in str(e), str(e)
         return
     logits = _logits(model, PROBE)
     assert _rel(logits, dense_logits) < err_base + slack
     wrapped = [r for r in report.records if r.pass_name == "eora" and r.module_type == "LoRALinear"]
     assert wrapped, "eora compensated nothing"
     for r in wrapped:
-        _lora(4)(r.name, model.get_submodule(r.name), *r.shape)
+        _lora(2)(r.name, model.get_submodule(r.name), *r.shape)
         assert r.info["error"] <= r.info["error_before"] + 1e-9
     _round_trips(model, report, logits, tmp_path)
 
