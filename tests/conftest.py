@@ -18,6 +18,9 @@ SMOLLM = SHARED / "models" / "smollm2-135m-instruct-q4_1-gguf"
 if DATA_DIR.is_dir():
     os.environ.setdefault("COMPRESS_DATA_DIR", str(DATA_DIR))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # parallel workers (pytest -n) share the cores instead of each spawning a thread per core
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 # family -> config kwargs; all GQA (kv heads < heads), two layers, tiny widths
 TINY_CONFIGS = {
