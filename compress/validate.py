@@ -104,6 +104,9 @@ def check_passes(model: nn.Module, adapter: "ModelAdapter", rec: "Recipe", passe
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
     elt = dense_bits(1, 1, dtype)
     stored = {n: Stored(dense_bits(o, i, dtype), None, elt) for n, (o, i) in shapes.items()}
+    from .pipeline.sequential import check_segments
+
+    check_segments(passes)
     for p in passes:
         after = p.check(model, adapter, shapes, stored)
         for n, (o, i) in after.items():

@@ -211,3 +211,19 @@ class TestRun:
 
         m, _ = load(out)
         assert type(m.model.layers[0].mlp.down_proj).__name__ == "LoRALinear"
+
+
+def test_data_driven_pass_before_a_model_level_pass_sees_the_unsliced_stream(calib_ids: torch.Tensor) -> None:
+    """wanda observes every layer before slicegpt rotates the embeddings and the stream (its own layer loop)."""
+    model = make_tiny("llama")
+    report = compress(model, ["wanda:sparsity=0.5", "slicegpt:sparsity=0.25"], calib_ids)
+    assert {r.pass_name for r in report.records} == {"wanda", "slicegpt"}
+    assert torch.isfinite(model(input_ids=calib_ids[:2]).logits).all()
+
+
+def test_original_weights_after_a_second_layer_loop_are_refused_up_front(calib_ids: torch.Tensor) -> None:
+    model = make_tiny("llama")
+    before = _state(model)
+    with pytest.raises(ConfigError, match="eora needs each layer's weights from before the recipe, but it runs after lord"):
+        compress(model, ["gptq:bits=4,group=16,targets=mlp.*", "lord:ratio=0.3,targets=self_attn.*", "eora:rank=2"], calib_ids)
+    assert _unchanged(model, before)

@@ -25,6 +25,8 @@ from torch import nn
 
 from ..adapters.base import ModelAdapter
 from ..modules import CompressedLinear, storage_bits, weight_count
+from ..modules.base import dense_weight_of
+from ..errors import ConfigError
 from ..passes.base import Pass
 from ..records import ModuleRecord
 from .capture import Batch, capture_layer0_inputs, linear_shape, module_device, run_layer, set_submodule, with_hidden
@@ -74,13 +76,30 @@ def layer_loop(
 
 
 def segments(passes: list[Pass]) -> list[list[Pass]]:
-    """Consecutive passes that share one layer loop; a pass with a global prepare after others starts a new one."""
+    """Consecutive passes that share one layer loop. A pass with a global prepare after others starts
+    a new one (it reads every layer as they left it); so does a model-level pass after others (its
+    ``begin`` changes the embeddings and the calibration stream, which the passes before it in the
+    same loop would otherwise see for layers they have not compressed yet)."""
     out: list[list[Pass]] = []
     for p in passes:
-        if not out or (p.global_prepare and out[-1]):
+        if not out or ((p.global_prepare or p.granularity == "model") and out[-1]):
             out.append([])
         out[-1].append(p)
     return out
+
+
+def check_segments(passes: list[Pass]) -> None:
+    """Refuse, before any compute, a pass that needs the recipe's original weights in a layer loop
+    after the first (the earlier loops have replaced them by then)."""
+    segs = segments(passes)
+    for k, seg in enumerate(segs[1:], 1):
+        late = [p.name for p in seg if p.caps.needs_original]
+        if late:
+            starter = seg[0].name
+            raise ConfigError(
+                f"{late[0]} needs each layer's weights from before the recipe, but it runs after {starter}, which starts a second pass "
+                f"over the model (it reads every layer first); put {late[0]} before {starter} or run {starter} in a recipe of its own"
+            )
 
 
 def run_sequential(
@@ -104,6 +123,7 @@ def run_sequential(
     A pass whose ``calib_source`` names another calibration set observes the inputs produced from
     ``extra_ids[calib_source]``, propagated through the compressed layers like the main set.
     """
+    check_segments(passes)
     records: list[ModuleRecord] = []
     seconds: list[float] = []
     tokens = 0
@@ -150,7 +170,7 @@ def _run_segment(
 
             def snapshot() -> dict[str, torch.Tensor] | None:
                 # each linear's weight before the per-linear passes (after a model-level pass rotated it)
-                return {n: layer.get_submodule(n).weight.detach().clone() for g in groups for n in g} if keep_originals else None
+                return {n: dense_weight_of(layer.get_submodule(n)).detach().clone() for g in groups for n in g} if keep_originals else None
 
             originals = snapshot()
             main = inputs_by.get(None, [])
