@@ -99,17 +99,20 @@ def check_passes(model: nn.Module, adapter: "ModelAdapter", rec: "Recipe", passe
             raise ConfigError(f"pass '{spec.name}': targets={pattern} matches no linear of this model; its linears are {', '.join(names)}")
     check_order(rec.passes, names)
     from .passes.base import Stored, dense_bits
+    from .pipeline.sequential import check_segments
 
+    check_segments(passes)
     shapes = linear_shapes(model, adapter)
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
     elt = dense_bits(1, 1, dtype)
     stored = {n: Stored(dense_bits(o, i, dtype), None, elt) for n, (o, i) in shapes.items()}
-    from .pipeline.sequential import check_segments
-
-    check_segments(passes)
     for p in passes:
         after = p.check(model, adapter, shapes, stored)
         for n, (o, i) in after.items():
             if p.selects(n, adapter) or after[n] != shapes[n]:
-                stored[n] = Stored(p.stored_bits(o, i, dtype), p.name, elt)
+                # a model-level pass (a rotation) gives the later passes a new dense starting point,
+                # which is also what the engine keeps as their original weights
+                by = None if p.granularity == "model" else p.name
+                shaped_by = p.name if after[n] != shapes[n] else stored[n].shaped_by
+                stored[n] = Stored(p.stored_bits(o, i, dtype), by, elt, shaped_by)
         shapes = after

@@ -227,3 +227,12 @@ def test_original_weights_after_a_second_layer_loop_are_refused_up_front(calib_i
     with pytest.raises(ConfigError, match="eora needs each layer's weights from before the recipe, but it runs after lord"):
         compress(model, ["gptq:bits=4,group=16,targets=mlp.*", "lord:ratio=0.3,targets=self_attn.*", "eora:rank=2"], calib_ids)
     assert _unchanged(model, before)
+
+
+def test_layers_only_a_model_level_pass_changed_are_not_refused_by_eora(calib_ids: torch.Tensor) -> None:
+    """After slicegpt rotates every layer, eora compensates what svd did to the MLP and leaves the
+    attention linears (rotated, not compressed) alone instead of refusing them up front."""
+    model = make_tiny("llama")
+    report = compress(model, ["slicegpt:sparsity=0.25", "svd:ratio=0.3,targets=mlp.*", "eora:rank=2"], calib_ids)
+    wrapped = {r.name.split(".", 3)[-1] for r in report.records if r.pass_name == "eora" and r.module_type == "LoRALinear"}
+    assert wrapped and all(n.startswith("mlp.") for n in wrapped), wrapped

@@ -63,6 +63,10 @@ class Stored:
     by: str | None = None
     #: bits of one element of the model's dense weights
     elt_bits: int = 32
+    #: the last pass that changed its shape (None: the source model's shape)
+    shaped_by: str | None = None
+
+
 #: module type name of a plain linear in ``accepts``/``produces``
 LINEAR = "Linear"
 #: in ``accepts``: any module type
@@ -220,7 +224,8 @@ class Pass:
                 before = (stored or {}).get(name)
                 why = self.check_target(d_out, d_in, before)
                 if why is not None:
-                    after = f" after {before.by}" if before is not None and before.by else ""
+                    last = (before.by or before.shaped_by) if before is not None else None
+                    after = f" after {last}" if last else ""
                     raise ConfigError(f"{self.name}: {name} ({d_out}x{d_in}{after}): {why}")
         return shapes
 
@@ -244,6 +249,7 @@ class Pass:
         if self.produces(self.config) == frozenset({LINEAR}):
             return dense_bits(d_out, d_in, dtype)
         return None
+
     def prepare(self, model: nn.Module, adapter: "ModelAdapter") -> None:
         """Called once before the layer loop (e.g. for a global rank allocation)."""
 

@@ -123,8 +123,9 @@ class EoRAPass(Pass):
             return None
         fits = [k for k in range(r - 1, 0, -1) if _branch_cost(d_out, d_in, k, bb, elt_bits) < saved]
         fix = f"use rank={fits[0]} or lower" if fits else f"no rank pays for itself here; narrow eora with targets= or compress more with {by}"
-        return (f"an eora branch of rank {r} costs {cost:,} bits, more than the {max(saved, 0):,} bits saved on this layer by {by}; {fix}"
-                + ("" if bb else " (or branch_bits=8)"))
+        if not bb and _branch_cost(d_out, d_in, r, 8, elt_bits) < saved:
+            fix += " (or branch_bits=8)"
+        return f"an eora branch of rank {r} costs {cost:,} bits, more than the {max(saved, 0):,} bits saved on this layer by {by}; {fix}"
 
     def targets(self, name: str, module: nn.Module) -> bool:
         return matches(name, self.cfg.targets)

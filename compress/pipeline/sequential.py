@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..adapters.base import ModelAdapter
+from ..errors import ConfigError
 from ..modules import CompressedLinear, storage_bits, weight_count
 from ..modules.base import dense_weight_of
-from ..errors import ConfigError
 from ..passes.base import Pass
 from ..records import ModuleRecord
 from .capture import Batch, capture_layer0_inputs, linear_shape, module_device, run_layer, set_submodule, with_hidden
@@ -89,7 +89,7 @@ def segments(passes: list[Pass]) -> list[list[Pass]]:
 
 
 def check_segments(passes: list[Pass]) -> None:
-    """Refuse, before any compute, a pass that needs the recipe's original weights in a layer loop
+    """Refuse (called by :func:`compress.validate.check_passes`, before any compute) a pass that needs the recipe's original weights in a layer loop
     after the first (the earlier loops have replaced them by then)."""
     segs = segments(passes)
     for k, seg in enumerate(segs[1:], 1):
@@ -123,7 +123,6 @@ def run_sequential(
     A pass whose ``calib_source`` names another calibration set observes the inputs produced from
     ``extra_ids[calib_source]``, propagated through the compressed layers like the main set.
     """
-    check_segments(passes)
     records: list[ModuleRecord] = []
     seconds: list[float] = []
     tokens = 0
