@@ -231,9 +231,9 @@ class BCQPass(Pass):
         assert isinstance(c, BCQConfig)
         g = c.group or d_in
         if d_in % g or g % 8:
-            ok = [s for s in (32, 64, 128, 256) if d_in % s == 0]
+            ok = [s for s in range(8, min(d_in, 256) + 1, 8) if d_in % s == 0]
             return (f"BCQ group size {g} must divide the input dimension {d_in} and be a multiple of 8 "
-                    f"(sizes that work: {', '.join(map(str, ok)) or 'none'})")
+                    f"(sizes that work: {', '.join(map(str, ok)) or 'none'}; group=0 is the whole row)")
         return None
 
     def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
@@ -252,13 +252,10 @@ class BCQPass(Pass):
         assert isinstance(c, BCQConfig)
         W = module.weight.data
         d_out, d_in = W.shape
+        why = self.check_shape(d_out, d_in)
+        if why is not None:
+            raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
         g = c.group or d_in
-        if d_in % g or g % 8:
-            ok = [s for s in (32, 64, 128, 256) if d_in % s == 0]
-            raise ConfigError(
-                f"{name} ({d_out}x{d_in}): BCQ group size {g} must divide the input dimension {d_in} and be a multiple of 8 "
-                f"(sizes that work: {', '.join(map(str, ok))})"
-            )
         b = bcq_quantize(W, c.bits, g, c.rounds)
         new = BCQLinear.from_bcq(b, module.bias.data if module.bias is not None else None, like=W)
         info = {
