@@ -82,7 +82,7 @@ def test_a_config_that_is_not_a_pass_is_refused() -> None:
     (["eora:rank=4"], "put a compressing pass before it"),
     (["svd:ratio=0.3,targets=foo.*"], "targets=foo.* matches no linear of this model"),
     (["gptq:bits=4,group=48"], r"model.layers.0.self_attn.q_proj \(32x32\).*choose another group size"),
-    (["bcq:bits=3,group=12"], r"BCQ group size 12 must divide the input dimension 32 and be a multiple of 8 \(sizes that work: 8, 16, 32; group=0
+    (["bcq:bits=3,group=12"], r"BCQ group size 12 must divide the input dimension 32 and be a multiple of 8 \(sizes that work: 8, 16, 32; group=0"),
     (["armor:block=12"], "block size 12 must be a multiple of 4"),
     (["lq-lora:rank=40,group=16"], "lq-lora rank 40 must be below 32"),
     (["svd:ratio=0.3", "eora:rank=40"], "eora rank 40 must be below 32"),
