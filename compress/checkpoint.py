@@ -294,7 +294,8 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def _retie(model: nn.Module, tied: dict[str, str]) -> None:
-    """Make each alias the very same parameter as its source (tied embeddings)."""
+    """Make each alias the very same parameter (or buffer) as its source (tied embeddings, a
+    dictionary shared across layers)."""
     for alias, src in tied.items():
         owner, _, attr = alias.rpartition(".")
         s_owner, _, s_attr = src.rpartition(".")
@@ -302,6 +303,8 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
         mod = model.get_submodule(owner) if owner else model
         if isinstance(src_param, nn.Parameter) and attr in mod._parameters:
             mod._parameters[attr] = src_param
+        elif isinstance(src_param, torch.Tensor) and attr in mod._buffers:
+            mod._buffers[attr] = src_param
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from compress import compress, load
 from compress.adapters import get_adapter
 from compress.checkpoint import export_dense, save_checkpoint
 from compress.errors import ConfigError
-from compress.modules import ArmorLinear, BCQLinear, LoRALinear, LowRankLinear, QuantLinear, Sparse24Linear
+from compress.modules import ArmorLinear, BCQLinear, DictLinear, LoRALinear, LowRankLinear, QuantLinear, Sparse24Linear
 from compress.registry import all_passes
 from compress.solvers.lowrank import rank_for_ratio
 from compress.solvers.sparse import satisfies_nm
@@ -60,6 +60,14 @@ def _two_four(name: str, mod: torch.nn.Module, m: int, n: int) -> None:
     assert core.shape == (m, n) and satisfies_nm(core, 2, 4)
 
 
+def _dictionary(name: str, mod: torch.nn.Module, m: int, n: int) -> None:
+    assert isinstance(mod, DictLinear), name
+    C = mod.coefficients()
+    assert mod.atoms.shape == (mod.n_atoms, n) and C.shape == (m, mod.n_atoms)
+    nnz = (C != 0).sum(1)
+    assert int(nnz.max()) <= mod.n_atoms // 2 + 1 and int(nnz.sum()) <= mod.nnz  # rho=2: about k/2 atoms per row
+
+
 def _lora(rank: int) -> Check:
     def check(name: str, mod: torch.nn.Module, m: int, n: int) -> None:
         assert isinstance(mod, LoRALinear) and mod.rank == rank and (mod.out_features, mod.in_features) == (m, n), name
@@ -94,6 +102,7 @@ CASES: dict[str, Row] = {
     "sparsegpt": Row("pattern=2:4", 0.5, _two_four, ("bits", 32 / 2 + 1)),
     "armor": Row("block=8,iters=20,lr=1e-3", 0.6, _two_four, ("bits", 31.9)),  # core + indices + block-diagonal wrappers: below dense
     "lq-lora": Row("bits=3,group=16,rank=4", 0.05, _lora(4), ("bits", 31.9)),  # below dense with the branch
+    "cospadi": Row(f"ratio={RATIO},iters=3", 0.5, _dictionary, ("bits", 32 * (1 - RATIO))),  # dictionary + values + row masks
     "slicegpt": Row("sparsity=0.25", 0.6, _sliced, ("slice", 0.2), refused=(("generic", "needs the residual layout"),)),
 }
 #: passes that work on an earlier pass's result, run after every base pass that produces what they take
@@ -246,7 +255,7 @@ def test_compositions(recipe: list[str], tied: bool, calib_ids: torch.Tensor, tm
 FAMILIES = {
     "lowrank": "svd:ratio=0.3", "quant": "rtn:bits=4,group=8", "bcq": "bcq:bits=3,group=16", "prune24": "magnitude:pattern=2:4",
     "prune": "magnitude:sparsity=0.5", "armor": "armor:block=8,iters=5", "slice": "slicegpt:sparsity=0.25",
-    "lq-lora": "lq-lora:bits=4,group=16,rank=4", "eora": "eora:rank=4",
+    "lq-lora": "lq-lora:bits=4,group=16,rank=4", "eora": "eora:rank=4", "dict": "cospadi:ratio=0.3,solver=closed-form",
 }
 
 

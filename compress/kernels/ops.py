@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..solvers.dictionary import decode_coefficients
 from ..solvers.sparse24 import unpack_24
 from .layout import dense_from_kernel_layout
 
@@ -176,3 +177,21 @@ def _sparse24_linear_cuda(x, values, meta, bias):  # type: ignore[no-untyped-def
     b = None if bias is None else bias.to(x.dtype).contiguous()
     y = ext.sparse24_gemm(x2.contiguous(), values.contiguous(), meta.contiguous(), b, sms, torch.cuda.current_stream(x.device).cuda_stream)
     return y.reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------- dictionary (CoSpaDi)
+
+
+@torch.library.custom_op("compress::dict_linear", mutates_args=())
+def dict_linear(x: torch.Tensor, atoms: torch.Tensor, values: torch.Tensor, support: torch.Tensor, crow: torch.Tensor, n_atoms: int,
+                out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = C·(A·x) + bias with a dense dictionary A (k × d_in) and sparse coefficients C (values on
+    a packed support, :mod:`compress.solvers.dictionary`); reference: the dictionary product, then
+    the coefficient matrix decoded for this call."""
+    C = decode_coefficients(values, support, crow, n_atoms, out_features).to(x.dtype)
+    return F.linear(F.linear(x, atoms.to(x.dtype)), C, None if bias is None else bias.to(x.dtype))
+
+
+@dict_linear.register_fake
+def _dict_linear_fake(x, atoms, values, support, crow, n_atoms, out_features, bias):  # type: ignore[no-untyped-def]
+    return x.new_empty(*x.shape[:-1], out_features)

@@ -102,6 +102,10 @@ class Capabilities:
     needs_original: bool = False
     #: calibration source of the pass's statistics when it differs from the recipe's (None = same)
     calib_source: str | None = None
+    #: statistics of every layer's targets, over the model as the pass finds it, before its layer
+    #: loop (one forward per layer, handed to :meth:`Pass.profile_layer`): for choices that need the
+    #: whole model's statistics at once (a global allocation, a dictionary shared across layers)
+    profile: frozenset[str] = frozenset()
 
 
 class LayerContext(Protocol):
@@ -252,6 +256,13 @@ class Pass:
 
     def prepare(self, model: nn.Module, adapter: "ModelAdapter") -> None:
         """Called once before the layer loop (e.g. for a global rank allocation)."""
+
+    def profile_layer(self, index: int, layer: nn.Module, stats: "LayerStats") -> None:
+        """With ``Capabilities.profile``: the statistics of decoder layer ``index`` of the model as it
+        is before this pass's loop (keys: names relative to the layer), layer by layer."""
+
+    def profile_done(self) -> None:
+        """With ``Capabilities.profile``: after the last layer's :meth:`profile_layer`."""
 
     # -- per-linear passes -----------------------------------------------------------------------
 

@@ -82,7 +82,7 @@ def segments(passes: list[Pass]) -> list[list[Pass]]:
     same loop would otherwise see for layers they have not compressed yet)."""
     out: list[list[Pass]] = []
     for p in passes:
-        if not out or ((p.global_prepare or p.granularity == "model") and out[-1]):
+        if not out or ((p.global_prepare or p.granularity == "model" or p.caps.profile) and out[-1]):
             out.append([])
         out[-1].append(p)
     return out
@@ -152,6 +152,7 @@ def _run_segment(
     with calibration_forward_context(model):
         for p in passes:
             p.prepare(model, adapter)
+        _profile(model, adapter, [p for p in passes if p.caps.profile], input_ids, device, batch_size, stats_provider)
         inputs_by: dict[str | None, list[Batch]] = {}
         for src in sorted(sources, key=lambda s: "" if s is None else s):
             ids = input_ids if src is None else extra_ids.get(src)
@@ -217,6 +218,32 @@ def _run_segment(
                 p.finish(model_state)
     tokens = 0 if input_ids is None or None not in inputs_by else int(input_ids.numel())
     return records, seconds, tokens
+
+
+def _profile(
+    model: nn.Module, adapter: ModelAdapter, passes: list[Pass], input_ids: torch.Tensor | None, device: torch.device, batch_size: int,
+    stats_provider: StatsProvider | None,
+) -> None:
+    """Hand every layer's statistics to the passes that asked for a profile (one forward per layer,
+    or the sweep's precomputed statistics)."""
+    if not passes:
+        return
+    kinds = frozenset().union(*(p.caps.profile for p in passes))
+    layers = adapter.layers(model)
+
+    def on_layer(i: int, stats: LayerStats) -> None:
+        for p in passes:
+            p.profile_layer(i, layers[i], stats)
+
+    if stats_provider is not None:
+        for i, layer in enumerate(layers):
+            on_layer(i, stats_provider(i, [n for g in adapter.groups(layer) for n in g], kinds))
+    else:
+        if input_ids is None:
+            raise ValueError(f"{passes[0].name} profiles the model's statistics but no calibration data was given")
+        profile_statistics(model, adapter, input_ids, kinds, device=device, batch_size=batch_size, on_layer=on_layer)
+    for p in passes:
+        p.profile_done()
 
 
 def _model_layer(p: Pass, i: int, layer: nn.Module, ctx: LayerState, prefix: str) -> list[ModuleRecord]:

@@ -57,3 +57,24 @@ def unpack_signs(packed: torch.Tensor) -> torch.Tensor:
     p = packed.to(torch.int32)[..., None]
     bits = (p >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1
     return bits.reshape(*packed.shape[:-1], -1).bool()
+
+
+def pack_uint(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack a flat tensor of integers in [0, 2^bits) (any width up to 31 bits) into uint8 bytes as
+    one little-endian bit stream (value i occupies stream bits [i·bits, (i+1)·bits), LSB first)."""
+    if not 1 <= bits <= 31:
+        raise ValueError(f"bits must be in 1..31, got {bits}")
+    v = values.reshape(-1).to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
+        raise ValueError(f"values out of range for {bits} bits")
+    stream = ((v[:, None] >> torch.arange(bits, device=v.device)) & 1).reshape(-1).bool()
+    pad = (-stream.numel()) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    return pack_signs(stream)
+
+
+def unpack_uint(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_uint`: the first ``n`` values, as int64."""
+    stream = unpack_signs(packed.reshape(-1))[: n * bits].reshape(n, bits).to(torch.int64)
+    return (stream << torch.arange(bits, device=packed.device)).sum(1)

@@ -1,0 +1,349 @@
+"""CoSpaDi: calibration-guided sparse dictionary learning (arXiv 2509.22075), with ROCKET's closed
+form (arXiv 2602.11008) as the fast path.
+
+Each target W (d_out × d_in) becomes a :class:`~compress.modules.DictLinear`: a dictionary of k
+atoms A (k × d_in) and coefficients C (d_out × k) with s non-zeros per output row, fitted in the
+space whitened by the Cholesky factor of the layer's input Gram, so that the objective is the
+output error on the calibration inputs (see :mod:`compress.solvers.dictionary`).
+
+Size. ``ratio`` is the fraction of the target's *stored bits* removed: dictionary + values (in the
+model's dtype) + the support (a packed k-bit mask per row, or packed ⌈log₂ k⌉-bit indices with
+row offsets, whichever is smaller) ≤ (1 − ratio) · d_out·d_in · bits per weight. SVD-LLM's ratio at
+the same value stores (1 − ratio) of the weights as factors, so the two are compared at equal
+stored size. k and s follow from ``ratio`` and ``rho`` = k/s (CoSpaDi's default 2), or from
+``nonzeros`` = s when given.
+
+Options:
+
+- ``solver=ksvd`` (the paper): K-SVD with batched OMP; ``iters`` iterations at most (it stops
+  earlier when an iteration gains less than 1e-6 relative), dictionary initialised from the top
+  singular vectors of the whitened weight (``init=svd``; ``init=data`` takes random rows, the
+  paper's choice). ``solver=closed-form`` (ROCKET): eigenbasis, importance-scored sparsification,
+  ridge refit, ``refits`` rounds of coefficient/atom refits.
+- ``share=n``: one dictionary per projection type for each group of n consecutive layers, fitted on
+  the stacked weights whitened by the group's summed Gram; each layer's coefficients are then
+  fitted by OMP in its own whitened space during the layer loop. The group's statistics come from
+  one profiling forward of the model before the loop (a dictionary must exist when the group's
+  first layer is compressed).
+- ``allocate=global``: per-target (ratio, rho) chosen by a multiple-choice knapsack over the
+  candidates' relative whitened errors (closed-form fits on the profiled statistics) so that the
+  targets' total stored bits meet the budget (see :mod:`compress.solvers.allocate`).
+
+Example recipe::
+
+    passes:
+      - pass: cospadi
+        ratio: 0.2
+        solver: closed-form
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PassConfig, option
+from ..errors import ConfigError
+from ..modules.dictionary import DictLinear
+from ..pipeline.stats import LinearStats
+from ..registry import register_pass
+from ..solvers.allocate import knapsack
+from ..solvers.dictionary import closed_form, code_with_dictionary, dict_shape, factorize_dict, stored_bits as dict_bits, support_bits
+from ..solvers.linalg import SOLVE_DTYPE, cholesky_psd
+from ..solvers.lowrank import relative_output_error
+from .base import Capabilities, Pass, PassResult, Shapes, Stored, dense_bits, layer_relative_name
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CoSpaDiConfig(PassConfig):
+    ratio: float = option(
+        0.2, "fraction of each target's stored bits removed (dictionary + values + support)", min=0.0, max=1.0, min_open=True, max_open=True
+    )
+    solver: str = option("ksvd", "ksvd (K-SVD + OMP, the paper) or closed-form (ROCKET's fast path)", choices=("ksvd", "closed-form"))
+    rho: float = option(2.0, "atoms per non-zero coefficient, k/s (the paper's default 2; 1 = low rank)", min=1.0, max=64.0)
+    nonzeros: int = option(0, "non-zero coefficients per output row s (0: from rho)", min=0)
+    iters: int = option(10, "K-SVD iterations at most (the paper uses 60)", min=1, max=1000)
+    init: str = option("svd", "K-SVD dictionary init: svd (top singular vectors) or data (random rows)", choices=("svd", "data"))
+    refits: int = option(1, "closed-form: rounds of coefficient and atom refits after the ridge refit", min=0, max=20)
+    share: int = option(1, "one dictionary per projection for groups of this many consecutive layers", min=1)
+    allocate: str = option("uniform", "uniform (every target at ratio) or global (knapsack over per-target candidates)", choices=("uniform", "global"))
+    seed: int = option(0, "seed of K-SVD's random choices")
+    targets: str = option("*", "which linears of each decoder layer to compress: glob(s) on names like 'mlp.down_proj', '|'-separated")
+
+
+def _elt_bits(dtype: torch.dtype) -> int:
+    return 8 * torch.empty((), dtype=dtype).element_size()
+
+
+@register_pass
+class CoSpaDiPass(Pass):
+    """Sparse dictionary learning in the whitened space."""
+
+    name = "cospadi"
+    config_cls = CoSpaDiConfig
+    accepts_reason = "it factorizes dense weights"
+
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        assert isinstance(config, CoSpaDiConfig)
+        self.cfg = config
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        assert isinstance(config, CoSpaDiConfig)
+        profile = frozenset({"gram"}) if config.share > 1 or config.allocate == "global" else frozenset()
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), profile=profile)
+
+    @classmethod
+    def produces(cls, config: PassConfig) -> frozenset[str]:
+        return frozenset({"DictLinear", "Linear"})  # a target too small to gain is kept dense
+
+    # -- sizes -----------------------------------------------------------------------------------
+
+    def shape_for(self, d_out: int, d_in: int, elt_bits: int, ratio: float | None = None, rho: float | None = None) -> tuple[int, int] | None:
+        """(k, s) of a d_out × d_in target, or None when no factorization fits its budget."""
+        c = self.cfg
+        ratio = c.ratio if ratio is None else ratio
+        if c.nonzeros and rho is None:
+            s = c.nonzeros
+            budget = (1.0 - ratio) * d_out * d_in * elt_bits
+            lo, hi = 0, int(budget // (d_in * elt_bits)) + 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if dict_bits(d_out, d_in, mid, d_out * min(s, mid), elt_bits) <= budget:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k_max = lo
+            return (k_max, s) if k_max >= s else None
+        return dict_shape(d_out, d_in, ratio, c.rho if rho is None else rho, elt_bits)
+
+    def check(self, model: nn.Module, adapter: Any, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
+        c = self.cfg
+        if c.share > 1:
+            if c.allocate == "global":
+                raise ConfigError("cospadi: share= and allocate=global cannot be combined yet; use one of them")
+            n = len(adapter.layers(model))
+            if n % c.share:
+                ok = [d for d in range(1, n + 1) if n % d == 0]
+                raise ConfigError(f"cospadi: share={c.share} does not divide the model's {n} layers; use share= one of {', '.join(map(str, ok))}")
+        return super().check(model, adapter, shapes, stored)
+
+    def check_shape(self, d_out: int, d_in: int) -> str | None:
+        c = self.cfg
+        if c.nonzeros and self.shape_for(d_out, d_in, 16) is None:
+            best = self.shape_for(d_out, d_in, 16, rho=1.0)
+            k = best[0] if best else 0
+            return (f"ratio {c.ratio} leaves room for {k} atoms, fewer than nonzeros={c.nonzeros}; "
+                    f"use nonzeros={max(1, k // 2)} or lower, or a smaller ratio")
+        return None
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        if self.cfg.allocate == "global" or self.cfg.share > 1:
+            return None  # known once the profile has been taken
+        shape = self.shape_for(d_out, d_in, _elt_bits(dtype))
+        if shape is None:
+            return dense_bits(d_out, d_in, dtype)
+        k, s = shape
+        return dict_bits(d_out, d_in, k, d_out * s, _elt_bits(dtype))
+
+    # -- per linear ------------------------------------------------------------------------------
+
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
+        assert isinstance(module, nn.Linear) and stats is not None and stats.gram is not None
+        c = self.cfg
+        W = module.weight.data
+        d_out, d_in = W.shape
+        rel = layer_relative_name(name, self._layers_path) if self._layers_path else name
+        shared = self._dicts.get((self._group_of(name), rel)) if c.share > 1 else None
+        if c.share > 1 and shared is None:
+            why = "no dictionary fits the group's budget"
+            return PassResult(None, {"kept_dense": why})
+        if shared is not None:
+            k, s = shared.k, shared.s
+        elif c.allocate == "global":
+            choice = self._choice[name]
+            shape = None if choice is None else self.shape_for(d_out, d_in, _elt_bits(W.dtype), ratio=choice[0], rho=choice[1])
+            if shape is None:
+                return PassResult(None, {"kept_dense": "the global allocation kept it dense"})
+            k, s = shape
+        else:
+            shape = self.shape_for(d_out, d_in, _elt_bits(W.dtype))
+            if shape is None:
+                why = f"no dictionary fits {1 - c.ratio:.0%} of its {d_out}x{d_in} weights"
+                logger.info("%s left dense: %s", name, why)
+                return PassResult(None, {"kept_dense": why})
+            k, s = shape
+        L, _ = cholesky_psd(stats.gram, name)
+        if shared is not None:
+            f = code_with_dictionary(W, shared.A, s, L)
+        else:
+            seed = c.seed ^ zlib.crc32(name.encode())
+            f = factorize_dict(W, k, s, L, solver=c.solver, iters=c.iters, seed=seed, init=c.init, refits=c.refits)
+        if not (torch.isfinite(f.A).all() and torch.isfinite(f.C).all()):
+            raise FloatingPointError(f"cospadi: {name}: the factorization is not finite; the layer's calibration Gram may be degenerate")
+        if c.solver == "ksvd" and not f.converged:
+            logger.warning(
+                "cospadi: %s: K-SVD stopped at its iteration limit (%d) with relative whitened error %.4g "
+                "(last iteration gained %.2g relative); raise iters= to go further",
+                name, c.iters, f.relative_error, _gain(f.history),
+            )
+        bias = module.bias.data if module.bias is not None else None
+        if shared is not None:
+            if shared.stored is None or shared.stored.dtype != W.dtype:
+                shared.stored = shared.A.to(W.dtype)
+            new = DictLinear.from_factors(f.A, f.C, f.mask, bias, like=W, shared_atoms=shared.stored, shared=c.share)
+        else:
+            new = DictLinear.from_factors(f.A, f.C, f.mask, bias, like=W)
+        info: dict[str, Any] = {
+            "atoms": k, "nonzeros": s, "support": new.fmt,
+            "error": relative_output_error(W, new.dense_weight(), stats.gram), "error_metric": "rel_output_err",
+        }
+        if f.history:
+            info["ksvd_iters"] = len(f.history)
+        if shared is not None:
+            info["shared_by"] = c.share
+        elif c.allocate == "global":
+            info["allocated_ratio"], info["allocated_rho"] = self._choice[name]
+        return PassResult(new, info)
+
+    # -- profile: global allocation and shared dictionaries --------------------------------------
+
+    def prepare(self, model: nn.Module, adapter: Any) -> None:
+        self._layers_path = adapter.layers_path
+        self._dicts: dict[tuple[int, str], _SharedDict] = {}
+        self._pending: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._candidates: dict[str, list[tuple[int, float, tuple[float, float] | None]]] = {}
+        self._choice: dict[str, tuple[float, float] | None] = {}
+        self._n_layers = len(adapter.layers(model))
+
+    def _group_of(self, name: str) -> int:
+        prefix = self._layers_path + "."
+        index = int(name[len(prefix):].split(".", 1)[0])
+        return index // self.cfg.share
+
+    def _targets_of(self, layer: nn.Module, stats: Any) -> list[tuple[str, nn.Linear, torch.Tensor]]:
+        out = []
+        for rel, st in stats.linears.items():
+            mod = layer.get_submodule(rel)
+            if self.targets(rel, mod) and st.gram is not None:
+                assert isinstance(mod, nn.Linear)
+                out.append((rel, mod, st.gram))
+        return out
+
+    def profile_layer(self, index: int, layer: nn.Module, stats: Any) -> None:
+        c = self.cfg
+        for rel, mod, gram in self._targets_of(layer, stats):
+            W = mod.weight.data.to("cpu")
+            if c.allocate == "global":
+                self._candidates[f"{self._layers_path}.{index}.{rel}"] = self._cost_candidates(W, gram, f"{self._layers_path}.{index}.{rel}")
+            else:
+                g = index // c.share
+                self._pending.setdefault((g, rel), []).append((W, gram))
+                if len(self._pending[(g, rel)]) == c.share:
+                    self._fit_shared(g, rel, self._pending.pop((g, rel)))
+
+    def profile_done(self) -> None:
+        c = self.cfg
+        if c.allocate != "global":
+            return
+        names = list(self._candidates)
+        dense_total = sum(opts[0][0] for opts in self._candidates.values())  # option 0: kept dense
+        budget = (1.0 - c.ratio) * dense_total
+        picks = knapsack([[(b, e) for b, e, _ in self._candidates[n]] for n in names], budget)
+        self._choice = {n: self._candidates[n][j][2] for n, j in zip(names, picks)}
+        used = sum(self._candidates[n][j][0] for n, j in zip(names, picks))
+        kept = sum(1 for v in self._choice.values() if v is None)
+        logger.info("cospadi: global allocation: %d targets, %.4f of the dense bits kept (budget %.4f), %d kept dense",
+                    len(names), used / dense_total, 1.0 - c.ratio, kept)
+
+    def _cost_candidates(self, W: torch.Tensor, gram: torch.Tensor, name: str) -> list[tuple[int, float, tuple[float, float] | None]]:
+        """(stored bits, relative whitened error, (ratio, rho)) per candidate; the first is the dense
+        weight. Errors come from the closed form without support refits (cheap, one SVD per target)."""
+        d_out, d_in = W.shape
+        elt = _elt_bits(W.dtype)
+        L, _ = cholesky_psd(gram, name)
+        Y = W.to(SOLVE_DTYPE) @ L
+        energy = float(Y.square().sum().clamp_min(1e-300))
+        _, _, Vh = torch.linalg.svd(Y, full_matrices=False)
+        out: list[tuple[int, float, tuple[float, float] | None]] = [(dense_bits(d_out, d_in, W.dtype), 0.0, None)]
+        seen: set[tuple[int, int]] = set()
+        for ratio in GLOBAL_RATIOS:
+            for rho in GLOBAL_RHOS:
+                shape = self.shape_for(d_out, d_in, elt, ratio=ratio, rho=rho)
+                if shape is None or shape in seen:
+                    continue
+                seen.add(shape)
+                k, s = shape
+                atoms, C, _ = closed_form(Y, k, s, lambda a: torch.linalg.solve_triangular(L, a, upper=False, left=False).norm(dim=1),
+                                          refits=0, basis=Vh)
+                err = float((Y - C @ atoms).square().sum()) / energy
+                out.append((dict_bits(d_out, d_in, k, d_out * s, elt), err, (ratio, rho)))
+        return out
+
+    def _fit_shared(self, g: int, rel: str, members: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One dictionary for projection ``rel`` of layer group ``g``: whitened by the group's summed
+        Gram, fitted on the stacked weights; (k, s) from the group's budget, the dictionary stored once."""
+        c = self.cfg
+        W0 = members[0][0]
+        d_out, d_in = W0.shape
+        n = len(members)
+        elt = _elt_bits(W0.dtype)
+        budget = (1.0 - c.ratio) * n * d_out * d_in * elt
+
+        def bits(k: int) -> int:
+            s = min(k, max(1, round(k / c.rho))) if not c.nonzeros else c.nonzeros
+            return k * d_in * elt + n * (d_out * s * elt + support_bits(d_out, k, d_out * s)) if s <= k else 1 << 62
+
+        if bits(1 if not c.nonzeros else c.nonzeros) > budget:
+            logger.info("cospadi: %s of layer group %d kept dense: no shared dictionary fits its budget", rel, g)
+            return
+        lo, hi = (1 if not c.nonzeros else c.nonzeros), int(budget // (d_in * elt)) + 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if bits(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        k = lo
+        s = c.nonzeros or min(k, max(1, round(k / c.rho)))
+        H = sum(gram.to(SOLVE_DTYPE) for _, gram in members)
+        L, _ = cholesky_psd(H, f"{rel} (layers {g * n}-{g * n + n - 1})")
+        f = factorize_dict(torch.cat([W for W, _ in members]), k, s, L, solver=c.solver, iters=c.iters,
+                           seed=c.seed ^ zlib.crc32(f"{g}/{rel}".encode()), init=c.init, refits=c.refits)
+        self._dicts[(g, rel)] = _SharedDict(A=f.A, k=k, s=s)
+
+    def notes(self, summary: dict[str, Any]) -> list[str]:
+        return [
+            "cospadi ratio: fraction of each target's stored bits removed, counting the dictionary, the coefficient values "
+            "and their support (packed row mask or packed indices); svd-llm at the same ratio stores the same number of bits"
+        ]
+
+
+#: candidate ratios and atoms-per-non-zero of ``allocate=global`` (ROCKET's grid spans 0.05–0.70 and 1–3)
+GLOBAL_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 19))
+GLOBAL_RHOS = (1.0, 1.5, 2.0, 3.0)
+
+
+@dataclass
+class _SharedDict:
+    """A dictionary shared by one projection of a group of layers (float64, original space)."""
+
+    A: torch.Tensor
+    k: int
+    s: int
+    stored: torch.Tensor | None = None
+
+
+def _gain(history: list[float]) -> float:
+    if len(history) < 2:
+        return float("nan")
+    return (history[-2] - history[-1]) / max(history[-2], 1e-300)
+
