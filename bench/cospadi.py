@@ -32,7 +32,11 @@ def rows(ksvd_iters: int) -> list[tuple[str, str]]:
             ("cospadi-ksvd", f"cospadi:ratio={r},{k}"),
             ("cospadi-ksvd-global", f"cospadi:ratio={r},{k},allocate=global"),
         ]
-    out += [("cospadi-cf-share2", f"cospadi:ratio=0.3,{CF},share=2")]
+    out += [
+        ("cospadi-cf-share2", f"cospadi:ratio=0.2,{CF},share=2"),
+        ("cospadi-cf-share2", f"cospadi:ratio=0.3,{CF},share=2"),
+        ("cospadi-cf+gptq4", f"cospadi:ratio=0.2,{CF}|gptq:bits=4,group=64"),
+    ]
     return out
 
 
@@ -47,7 +51,7 @@ def main() -> None:
     table = rows(args.ksvd_iters)
     pick = table if not args.only else [table[int(i)] for i in args.only.split(",")]
     for method, recipe in pick:
-        bench.row(method, [recipe], {"recipe": recipe}, extra=lambda rep: {"bytes": rep.summary()["model_bytes_after"]})
+        bench.row(method, recipe.split("|"), {"recipe": recipe}, extra=lambda rep: {"bytes": rep.summary()["model_bytes_after"]})
     bench.results.path.with_suffix(".json").write_text(json.dumps(bench.results.data, indent=2) + "\n")
     bench.results.write_markdown("CoSpaDi vs SVD-LLM on SmolLM2-135M-Instruct", [
         "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",

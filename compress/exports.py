@@ -41,7 +41,7 @@ def final_module_types(passes: list["PassSpec"]) -> set[str]:
     kinds = {LINEAR}
     narrowed: set[str] = set()
     for spec in passes:
-        produced = set(get_pass(spec.name).produces(spec.config))
+        produced = set(get_pass(spec.name).produces_from(spec.config, kinds))
         if str(getattr(spec.config, "targets", "*")).strip() == "*":
             kinds = produced
         else:

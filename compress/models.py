@@ -150,10 +150,25 @@ def count_parameters(model: nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    for m in model.modules():
-        if getattr(m, "weights_in_buffers", False):
-            total += int(m.num_weights())
+    for m in storage_roots(model):
+        total += int(m.num_weights())
     return total
+
+
+def storage_roots(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules that hold their weight in buffers (a module of that kind nested in
+    another, such as the quantized atoms of a quantized dictionary layer, is counted by its owner)."""
+    out: list[nn.Module] = []
+
+    def walk(m: nn.Module) -> None:
+        if getattr(m, "weights_in_buffers", False):
+            out.append(m)
+            return
+        for child in m.children():
+            walk(child)
+
+    walk(model)
+    return out
 
 
 def storage_bytes(model: nn.Module) -> int:
@@ -165,7 +180,6 @@ def storage_bytes(model: nn.Module) -> int:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size()
-    for m in model.modules():
-        if getattr(m, "weights_in_buffers", False):
-            total += -(-int(m.storage_bits()) // 8)
+    for m in storage_roots(model):
+        total += -(-int(m.storage_bits()) // 8)
     return total

@@ -97,7 +97,7 @@ def _order_error(passes: list[PassSpec], names: list[str] | None, explain: bool 
                     return f"{spec.name} must come before {earlier.name}{where}: {cls.accepts_reason}, and {earlier.name} makes them {bad[0]}"
                 return (f"{spec.name} cannot follow {earlier.name}{where}: {earlier.name} makes the linears {bad[0]} and {spec.name} "
                         f"cannot take them ({cls.accepts_reason}); drop one, or narrow one with targets=...")
-            kinds = set(cls.produces(spec.config))
+            kinds = set(cls.produces_from(spec.config, kinds))
             for k in kinds:
                 producer[k] = spec
     return None

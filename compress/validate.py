@@ -114,5 +114,6 @@ def check_passes(model: nn.Module, adapter: "ModelAdapter", rec: "Recipe", passe
                 # which is also what the engine keeps as their original weights
                 by = None if p.granularity == "model" else p.name
                 shaped_by = p.name if after[n] != shapes[n] else stored[n].shaped_by
-                stored[n] = Stored(p.stored_bits(o, i, dtype), by, elt, shaped_by)
+                kinds = p.produces_from(p.config, stored[n].kinds) if p.selects(n, adapter) and p.granularity != "model" else stored[n].kinds
+                stored[n] = Stored(p.stored_bits(o, i, dtype), by, elt, shaped_by, kinds)
         shapes = after

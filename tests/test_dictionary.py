@@ -258,3 +258,33 @@ def test_ksvd_iteration_limit_is_a_warning_with_the_reached_error(calib_ids: tor
         report = compress(model, ["cospadi:ratio=0.3,iters=1"], calib_ids)
     assert any("K-SVD stopped at its iteration limit (1)" in r.message and "relative whitened error" in r.message for r in caplog.records)
     assert all(r.module_type == "DictLinear" for r in report.records)  # the layer is kept, never replaced by a fresh one
+
+
+def test_quantizing_a_dictionary_quantizes_its_atoms_and_values(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    from compress.models import storage_bytes
+    from compress.modules import QuantDictLinear
+
+    model = make_tiny("llama")
+    ids = calib_ids[:2]
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    report = compress(model, ["cospadi:ratio=0.3,solver=closed-form", "gptq:bits=4,group=16"], calib_ids)
+    q = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert isinstance(q, QuantDictLinear) and int(q.atoms.codes().max()) < 16
+    s = report.summary()
+    # 4-bit codes + fp16 scale and 4-bit zero per 16, on ~70 % of the weights' count, plus the row masks
+    assert s["target_bits_per_weight"] < 0.7 * (4 + 20 / 16) + 1.0
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert float((logits - dense).norm() / dense.norm()) < 0.3
+    save_checkpoint(model, None, tmp_path, {"recipe": report.recipe})
+    reloaded, _ = load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    assert storage_bytes(reloaded) == storage_bytes(model) == s["model_bytes_after"]
+
+
+def test_per_ic_groups_on_a_dictionary_are_refused_up_front(calib_ids: torch.Tensor) -> None:
+    model = make_tiny("llama")
+    with pytest.raises(ConfigError, match="gptq: .* after cospadi\\): a dictionary's atoms are quantized .* use dim=oc"):
+        compress(model, ["cospadi:ratio=0.3,solver=closed-form", "gptq:bits=4,group=16,dim=ic"], calib_ids)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from .base import MODULE_TYPES, CompressedLinear, is_compressed, storage_bits, weight_count
 from .bcq import BCQLinear
-from .dictionary import DictLinear
+from .dictionary import DictLinear, QuantDictLinear
 from .lora import LoRALinear
 from .lowrank import LowRankLinear
 from .quant import QuantLinear
 from .sparse import ArmorLinear, Sparse24Linear
 
 __all__ = [
-    "MODULE_TYPES", "ArmorLinear", "BCQLinear", "CompressedLinear", "DictLinear", "LoRALinear", "LowRankLinear", "Sparse24Linear", "QuantLinear",
+    "MODULE_TYPES", "ArmorLinear", "BCQLinear", "CompressedLinear", "DictLinear", "LoRALinear", "LowRankLinear", "Sparse24Linear", "QuantDictLinear", "QuantLinear",
     "is_compressed", "storage_bits", "weight_count",
 ]

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..kernels.ops import dict_linear
 from ..solvers.dictionary import decode_coefficients, encode_coefficients, index_bits
-from .base import CompressedLinear
+from .base import CompressedLinear, build_module, dense_weight_of, module_spec, storage_bits
 
 
 class DictLinear(CompressedLinear):
@@ -119,3 +119,70 @@ class DictLinear(CompressedLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, atoms={self.n_atoms}, "
                 f"nnz={self.nnz} ({self.nnz / max(self.out_features, 1):.1f}/row), support={self.fmt}, bias={self.bias is not None}")
+
+
+class QuantDictLinear(CompressedLinear):
+    """A dictionary layer whose atoms and coefficient values are quantized (cospadi, then rtn/gptq).
+
+    ``atoms``: a quantized linear d_in → k (per-output-channel groups along d_in). ``values``: the
+    non-zero coefficients in row-major order, held as a quantized ⌈nnz/g⌉ × g matrix (one scale and
+    zero-point per g consecutive values, the tail padded). The support is stored as in DictLinear.
+    """
+
+    weights_in_buffers = True
+
+    def __init__(self, in_features: int, out_features: int, atoms: int, nnz: int, fmt: str, atoms_spec: dict[str, Any],
+                 values_spec: dict[str, Any], bias: bool = False, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.n_atoms, self.nnz, self.fmt = in_features, out_features, atoms, nnz, fmt
+        dtype = dtype or torch.float32
+        self.atoms = build_module(atoms_spec, dtype=dtype, device=device or "cpu")
+        self.values = build_module(values_spec, dtype=dtype, device=device or "cpu")
+        twin = DictLinear(in_features, out_features, atoms, nnz, fmt, device="meta")
+        self.register_buffer("support", torch.zeros(twin.support.shape, dtype=torch.uint8, device=device))
+        self.register_buffer("crow", torch.zeros(twin.crow.shape, dtype=torch.int32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_parts(cls, source: DictLinear, atoms: nn.Module, values: nn.Module) -> "QuantDictLinear":
+        """``source``'s support and bias with quantized ``atoms`` and ``values`` modules."""
+        mod = cls(source.in_features, source.out_features, source.n_atoms, source.nnz, source.fmt, module_spec(atoms), module_spec(values),
+                  source.bias is not None, dtype=source.atoms.dtype, device=source.atoms.device)
+        mod.atoms, mod.values = atoms, values
+        with torch.no_grad():
+            mod.support.copy_(source.support)
+            mod.crow.copy_(source.crow)
+            if source.bias is not None:
+                assert mod.bias is not None
+                mod.bias.copy_(source.bias)
+        return mod
+
+    def coefficients(self) -> torch.Tensor:
+        v = dense_weight_of(self.values).reshape(-1)[: self.nnz]
+        return decode_coefficients(v, self.support, self.crow, self.n_atoms, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.atoms(x)
+        return torch.nn.functional.linear(z, self.coefficients().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.coefficients() @ dense_weight_of(self.atoms)
+
+    def num_weights(self) -> int:
+        return self.n_atoms * self.in_features + self.nnz
+
+    def storage_bits(self) -> int:
+        return storage_bits(self.atoms) + storage_bits(self.values) + 8 * self.support.numel() + 32 * self.crow.numel()
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features, "out_features": self.out_features, "atoms": self.n_atoms, "nnz": self.nnz,
+            "format": self.fmt, "atoms_module": module_spec(self.atoms), "values_module": module_spec(self.values),
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "QuantDictLinear":
+        return cls(spec["in_features"], spec["out_features"], spec["atoms"], spec["nnz"], spec["format"], spec["atoms_module"],
+                   spec["values_module"], spec["bias"], dtype=dtype, device=device)

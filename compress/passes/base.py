@@ -65,6 +65,8 @@ class Stored:
     elt_bits: int = 32
     #: the last pass that changed its shape (None: the source model's shape)
     shaped_by: str | None = None
+    #: module types it may have (what the last pass that selected it produces)
+    kinds: frozenset[str] = frozenset({"Linear"})
 
 
 #: module type name of a plain linear in ``accepts``/``produces``
@@ -212,6 +214,12 @@ class Pass:
     def produces(cls, config: PassConfig) -> frozenset[str]:
         """Module types a target linear may have after this pass."""
         return frozenset({LINEAR})
+
+    @classmethod
+    def produces_from(cls, config: PassConfig, kinds: "set[str] | frozenset[str]") -> frozenset[str]:
+        """Module types a target may have after this pass, given the types it may have before
+        (default: :meth:`produces`, whatever the input)."""
+        return cls.produces(config)
 
     @property
     def targets_pattern(self) -> str:

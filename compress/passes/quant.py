@@ -34,13 +34,14 @@ from torch import nn
 
 from ..config import PassConfig, option
 from ..errors import ConfigError
+from ..modules.dictionary import DictLinear, QuantDictLinear
 from ..modules.quant import QuantLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.gptq import gptq_quantize
 from ..solvers.lowrank import relative_output_error
 from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
-from .base import Capabilities, Pass, PassResult, layer_relative_name, meta_storage_bits
+from .base import LINEAR, Capabilities, Pass, PassResult, Stored, layer_relative_name, meta_storage_bits
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,15 @@ class GPTQConfig(RTNConfig):
 
 
 class _QuantPass(Pass):
-    """Shared apply: choose the grouping (fixed or AdaDim), quantize, pack."""
+    """Shared apply: choose the grouping (fixed or AdaDim), quantize, pack.
 
-    accepts_reason = "it quantizes dense weights; prune unstructured or 4:8 (stored dense, zeros kept) before quantizing"
+    A dictionary layer (cospadi) is quantized in its parts: the atoms (a k × d_in matrix applied to
+    the layer's input, so GPTQ uses the layer's input Gram) with per-output-channel groups along
+    d_in, and the coefficient values in groups of ``group`` consecutive non-zeros (round to nearest);
+    the result is a QuantDictLinear."""
+
+    accepts = frozenset({LINEAR, "DictLinear"})
+    accepts_reason = "it quantizes dense weights and dictionaries; prune unstructured or 4:8 (stored dense, zeros kept) before quantizing"
 
     def __init__(self, config: PassConfig) -> None:
         super().__init__(config)
@@ -79,7 +86,20 @@ class _QuantPass(Pass):
 
     @classmethod
     def produces(cls, config: PassConfig) -> frozenset[str]:
-        return frozenset({"QuantLinear"})
+        return frozenset({"QuantLinear", "QuantDictLinear"})
+
+    @classmethod
+    def produces_from(cls, config: PassConfig, kinds: "set[str] | frozenset[str]") -> frozenset[str]:
+        out = {"QuantDictLinear"} if "DictLinear" in kinds else set()
+        if set(kinds) - {"DictLinear"}:
+            out.add("QuantLinear")
+        return frozenset(out)
+
+    def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
+        if stored is not None and "DictLinear" in stored.kinds and self.cfg.dim != "oc":
+            return (f"a dictionary's atoms are quantized with per-output-channel groups (along the input); "
+                    f"dim={self.cfg.dim} cannot apply to them: use dim=oc")
+        return self.check_shape(d_out, d_in)
 
     def check_shape(self, d_out: int, d_in: int) -> str | None:
         dims = ["oc", "ic"] if self.cfg.dim == "ada" else [self.cfg.dim]
@@ -111,6 +131,8 @@ class _QuantPass(Pass):
         raise NotImplementedError
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
+        if isinstance(module, DictLinear):
+            return self._apply_dictionary(name, module, stats)
         assert isinstance(module, nn.Linear)
         W = module.weight.data
         d_out, d_in = W.shape
@@ -138,6 +160,27 @@ class _QuantPass(Pass):
         info["error_metric"] = "rel_output_err" if H is not None else "rel_weight_err"
         new = QuantLinear.from_quantized(qz, bias, like=W)
         info["bits_per_weight"] = new.storage_bits() / new.num_weights()
+        return PassResult(new, info)
+
+    def _apply_dictionary(self, name: str, module: DictLinear, stats: LinearStats | None) -> PassResult:
+        c = self.cfg
+        W = module.dense_weight()
+        A = module.atoms
+        qa = self.quantize(name, A, self._spec("oc"), stats)
+        atoms = QuantLinear.from_quantized(qa, None, like=A)
+        g = c.group or 128
+        v = module.values
+        pad = (-v.numel()) % g
+        V = torch.cat([v, v.new_zeros(pad)]).reshape(-1, g)
+        qv = quantize_rtn(V, QuantSpec(bits=c.bits, group_size=g, sym=c.sym, dim="oc"))
+        values = QuantLinear.from_quantized(qv, None, like=v)
+        new = QuantDictLinear.from_parts(module, atoms, values)
+        H = stats.gram if stats is not None else None
+        info: dict[str, Any] = {
+            "bits": c.bits, "group": c.group, "dim": "oc", "values_group": g,
+            "error": relative_output_error(W, new.dense_weight(), H), "error_metric": "rel_output_err" if H is not None else "rel_weight_err",
+            "bits_per_weight": new.storage_bits() / (module.in_features * module.out_features),
+        }
         return PassResult(new, info)
 
     def _ada_errors(
