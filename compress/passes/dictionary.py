@@ -53,7 +53,16 @@ from ..modules.dictionary import DictLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.allocate import knapsack
-from ..solvers.dictionary import closed_form, code_with_dictionary, dict_shape, factorize_dict, stored_bits as dict_bits, support_bits
+from ..solvers.dictionary import (
+    IMPORTANCE_LAMBDA,
+    RECOVER_FRACTION,
+    code_with_dictionary,
+    dict_shape,
+    factorize_dict,
+    select_support,
+    stored_bits as dict_bits,
+    support_bits,
+)
 from ..solvers.linalg import SOLVE_DTYPE, cholesky_psd
 from ..solvers.lowrank import rank_for_ratio, relative_output_error
 from .base import Capabilities, Pass, PassResult, Shapes, Stored, dense_bits, layer_relative_name
@@ -71,7 +80,8 @@ class CoSpaDiConfig(PassConfig):
     nonzeros: int = option(0, "non-zero coefficients per output row s (0: from rho)", min=0)
     iters: int = option(10, "K-SVD iterations at most (the paper uses 60)", min=1, max=1000)
     init: str = option("svd", "K-SVD dictionary init: svd (top singular vectors) or data (random rows)", choices=("svd", "data"))
-    refits: int = option(8, "closed-form: rounds of coefficient (conjugate gradients) and atom (Cholesky) refits on the fixed support", min=0, max=100)
+    refits: int = option(4, "closed-form: rounds of coefficient (conjugate gradients) and atom (Cholesky) refits on the fixed support", min=0, max=100)
+    reselect: int = option(4, "closed-form: rounds of support reselection from least-squares codes (hard-thresholding pursuit), each refitted", min=0, max=100)
     share: int = option(1, "one dictionary per projection for groups of this many consecutive layers", min=1)
     allocate: str = option("uniform", "uniform (every target at ratio) or global (knapsack over per-target candidates)", choices=("uniform", "global"))
     seed: int = option(0, "seed of K-SVD's random choices")
@@ -188,7 +198,7 @@ class CoSpaDiPass(Pass):
             f = code_with_dictionary(W, shared.A, s, L)
         else:
             seed = c.seed ^ zlib.crc32(name.encode())
-            f = factorize_dict(W, k, s, L, solver=c.solver, iters=c.iters, seed=seed, init=c.init, refits=c.refits)
+            f = factorize_dict(W, k, s, L, solver=c.solver, iters=c.iters, seed=seed, init=c.init, refits=c.refits, reselect=c.reselect)
         if not (torch.isfinite(f.A).all() and torch.isfinite(f.C).all()):
             raise FloatingPointError(f"cospadi: {name}: the factorization is not finite; the layer's calibration Gram may be degenerate")
         if c.solver == "ksvd" and shared is None and not f.converged:
@@ -273,13 +283,17 @@ class CoSpaDiPass(Pass):
 
     def _cost_candidates(self, W: torch.Tensor, gram: torch.Tensor, name: str) -> list[tuple[int, float, tuple[float, float] | None]]:
         """(stored bits, relative whitened error, (ratio, rho)) per candidate; the first is the dense
-        weight. Errors come from the closed form without support refits (cheap, one SVD per target)."""
+        weight. The error is that of the closed form's first step (the top-k singular directions,
+        each row cut to its s most important codes), read off one SVD per target: the refinements
+        lower every candidate's error, and this proxy costs one top-k per candidate."""
         d_out, d_in = W.shape
         elt = _elt_bits(W.dtype)
         L, _ = cholesky_psd(gram, name)
         Y = W.to(SOLVE_DTYPE) @ L
         energy = float(Y.square().sum().clamp_min(1e-300))
-        _, _, Vh = torch.linalg.svd(Y, full_matrices=False)
+        U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+        codes = U * S[None, :]  # (d_out, rank): codes on the singular directions
+        weight = torch.linalg.solve_triangular(L, Vh, upper=False, left=False).norm(dim=1).pow(IMPORTANCE_LAMBDA)
         out: list[tuple[int, float, tuple[float, float] | None]] = [(dense_bits(d_out, d_in, W.dtype), 0.0, None)]
         seen: set[tuple[int, int]] = set()
         for ratio in GLOBAL_RATIOS:
@@ -289,10 +303,10 @@ class CoSpaDiPass(Pass):
                     continue
                 seen.add(shape)
                 k, s = shape
-                atoms, C, _ = closed_form(Y, k, s, lambda a: torch.linalg.solve_triangular(L, a, upper=False, left=False).norm(dim=1),
-                                          refits=0, basis=Vh)
-                err = float((Y - C @ atoms).square().sum()) / energy
-                out.append((dict_bits(d_out, d_in, k, d_out * s, elt), err, (ratio, rho)))
+                V = codes[:, :k]
+                mask = select_support(V.abs() * weight[None, :k], min(s, V.shape[1]), RECOVER_FRACTION)
+                err = (energy - float(V.square()[mask].sum())) / energy
+                out.append((dict_bits(d_out, d_in, k, d_out * s, elt), max(err, 0.0), (ratio, rho)))
         return out
 
     def _fit_shared(self, g: int, rel: str, members: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -324,7 +338,7 @@ class CoSpaDiPass(Pass):
         H = sum(gram.to(SOLVE_DTYPE) for _, gram in members)
         L, _ = cholesky_psd(H, f"{rel} (layers {g * n}-{g * n + n - 1})")
         f = factorize_dict(torch.cat([W for W, _ in members]), k, s, L, solver=c.solver, iters=c.iters,
-                           seed=c.seed ^ zlib.crc32(f"{g}/{rel}".encode()), init=c.init, refits=c.refits)
+                           seed=c.seed ^ zlib.crc32(f"{g}/{rel}".encode()), init=c.init, refits=c.refits, reselect=c.reselect)
         self._dicts[(g, rel)] = _SharedDict(A=f.A, k=k, s=s)
 
     def notes(self, summary: dict[str, Any]) -> list[str]:

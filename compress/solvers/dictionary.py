@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 IMPORTANCE_LAMBDA = 0.5
 #: fraction of all k·d_out coefficients the closed-form path recovers after the per-row cut (ROCKET: 0.5 %)
 RECOVER_FRACTION = 0.005
+#: refit rounds after each support reselection of the closed form
+RESELECT_REFITS = 2
 #: elements of OMP's per-chunk working set (chunk · s · max(s, k)), bounds its memory
 _OMP_CHUNK_ELEMENTS = 1 << 24
 #: bits of one row offset of the index support format
@@ -356,13 +358,16 @@ def closed_form(
     recover: float = RECOVER_FRACTION,
     basis: torch.Tensor | None = None,
     cg: bool = True,
+    reselect: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ROCKET's closed form on the rows of ``Y`` (n × d): atoms = top-k right singular vectors of Y,
     codes = Y·atomsᵀ sparsified per row by |c_ij|·‖a_j‖^λ (``atom_norm(atoms)`` gives ‖a_j‖ in the
     original space), then the ⌈recover·n·k⌉ largest zeroed entries (by the same score) restored
-    while the total stays n·s, then ridge refit of the atoms; ``refits`` further rounds refit the
-    kept coefficients on their support and the atoms. ``basis``: Y's right singular vectors when the
-    caller already has them. Returns (atoms, C, mask)."""
+    while the total stays n·s, then a least-squares refit of the atoms; ``refits`` further rounds
+    refit the kept coefficients on their support and the atoms. ``reselect`` rounds then re-choose
+    each row's support from its least-squares codes on every atom (hard-thresholding pursuit) and
+    refit. Every step is kept only if it lowers the error. ``basis``: Y's right singular vectors
+    when the caller already has them. Returns (atoms, C, mask)."""
     Y = Y.to(SOLVE_DTYPE)
     n, d = Y.shape
     Vh = torch.linalg.svd(Y, full_matrices=False)[2] if basis is None else basis
@@ -370,9 +375,47 @@ def closed_form(
     if atoms.shape[0] < k:  # more atoms than the rank of Y: the extra atoms would get no weight
         atoms = torch.cat([atoms, torch.zeros(k - atoms.shape[0], d, dtype=SOLVE_DTYPE)])
     V = Y @ atoms.T  # (n, k)
-    score = V.abs() * atom_norm(atoms).to(SOLVE_DTYPE).clamp_min(0)[None, :].pow(IMPORTANCE_LAMBDA)
+    norms = atom_norm(atoms).to(SOLVE_DTYPE).clamp_min(0).pow(IMPORTANCE_LAMBDA)
+    mask = select_support(V.abs() * norms[None, :], s, recover)
+    C = torch.where(mask, V, torch.zeros((), dtype=SOLVE_DTYPE))
+    best = (_sq_error(Y, C, atoms), atoms, C, mask)
+
+    def alternate(atoms: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, rounds: int) -> None:
+        nonlocal best
+        # each refit is a least-squares step; a result that does not lower the error (round-off) is not kept
+        for step in range(1 + 2 * rounds):
+            if step % 2 == 0:
+                atoms = refit_atoms(Y, C)
+            else:
+                C = refit_on_support_cg(atoms, Y, mask, C) if cg else refit_on_support(atoms, Y, mask)
+            err = _sq_error(Y, C, atoms)
+            if err < best[0]:
+                best = (err, atoms, C, mask)
+
+    alternate(atoms, C, mask, refits)
+    for _ in range(reselect):
+        # hard-thresholding pursuit: least-squares codes on every atom, the support re-chosen by the
+        # same importance score, then refitted; kept only where it lowers the error
+        _, atoms, C, _ = best
+        G = atoms @ atoms.T
+        ridge = 1e-10 * float(G.diagonal().mean().clamp_min(1e-300))
+        full = torch.linalg.solve(G + ridge * torch.eye(G.shape[0], dtype=SOLVE_DTYPE), atoms @ Y.T).T  # (n, k)
+        norms = atom_norm(atoms).to(SOLVE_DTYPE).clamp_min(0).pow(IMPORTANCE_LAMBDA)
+        mask = select_support(full.abs() * norms[None, :], s, recover)
+        C = refit_on_support_cg(atoms, Y, mask, full * mask) if cg else refit_on_support(atoms, Y, mask)
+        err = _sq_error(Y, C, atoms)
+        if err < best[0]:
+            best = (err, atoms, C, mask)
+        alternate(atoms, C, mask, RESELECT_REFITS)
+    return best[1], best[2], best[3]
+
+
+def select_support(score: torch.Tensor, s: int, recover: float) -> torch.Tensor:
+    """Per row the highest-scoring entries, then the largest of the rest matrix-wide, n·s in all
+    (every row keeps at least one)."""
+    n, k = score.shape
     total = n * min(s, k)
-    n_recover = min(int(math.ceil(recover * n * k)), total - n)  # every row keeps at least one
+    n_recover = max(0, min(int(math.ceil(recover * n * k)), total - n))
     base = max(1, (total - n_recover) // n)
     top = score.topk(base, dim=1).indices
     mask = torch.zeros(n, k, dtype=torch.bool).scatter_(1, top, True)
@@ -380,18 +423,7 @@ def closed_form(
     if left > 0:
         rest = score.masked_fill(mask, -1.0).reshape(-1)
         mask.view(-1)[rest.topk(left).indices] = True
-    C = torch.where(mask, V, torch.zeros((), dtype=SOLVE_DTYPE))
-    best = (_sq_error(Y, C, atoms), atoms, C)
-    # each refit is a least-squares step; one that does not lower the error (round-off) is dropped
-    for step in range(1 + 2 * refits):
-        if step % 2 == 0:
-            atoms = refit_atoms(Y, C)
-        else:
-            C = refit_on_support_cg(atoms, Y, mask, C) if cg else refit_on_support(atoms, Y, mask)
-        err = _sq_error(Y, C, atoms)
-        if err < best[0]:
-            best = (err, atoms, C)
-    return best[1], best[2], mask
+    return mask
 
 
 # -------------------------------------------------------------------------------------- drivers
@@ -415,6 +447,7 @@ def factorize_dict(
     seed: int = 0,
     init: str = "svd",
     refits: int = 1,
+    reselect: int = 0,
 ) -> DictFactors:
     """Factorize W (d_out × d_in) as C·A with k atoms and s non-zeros per row (on average, for the
     closed form), minimizing ‖(W − C·A)L‖_F (L: lower Cholesky factor of the input Gram; None = the
@@ -427,7 +460,7 @@ def factorize_dict(
     if solver == "ksvd":
         atoms_w, C, mask, history, converged = ksvd(Y, k, s, iters=iters, seed=seed, init=init)
     elif solver == "closed-form":
-        atoms_w, C, mask = closed_form(Y, k, s, lambda a: _unwhiten(a, L).norm(dim=1), refits=refits)
+        atoms_w, C, mask = closed_form(Y, k, s, lambda a: _unwhiten(a, L).norm(dim=1), refits=refits, reselect=reselect)
     else:
         raise ValueError(f"unknown dictionary solver {solver!r}")
     error = _sq_error(Y, C, atoms_w)
