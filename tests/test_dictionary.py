@@ -109,6 +109,26 @@ def test_sparse_codes_beat_low_rank_at_equal_stored_bits_on_a_union_of_subspaces
         assert f.error < 0.5 * lr.truncation_loss(), solver
 
 
+def test_closed_form_refinements_never_raise_the_error() -> None:
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(96, 48, generator=g, dtype=F64) @ torch.randn(48, 48, generator=g, dtype=F64)
+    X = _calibration(48)
+    L = torch.linalg.cholesky(X.T @ X)
+    errors = [factorize_dict(W, 20, 10, L, solver="closed-form", refits=r, reselect=p).error for r, p in ((0, 0), (2, 0), (2, 2), (4, 4))]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.9 * errors[0]
+
+
+@pytest.mark.parametrize("method", ["omp", "pursuit"])
+def test_coding_on_a_fixed_dictionary(method: str) -> None:
+    from compress.solvers.dictionary import code_with_dictionary
+
+    Y, D, C = _union_of_subspaces(d=32, k=8, s=2, n=200, seed=4)
+    f = code_with_dictionary(Y, D, 2, None, method=method)
+    assert f.error / f.energy < (1e-20 if method == "omp" else 0.2)
+    assert int(f.mask.sum()) == 2 * 200
+
+
 @pytest.mark.parametrize("d_out,d_in,ratio,rho,elt", [(1536, 576, 0.2, 2.0, 32), (576, 1536, 0.4, 2.0, 16), (64, 64, 0.3, 1.0, 32),
                                                          (96, 64, 0.5, 16.0, 16), (8, 8, 0.9, 2.0, 32)])
 def test_dict_shape_is_the_largest_that_fits_the_budget(d_out: int, d_in: int, ratio: float, rho: float, elt: int) -> None:

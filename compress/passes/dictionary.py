@@ -22,11 +22,14 @@ Options:
   ridge refit, ``refits`` rounds of coefficient/atom refits.
 - ``share=n``: one dictionary per projection type for each group of n consecutive layers, fitted on
   the stacked weights whitened by the group's summed Gram; each layer's coefficients are then
-  fitted by OMP in its own whitened space during the layer loop. The group's statistics come from
-  one profiling forward of the model before the loop (a dictionary must exist when the group's
-  first layer is compressed).
-- ``allocate=global``: per-target (ratio, rho) chosen by a multiple-choice knapsack over the
-  candidates' relative whitened errors (closed-form fits on the profiled statistics) so that the
+  fitted in its own whitened space during the layer loop (OMP for ``solver=ksvd``, the closed
+  form's least-squares selection and refit otherwise). The group's statistics come from one
+  profiling forward of the model before the loop: a dictionary must exist when the group's first
+  layer is compressed, and fitting it only at the group's last layer would mean revisiting layers
+  the loop has already propagated through (and, for a model streamed from disk, already written).
+- ``allocate=global``: per-target ratios (0.05–0.90, at the pass's rho) chosen by a multiple-choice
+  knapsack over the candidates' relative whitened errors (the closed form's first step, on the
+  profiled statistics; it misranks rho, so rho is not allocated) so that the
   targets' total stored bits meet the budget (see :mod:`compress.solvers.allocate`).
 
 Example recipe::
@@ -76,7 +79,9 @@ class CoSpaDiConfig(PassConfig):
         0.2, "fraction of each target's stored bits removed (dictionary + values + support)", min=0.0, max=1.0, min_open=True, max_open=True
     )
     solver: str = option("ksvd", "ksvd (K-SVD + OMP, the paper) or closed-form (ROCKET's fast path)", choices=("ksvd", "closed-form"))
-    rho: float = option(2.0, "atoms per non-zero coefficient, k/s (the paper's default 2; 1 = low rank)", min=1.0, max=64.0)
+    rho: float = option(
+        0.0, "atoms per non-zero coefficient k/s (1 = low rank); 0: 2 for ksvd (the paper's), 2.5 for closed-form (measured)", min=0.0, max=64.0
+    )
     nonzeros: int = option(0, "non-zero coefficients per output row s (0: from rho)", min=0)
     iters: int = option(10, "K-SVD iterations at most (the paper uses 60)", min=1, max=1000)
     init: str = option("svd", "K-SVD dictionary init: svd (top singular vectors) or data (random rows)", choices=("svd", "data"))
@@ -104,6 +109,9 @@ class CoSpaDiPass(Pass):
         super().__init__(config)
         assert isinstance(config, CoSpaDiConfig)
         self.cfg = config
+        if 0.0 < config.rho < 1.0:
+            raise ConfigError(f"cospadi: rho={config.rho} would keep more non-zeros than atoms; use rho >= 1 (1 is plain low rank)")
+        self.rho = config.rho or DEFAULT_RHO[config.solver]
 
     @classmethod
     def capabilities(cls, config: PassConfig) -> Capabilities:
@@ -133,7 +141,7 @@ class CoSpaDiPass(Pass):
                     hi = mid - 1
             k_max = lo
             return (k_max, s) if k_max >= s else None
-        return dict_shape(d_out, d_in, ratio, c.rho if rho is None else rho, elt_bits)
+        return dict_shape(d_out, d_in, ratio, self.rho if rho is None else rho, elt_bits)
 
     def check(self, model: nn.Module, adapter: Any, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
         c = self.cfg
@@ -195,7 +203,7 @@ class CoSpaDiPass(Pass):
             k, s = shape
         L, _ = cholesky_psd(stats.gram, name)
         if shared is not None:
-            f = code_with_dictionary(W, shared.A, s, L)
+            f = code_with_dictionary(W, shared.A, s, L, method="omp" if c.solver == "ksvd" else "pursuit")
         else:
             seed = c.seed ^ zlib.crc32(name.encode())
             f = factorize_dict(W, k, s, L, solver=c.solver, iters=c.iters, seed=seed, init=c.init, refits=c.refits, reselect=c.reselect)
@@ -297,7 +305,7 @@ class CoSpaDiPass(Pass):
         out: list[tuple[int, float, tuple[float, float] | None]] = [(dense_bits(d_out, d_in, W.dtype), 0.0, None)]
         seen: set[tuple[int, int]] = set()
         for ratio in GLOBAL_RATIOS:
-            for rho in GLOBAL_RHOS:
+            for rho in (self.rho,):
                 shape = self.shape_for(d_out, d_in, elt, ratio=ratio, rho=rho)
                 if shape is None or shape in seen:
                     continue
@@ -320,7 +328,7 @@ class CoSpaDiPass(Pass):
         budget = (1.0 - c.ratio) * n * d_out * d_in * elt
 
         def bits(k: int) -> int:
-            s = min(k, max(1, round(k / c.rho))) if not c.nonzeros else c.nonzeros
+            s = min(k, max(1, round(k / self.rho))) if not c.nonzeros else c.nonzeros
             return k * d_in * elt + n * (d_out * s * elt + support_bits(d_out, k, d_out * s)) if s <= k else 1 << 62
 
         if bits(1 if not c.nonzeros else c.nonzeros) > budget:
@@ -334,7 +342,7 @@ class CoSpaDiPass(Pass):
             else:
                 hi = mid - 1
         k = lo
-        s = c.nonzeros or min(k, max(1, round(k / c.rho)))
+        s = c.nonzeros or min(k, max(1, round(k / self.rho)))
         H = sum(gram.to(SOLVE_DTYPE) for _, gram in members)
         L, _ = cholesky_psd(H, f"{rel} (layers {g * n}-{g * n + n - 1})")
         f = factorize_dict(torch.cat([W for W, _ in members]), k, s, L, solver=c.solver, iters=c.iters,
@@ -368,9 +376,13 @@ class CoSpaDiPass(Pass):
         return lines
 
 
-#: candidate ratios and atoms-per-non-zero of ``allocate=global`` (ROCKET's grid spans 0.05–0.70 and 1–3)
+#: candidate ratios of ``allocate=global`` (ROCKET's grid spans 0.05–0.70), each at the pass's rho: the
+#: cheap first-step error ranks rho wrongly (it favours dense codes, which the refinements overtake:
+#: at SmolLM2 layers 10 and 25 the first step is best at rho 1.5–2, the refined fit at 2.5–3)
 GLOBAL_RATIOS = tuple(round(0.05 * i, 2) for i in range(1, 19))
-GLOBAL_RHOS = (1.0, 1.5, 2.0, 3.0)
+#: atoms per non-zero when rho=0: the paper's 2 for K-SVD; 2.5 for the closed form with support
+#: reselection (lower relative output error than 1.5, 2 and 3 at q/o/up/down of SmolLM2 layers 10 and 25)
+DEFAULT_RHO = {"ksvd": 2.0, "closed-form": 2.5}
 
 
 @dataclass

@@ -467,13 +467,24 @@ def factorize_dict(
     return DictFactors(A=_unwhiten(atoms_w, L), C=C, mask=mask, error=error, energy=energy, history=history, converged=converged)
 
 
-def code_with_dictionary(W: torch.Tensor, A: torch.Tensor, s: int, L: torch.Tensor | None) -> DictFactors:
-    """Coefficients of W on a fixed dictionary A (k × d_in, e.g. shared by several layers): OMP with
-    ``s`` non-zeros per row in the whitened space of this layer's own L."""
+def code_with_dictionary(W: torch.Tensor, A: torch.Tensor, s: int, L: torch.Tensor | None, *, method: str = "omp") -> DictFactors:
+    """Coefficients of W on a fixed dictionary A (k × d_in, e.g. shared by several layers) with ``s``
+    non-zeros per row on average, in the whitened space of this layer's own L. ``method``: 'omp'
+    (exactly s per row, greedy) or 'pursuit' (least-squares codes on every atom, the n·s most
+    important kept as in the closed form, then refitted on that support; much faster)."""
     W, A = W.to(SOLVE_DTYPE), A.to(SOLVE_DTYPE)
     Y = W @ L.to(SOLVE_DTYPE) if L is not None else W
     atoms_w = A @ L.to(SOLVE_DTYPE) if L is not None else A
-    C, mask = omp(atoms_w, Y, s)
+    if method == "omp":
+        C, mask = omp(atoms_w, Y, s)
+    elif method == "pursuit":
+        G = atoms_w @ atoms_w.T
+        ridge = 1e-10 * float(G.diagonal().mean().clamp_min(1e-300))
+        full = torch.linalg.solve(G + ridge * torch.eye(G.shape[0], dtype=SOLVE_DTYPE), atoms_w @ Y.T).T
+        mask = select_support(full.abs() * A.norm(dim=1).pow(IMPORTANCE_LAMBDA)[None, :], s, RECOVER_FRACTION)
+        C = refit_on_support_cg(atoms_w, Y, mask, full * mask)
+    else:
+        raise ValueError(f"unknown coding method {method!r}")
     return DictFactors(A=A, C=C, mask=mask, error=_sq_error(Y, C, atoms_w), energy=float(Y.square().sum()))
 
 
