@@ -46,7 +46,7 @@ def rows(ksvd_iters: int) -> list[tuple[str, str]]:
 
 def main() -> None:
     ap = parser(__doc__, "cospadi")
-    ap.add_argument("--ksvd-iters", type=int, default=3, help="K-SVD iterations of the ksvd rows (CPU time bounds them)")
+    ap.add_argument("--ksvd-iters", type=int, default=2, help="K-SVD iterations of the ksvd rows (CPU time bounds them)")
     args = ap.parse_args()
     protocol = protocol_for(args)
     protocol["ratio_definition"] = "fraction of the target linears' stored bits removed (dictionary/factors + values + support)"
@@ -61,7 +61,11 @@ def main() -> None:
         "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
         "bits_per_weight: stored bits of the target linears per original target weight (fp32 model: dense = 32).",
         "bytes: the whole model as stored; params: all distinct parameters (the support is not a parameter; it is in the bits).",
-        "seconds_vs_forward: compression time over one dense forward of the 32x512 calibration set, same run.",
+        "seconds_vs_forward: compression time over one dense forward of the 32x512 calibration set, same run "
+        "(a row added with --append is timed against the forward re-measured in its own run).",
+        "cospadi-cf: solver=closed-form with its defaults (rho 2.5, refits 4, reselect 4); cospadi-ksvd: K-SVD + OMP (rho 2, init svd) "
+        "with the iteration count in its recipe; share2: one dictionary per projection for each pair of layers; global: per-target "
+        "ratios by the knapsack.",
     ])
 
 

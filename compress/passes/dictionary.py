@@ -10,8 +10,8 @@ Size. ``ratio`` is the fraction of the target's *stored bits* removed: dictionar
 model's dtype) + the support (a packed k-bit mask per row, or packed ⌈log₂ k⌉-bit indices with
 row offsets, whichever is smaller) ≤ (1 − ratio) · d_out·d_in · bits per weight. SVD-LLM's ratio at
 the same value stores (1 − ratio) of the weights as factors, so the two are compared at equal
-stored size. k and s follow from ``ratio`` and ``rho`` = k/s (CoSpaDi's default 2), or from
-``nonzeros`` = s when given.
+stored size. k and s follow from ``ratio`` and ``rho`` = k/s (by default CoSpaDi's 2 for K-SVD and
+2.5 for the closed form), or from ``nonzeros`` = s when given.
 
 Options:
 
@@ -19,7 +19,13 @@ Options:
   earlier when an iteration gains less than 1e-6 relative), dictionary initialised from the top
   singular vectors of the whitened weight (``init=svd``; ``init=data`` takes random rows, the
   paper's choice). ``solver=closed-form`` (ROCKET): eigenbasis, importance-scored sparsification,
-  ridge refit, ``refits`` rounds of coefficient/atom refits.
+  least-squares refit of the atoms, then ``refits`` rounds of coefficient (conjugate gradients) and
+  atom refits and ``reselect`` rounds of support reselection (hard-thresholding pursuit), each
+  step kept only if it lowers the error. ROCKET's own refinement is 100 Adam steps on the fixed
+  support; ours is deterministic, has no learning rate, and may move the support.
+- Quantizing afterwards (``--pass gptq:bits=4``) quantizes the atoms with the layer's input Gram and
+  the coefficient values in groups (see :mod:`compress.passes.quant`); a shared dictionary is
+  quantized per layer, so each layer then stores its own quantized copy.
 - ``share=n``: one dictionary per projection type for each group of n consecutive layers, fitted on
   the stacked weights whitened by the group's summed Gram; each layer's coefficients are then
   fitted in its own whitened space during the layer loop (OMP for ``solver=ksvd``, the closed

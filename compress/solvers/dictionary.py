@@ -20,8 +20,9 @@ Solvers:
   whitened magnitude |c| and the original-space magnitude |c|·‖a_j‖), a small global recovery of
   the largest zeroed entries, and a least-squares refit of the atoms by Cholesky (with a damping
   far below ROCKET's, which raised the error). We then refit the kept coefficients on their support
-  and the atoms again (``refits`` rounds); every step is a least-squares step, and one that does
-  not lower the error is dropped.
+  (conjugate gradients) and the atoms again (``refits`` rounds), and re-choose each row's support
+  from its least-squares codes on every atom (``reselect`` rounds of hard-thresholding pursuit,
+  each refitted); a step that does not lower the error is dropped.
 
 Sizes: :func:`dict_shape` turns a removed fraction ``ratio`` and the atoms-per-non-zero ratio
 ρ = k/s (CoSpaDi's default ρ = 2) into (k, s) so that the stored bits — dictionary, values and the
@@ -31,15 +32,13 @@ within (1 − ratio) of the dense weight's bits.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .linalg import SOLVE_DTYPE
-
-logger = logging.getLogger(__name__)
 
 #: importance exponent λ of the closed-form path's score |c|·‖a_j‖^λ (ROCKET's geometric mean)
 IMPORTANCE_LAMBDA = 0.5
@@ -352,7 +351,7 @@ def closed_form(
     Y: torch.Tensor,
     k: int,
     s: int,
-    atom_norm: "callable",  # type: ignore[valid-type]
+    atom_norm: Callable[[torch.Tensor], torch.Tensor],
     *,
     refits: int = 1,
     recover: float = RECOVER_FRACTION,
