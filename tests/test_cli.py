@@ -100,7 +100,8 @@ def test_run_eval_export_end_to_end(tmp_path: Path) -> None:
     assert e.returncode == 0, e.stderr
     assert "token-level, wikitext2 test, seqlen 512, 2/" in e.stdout
     d = _run("eval", str(out / "dense"), "--seqlen", "512", "--max-windows", "2")
-    assert d.stdout.split("=")[1].split()[0] == e.stdout.split("=")[1].split()[0]
+    # the dense export multiplies the factors out: equal up to float rounding of that product
+    assert float(d.stdout.split("=")[1].split()[0]) == pytest.approx(float(e.stdout.split("=")[1].split()[0]), rel=1e-5)
     x = _run("export", str(out), "--out", str(tmp_path / "dense2"))
     assert x.returncode == 0 and (tmp_path / "dense2" / "model.safetensors").is_file()
 

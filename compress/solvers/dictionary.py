@@ -234,15 +234,19 @@ def refit_on_support_cg(atoms: torch.Tensor, signals: torch.Tensor, mask: torch.
     P = R.clone()
     rs = (R * R).sum(1)
     tiny = torch.finfo(torch.float32).tiny
+    zero = torch.zeros((), dtype=torch.float32)
     for _ in range(iters):
         Q = (P @ G) * M
-        a = rs / (P * Q).sum(1).clamp_min(tiny)
+        pq = (P * Q).sum(1)
+        live = (pq > tiny) & (rs > tiny)  # a converged row (or one whose curvature rounds to zero) stops
+        a = torch.where(live, rs / torch.where(live, pq, torch.ones_like(pq)), zero)
         X += a[:, None] * P
         R -= a[:, None] * Q
         rs_new = (R * R).sum(1)
-        P = R + (rs_new / rs.clamp_min(tiny))[:, None] * P
+        P = R + torch.where(live, rs_new / torch.where(live, rs, torch.ones_like(rs)), zero)[:, None] * P
         rs = rs_new
-    return X.to(SOLVE_DTYPE)
+    out = X.to(SOLVE_DTYPE)
+    return torch.where(torch.isfinite(out), out, C0.to(SOLVE_DTYPE) * mask)
 
 
 def refit_atoms(Y: torch.Tensor, C: torch.Tensor, ridge_rel: float = 1e-10) -> torch.Tensor:
@@ -256,9 +260,11 @@ def refit_atoms(Y: torch.Tensor, C: torch.Tensor, ridge_rel: float = 1e-10) -> t
     G = C.T @ C
     eps = max(1e-300, ridge_rel * float(G.diagonal().sum()) / max(k, 1))
     G = G + eps * torch.eye(k, dtype=SOLVE_DTYPE)
+    if not bool(torch.isfinite(G).all()):
+        return torch.full((k, Y.shape[1]), float("nan"), dtype=SOLVE_DTYPE)  # the caller drops a non-finite step
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) != 0:
-        return torch.linalg.lstsq(G, C.T @ Y).solution
+        return torch.linalg.pinv(G, hermitian=True) @ (C.T @ Y)
     return torch.cholesky_solve(C.T @ Y, L)
 
 
@@ -387,6 +393,8 @@ def closed_form(
                 atoms = refit_atoms(Y, C)
             else:
                 C = refit_on_support_cg(atoms, Y, mask, C) if cg else refit_on_support(atoms, Y, mask)
+            if not (torch.isfinite(atoms).all() and torch.isfinite(C).all()):
+                return  # a degenerate step (all-zero atoms or codes): keep the best so far
             err = _sq_error(Y, C, atoms)
             if err < best[0]:
                 best = (err, atoms, C, mask)
