@@ -68,6 +68,7 @@ from ..solvers.dictionary import (
     code_with_dictionary,
     dict_shape,
     factorize_dict,
+    largest_fitting,
     select_support,
     stored_bits as dict_bits,
     support_bits,
@@ -138,15 +139,8 @@ class CoSpaDiPass(Pass):
         if c.nonzeros and rho is None:
             s = c.nonzeros
             budget = (1.0 - ratio) * d_out * d_in * elt_bits
-            lo, hi = 0, int(budget // (d_in * elt_bits)) + 1
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if dict_bits(d_out, d_in, mid, d_out * min(s, mid), elt_bits) <= budget:
-                    lo = mid
-                else:
-                    hi = mid - 1
-            k_max = lo
-            return (k_max, s) if k_max >= s else None
+            k = largest_fitting(lambda k: dict_bits(d_out, d_in, k, d_out * s, elt_bits) <= budget, s, int(budget // (d_in * elt_bits)) + 1)
+            return None if k is None else (k, s)
         return dict_shape(d_out, d_in, ratio, self.rho if rho is None else rho, elt_bits)
 
     def check(self, model: nn.Module, adapter: Any, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
@@ -160,10 +154,11 @@ class CoSpaDiPass(Pass):
                 raise ConfigError(f"cospadi: share={c.share} does not divide the model's {n} layers; use share= one of {', '.join(map(str, ok))}")
         return super().check(model, adapter, shapes, stored)
 
-    def check_shape(self, d_out: int, d_in: int) -> str | None:
+    def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
         c = self.cfg
-        if c.nonzeros and self.shape_for(d_out, d_in, 16) is None:
-            best = self.shape_for(d_out, d_in, 16, rho=1.0)
+        elt = stored.elt_bits if stored is not None else 32  # the model's dtype decides what fits
+        if c.nonzeros and self.shape_for(d_out, d_in, elt) is None:
+            best = self.shape_for(d_out, d_in, elt, rho=1.0)
             k = best[0] if best else 0
             return (f"ratio {c.ratio} leaves room for {k} atoms, fewer than nonzeros={c.nonzeros}; "
                     f"use nonzeros={max(1, k // 2)} or lower, or a smaller ratio")
@@ -337,17 +332,11 @@ class CoSpaDiPass(Pass):
             s = min(k, max(1, round(k / self.rho))) if not c.nonzeros else c.nonzeros
             return k * d_in * elt + n * (d_out * s * elt + support_bits(d_out, k, d_out * s)) if s <= k else 1 << 62
 
-        if bits(1 if not c.nonzeros else c.nonzeros) > budget:
+        found = largest_fitting(lambda k: bits(k) <= budget, c.nonzeros or 1, int(budget // (d_in * elt)) + 1)
+        if found is None:
             logger.info("cospadi: %s of layer group %d kept dense: no shared dictionary fits its budget", rel, g)
             return
-        lo, hi = (1 if not c.nonzeros else c.nonzeros), int(budget // (d_in * elt)) + 1
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if bits(mid) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        k = lo
+        k = found
         s = c.nonzeros or min(k, max(1, round(k / self.rho)))
         H = sum(gram.to(SOLVE_DTYPE) for _, gram in members)
         L, _ = cholesky_psd(H, f"{rel} (layers {g * n}-{g * n + n - 1})")

@@ -92,16 +92,23 @@ def dict_shape(d_out: int, d_in: int, ratio: float, rho: float, elt_bits: int) -
     def fits(k: int) -> bool:
         return stored_bits(d_out, d_in, k, d_out * s_of(k), elt_bits) <= budget
 
-    if not fits(1):
+    k = largest_fitting(fits, 1, int(budget // (d_in * elt_bits)) + 1)
+    return None if k is None else (k, s_of(k))
+
+
+def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The largest k in [lo, hi] with ``fits(k)`` for a ``fits`` true up to some k and false after
+    (stored bits grow with the atom count); None when not even ``lo`` fits."""
+    if not fits(lo):
         return None
-    lo, hi = 1, max(1, int(budget // (d_in * elt_bits)) + 1)
-    while lo < hi:  # stored bits grow with k (s and the support grow with it): the largest k that fits
+    hi = max(lo, hi)
+    while lo < hi:
         mid = (lo + hi + 1) // 2
         if fits(mid):
             lo = mid
         else:
             hi = mid - 1
-    return lo, s_of(lo)
+    return lo
 
 
 @dataclass
