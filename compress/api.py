@@ -17,13 +17,15 @@ from .adapters import ModelAdapter, get_adapter
 from .calib.data import CalibConfig, calibration_ids
 from .checkpoint import STRUCTURE_ATTR, model_structure
 from .errors import CompressError
-from .models import count_parameters, load_model, resolve_device, storage_bytes, weights_fingerprint
+from .models import count_parameters, load_model, open_streamed, resolve_device, storage_bytes, weights_fingerprint
+from .pipeline import distributed
 from .pipeline.sequential import run_sequential
 from .recipe import as_recipe
 from .registry import get_pass
 from .report import Report
 from .exports import check_exports, get_export
-from .validate import check_calibration, check_eval, check_finite, check_output_dir, check_passes
+from .stream import CannotStream, stream_blocker
+from .validate import check_calibration, check_eval, check_finite, check_offload_dir, check_output_dir, check_passes
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ def compress(
     batch_size: int | None = None,
     on_layer: Callable[[int, int, float], None] | None = None,
     stats_provider: Any = None,
+    stream: Any = None,
 ) -> Report:
     """Compress ``model`` in place with ``recipe`` and return the :class:`Report`.
 
@@ -55,11 +58,15 @@ def compress(
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     passes = [get_pass(p.name)(p.config) for p in rec.passes]
     check_passes(model, adapter, rec, passes)
-    check_finite(model)
+    if stream is None:  # a streamed model's checkpoint was scanned tensor by tensor instead
+        check_finite(model)
     base = calib if isinstance(calib, CalibConfig) else CalibConfig.from_dict(rec.calibration)
     if isinstance(calib, torch.Tensor):
         base = CalibConfig(samples=int(calib.shape[0]), seqlen=int(calib.shape[1]), batch_size=batch_size or base.batch_size)
     batch_size = batch_size or base.batch_size
+    d = distributed.current()
+    if d is not None:
+        distributed.check_passes(passes, d)
     timings: dict[str, float] = {}
     calib_info: dict[str, Any] | None = None
     ids: torch.Tensor | None = None
@@ -81,11 +88,16 @@ def compress(
         cfg_src = dataclasses.replace(base, source=src)
         extra_ids[src] = calibration_ids(tokenizer, cfg_src, data_dir)
         calib_info = {**(calib_info or {}), f"source:{src}": cfg_src.to_dict()}
+    if d is not None:  # each rank calibrates on its share of the batches
+        ids = distributed.shard_batches(ids, batch_size, d) if ids is not None else None
+        extra_ids = {k: distributed.shard_batches(v, batch_size, d) for k, v in extra_ids.items()}
+        if calib_info is not None:
+            calib_info = {**calib_info, "processes": d.world}
     params_before, bytes_before = count_parameters(model), storage_bytes(model)
     t0 = time.perf_counter()
     result = run_sequential(
         model, adapter, passes, ids, device=dev, batch_size=batch_size, on_layer=on_layer, stats_provider=stats_provider,
-        extra_ids=extra_ids,
+        extra_ids=extra_ids, stream=stream,
     )
     timings["compress"] = time.perf_counter() - t0
     structure = model_structure(model)
@@ -268,6 +280,9 @@ def run(
     baseline: bool = False,
     on_layer: Callable[[int, int, float], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    stream: str = "auto",
+    restart: bool = False,
+    offload_dir: str | Path | None = None,
 ) -> Report:
     """Load a model, compress it, write the checkpoint (atomically), then export other formats and
     evaluate (with ``baseline``, the dense model too, before compressing).
@@ -278,6 +293,12 @@ def run(
     evaluation against the model and every pass against every target's shape. The checkpoint is
     written as soon as compression ends; a failing export or evaluation leaves it complete and says
     how to rerun only that step.
+
+    ``stream``: ``auto`` reads the model one decoder layer at a time from its checkpoint, writes
+    each finished layer to ``OUT.partial/`` and resumes from there when rerun (see
+    :mod:`compress.stream`), unless a pass needs the whole model (then it is loaded whole); ``on``
+    insists on streaming, ``off`` loads the whole model. ``restart`` discards ``OUT.partial/``.
+    ``offload_dir`` keeps the calibration activations in memory-mapped files there.
     """
     from .checkpoint import atomic_directory, save_checkpoint
     from .report import write_report
@@ -291,7 +312,35 @@ def run(
     if eval_spec:
         check_eval(eval_spec, data_dir)
     check_calibration(rec, cfg, data_dir)
+    if stream not in ("auto", "on", "off"):
+        raise CompressError(f"stream must be auto, on or off, got '{stream}'")
+    blocker = stream_blocker([get_pass(p.name)(p.config) for p in rec.passes])
+    if stream == "on" and blocker:
+        raise CompressError(f"--stream is not possible: {blocker}; run without --stream (the model is then loaded whole)")
+    if offload_dir is not None:
+        check_offload_dir(Path(offload_dir))
+        if blocker or stream == "off":
+            raise CompressError(f"--offload-dir needs a streamed run, and {blocker or 'this run loads the model whole (--no-stream)'}; drop --offload-dir")
     t_start = time.perf_counter()
+    d, dev_rank = distributed.init(resolve_device(device))
+    if d is not None:
+        device = str(dev_rank)
+        if not d.is_main:  # rank 0 reports, writes and evaluates
+            stage, on_layer, export, eval_spec = (lambda s: None), None, (), None
+    if stream != "off" and blocker is None:
+        try:
+            streamed = open_streamed(model_source, dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+        except CompressError as e:
+            if stream == "on" or not isinstance(e, CannotStream):
+                raise
+            stage(f"cannot stream this checkpoint ({str(e).split(';')[0]}): loading it whole")
+        else:
+            return _run_streamed(
+                streamed, model_source, rec, out, cfg, device=device, data_dir=data_dir, overwrite=overwrite, export=export,
+                eval_spec=eval_spec, baseline=baseline, on_layer=on_layer, stage=stage, restart=restart,
+                offload_dir=Path(offload_dir) if offload_dir is not None else None, t_start=t_start,
+                load_kwargs={"dtype": dtype, "trust_remote_code": trust_remote_code, "gguf_file": gguf_file},
+            )
     stage(f"loading {model_source}")
     t0 = time.perf_counter()
     model, tokenizer, info = load_model(
@@ -314,6 +363,8 @@ def run(
         t_base = time.perf_counter() - t0
     stage("compressing")
     report = compress(model, rec, cfg, tokenizer=tokenizer, device=dev, data_dir=data_dir, on_layer=on_layer)
+    if d is not None and not d.is_main:
+        return report
     report.model.update(info)
     report.timings = {"load": t_load, **report.timings}
     if base_metrics:
@@ -330,7 +381,125 @@ def run(
         save_checkpoint(model, tokenizer, tmp, manifest, recipe_yaml=rec.to_yaml())
         report.timings["save"] = time.perf_counter() - t0
         report.write(tmp)
-    # the checkpoint is complete from here on: what follows can fail without costing the compression
+    return _after_checkpoint(report, model, tokenizer, out, model_source, export, eval_spec, base_metrics, data_dir, dev, stage, t_start)
+
+
+def _run_streamed(
+    streamed: Any, model_source: str | Path, rec: Any, out: Path, cfg: CalibConfig, *, device: str | None, data_dir: str | Path | None,
+    overwrite: bool, export: tuple[str, ...], eval_spec: EvalSpec | None, baseline: bool, on_layer: Callable[[int, int, float], None] | None,
+    stage: Callable[[str], None], restart: bool, offload_dir: Path | None, t_start: float, load_kwargs: dict[str, Any],
+) -> Report:
+    """:func:`run` on a model read layer by layer from its checkpoint, resumable (see :mod:`compress.stream`)."""
+    from .checkpoint import atomic_directory, load_checkpoint, write_config_and_tokenizer, write_manifest
+    from .sources import scan
+    from .stream import LayerStream, Progress, write_streamed_weights
+    from .version import __version__
+
+    sm, tokenizer, info = streamed
+    model = sm.model
+    if eval_spec:
+        check_eval(eval_spec, data_dir, model.config)
+    adapter = get_adapter(model)
+    passes = [get_pass(p.name)(p.config) for p in rec.passes]
+    check_passes(model, adapter, rec, passes)  # shapes only: refuse before reading the weights
+    n_layers = len(adapter.layers(model))
+    dtype = getattr(torch, info["dtype"])
+    t0 = time.perf_counter()
+    stage(f"reading {model_source} once (NaN/Inf check and fingerprint)")
+    info["fingerprint"] = scan(sm.source)
+    fingerprint = {
+        "weights": info["fingerprint"], "recipe": rec.to_dict(), "calibration": cfg.to_dict(), "dtype": info["dtype"], "library": __version__,
+    }
+    d = distributed.current()
+    if d is not None:
+        fingerprint["processes"] = d.world
+    progress = Progress(out, fingerprint, restart=restart, dist=d)
+    sm.load_outside()
+    t_load = time.perf_counter() - t0
+    stage(_memory_plan(sm, adapter, model, cfg, passes, dtype, n_layers, offload_dir))
+    if progress.done:
+        stage(f"resuming at layer {progress.done + 1} of {n_layers} from {progress.dir}")
+    dev = resolve_device(device)
+    base_metrics: list[dict[str, Any]] = []
+    t_base = 0.0
+    if eval_spec and baseline:
+        stage("evaluating the dense baseline (loaded whole)")
+        t0 = time.perf_counter()
+        dense, _, _ = load_model(model_source, device=dev, **load_kwargs)
+        base_metrics = evaluate(dense, tokenizer, eval_spec, data_dir=data_dir)
+        del dense
+        t_base = time.perf_counter() - t0
+    stage("compressing (streamed)")
+    layer_stream = LayerStream(sm, progress, dtype, offload_dir)
+    try:
+        report = compress(model, rec, cfg, tokenizer=tokenizer, device=dev, data_dir=data_dir, on_layer=on_layer, stream=layer_stream)
+    except KeyboardInterrupt:
+        raise CompressError(
+            f"interrupted at layer {progress.done + 1} of {n_layers}; the {progress.done} finished layers are kept in '{progress.dir}': "
+            "rerun the same command to resume"
+        ) from None
+    finally:
+        sm.source.close()
+    if d is not None and not d.is_main:
+        return report
+    report.model.update(info)
+    report.model["streamed"] = True
+    report.timings = {"load": t_load, **report.timings}
+    if base_metrics:
+        report.timings["eval_baseline"] = t_base
+    stage(f"writing {out}")
+    t0 = time.perf_counter()
+    manifest = {
+        "source": {k: info.get(k) for k in ("source", "gguf_file", "model_type", "fingerprint", "dtype")},
+        "recipe": rec.to_dict(),
+        "calibration": report.calibration,
+        "modules": _module_chains(report),
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_config_and_tokenizer(model, tokenizer, tmp)
+        files, aliases = write_streamed_weights(model, adapter.layers_path, progress, n_layers, tmp)
+        write_manifest(model, tmp, manifest, files, aliases, rec.to_yaml())
+        report.timings["save"] = time.perf_counter() - t0
+        report.write(tmp)
+    progress.remove()
+    if export or eval_spec:
+        stage(f"loading {out} for {'export' if export else 'evaluation'}")
+        model, tokenizer = load_checkpoint(out)
+    return _after_checkpoint(report, model, tokenizer, out, model_source, export, eval_spec, base_metrics, data_dir, dev, stage, t_start)
+
+
+def _memory_plan(
+    sm: Any, adapter: ModelAdapter, model: nn.Module, cfg: CalibConfig, passes: list[Any], dtype: torch.dtype, n_layers: int,
+    offload_dir: Path | None,
+) -> str:
+    """One line: the calibration activations' size and the estimated peak memory of a streamed run."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    needs = any(p.caps.requires_calibration for p in passes)
+    acts = cfg.samples * cfg.seqlen * hidden * esize if needs else 0
+    layer_bytes = max(sm.bytes_of(f"{adapter.layers_path}.{i}.") for i in range(n_layers))
+    outside = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+    stats = 0
+    if needs:  # the largest sub-group's float64 Gram matrices (one per linear)
+        layer = adapter.layers(model)[0]
+        from .pipeline.capture import linear_shape
+
+        stats = max(sum(linear_shape(layer.get_submodule(n))[1] ** 2 * 8 for n in g) for g in adapter.groups(layer))
+    peak = outside + 2 * layer_bytes + (0 if offload_dir else 2 * acts) + stats
+    where = f"memory-mapped in {offload_dir}" if offload_dir else "in memory"
+    return (f"streaming {n_layers} layers of {layer_bytes / 1024**3:.2f} GiB; calibration activations {acts / 1024**3:.2f} GiB {where}; "
+            f"estimated peak memory {peak / 1024**3:.1f} GiB")
+
+
+def _after_checkpoint(
+    report: Report, model: nn.Module, tokenizer: Any, out: Path, model_source: str | Path, export: tuple[str, ...],
+    eval_spec: EvalSpec | None, base_metrics: list[dict[str, Any]], data_dir: str | Path | None, dev: torch.device,
+    stage: Callable[[str], None], t_start: float,
+) -> Report:
+    """Exports and evaluation, once the checkpoint in ``out`` is complete: what follows can fail
+    without costing the compression."""
+    from .report import write_report
+
     layers_path = report.model.get("layers_path", "model.layers")
     step = ""
     try:

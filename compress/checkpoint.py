@@ -140,7 +140,7 @@ def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _write_config_and_tokenizer(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+def write_config_and_tokenizer(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     model.config.save_pretrained(directory)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -158,9 +158,16 @@ def save_checkpoint(
     recipe_yaml: str | None = None,
 ) -> None:
     """Write the compressed model into ``directory`` (which must exist and be empty)."""
-    _write_config_and_tokenizer(model, tokenizer, directory)
+    write_config_and_tokenizer(model, tokenizer, directory)
     state, aliases = _dedupe(model.state_dict())
     files = write_weights(state, directory)
+    write_manifest(model, directory, manifest, files, aliases, recipe_yaml)
+
+
+def write_manifest(
+    model: nn.Module, directory: Path, manifest: dict[str, Any], files: list[str], aliases: dict[str, str], recipe_yaml: str | None
+) -> None:
+    """``manifest.json`` (and ``recipe.yaml``) for the weights already written as ``files``."""
     modules = {
         name: {"type": type(m).__name__, "spec": m.spec()}  # type: ignore[operator]
         for name, m in compressed_modules(model).items()
@@ -336,6 +343,6 @@ def export_dense(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     if blocker is not None:
         raise CompressError(f"no dense export: {blocker}; load the checkpoint with compress.load(dir)")
     directory.mkdir(parents=True, exist_ok=True)
-    _write_config_and_tokenizer(model, tokenizer, directory)
+    write_config_and_tokenizer(model, tokenizer, directory)
     state, _ = _dedupe(dense_state_dict(model))  # a tied head is re-tied by transformers on load
     write_weights(state, directory)

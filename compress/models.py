@@ -129,6 +129,86 @@ def load_model(
     return model, tokenizer, info
 
 
+def open_streamed(
+    source: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(StreamedModel, tokenizer, info): the model's skeleton with its parameters on the meta device
+    and its checkpoint opened for reading tensor by tensor (see :mod:`compress.stream`). A hub ID is
+    downloaded first (the files, not the model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .adapters import get_adapter
+    from .sources import open_source
+    from .stream import CannotStream, StreamedModel, params_on_meta
+
+    src = str(source)
+    path = Path(src).expanduser()
+    info: dict[str, Any] = {"source": src}
+    if not path.exists():
+        from .hub import hub_reachable
+
+        if path.is_absolute() or src.startswith((".", "~")) or src.count("/") > 1:
+            raise CompressError(f"model path '{src}' does not exist")
+        if not hub_reachable():
+            raise CompressError(
+                f"model '{src}' is not a local directory and the Hugging Face hub is unreachable; give a local model directory or go online"
+            )
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]))
+        except Exception as e:  # unknown repo, gated model, network failure
+            raise CompressError(f"cannot download '{src}' from the hub: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    if not path.is_dir():
+        raise CompressError(f"'{path}' is a file; give the directory that holds the model")
+    has_weights = any(any(path.glob(g)) for g in _WEIGHT_GLOBS)
+    gguf = None if has_weights and gguf_file is None else _gguf_file(path, gguf_file)
+    cfg_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    tok_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf is not None:
+        cfg_kwargs["gguf_file"] = gguf
+        info["gguf_file"] = gguf
+        if not any(path.glob("tokenizer*")):
+            tok_kwargs["gguf_file"] = gguf
+    elif not ((path / "config.json").is_file() and has_weights):
+        raise CompressError(f"directory '{path}' holds no model: expected config.json with *.safetensors/*.bin weights, or a .gguf file")
+    try:
+        config = AutoConfig.from_pretrained(path, **cfg_kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise CompressError(f"cannot read the config of '{src}': {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    try:
+        tensors = open_source(path, gguf, config)
+    except CompressError as e:
+        if gguf is None:
+            raise
+        raise CannotStream(f"{e}; load it whole with --no-stream") from None
+    dt = parse_dtype(dtype)
+    if dt == "auto":
+        if gguf is not None:
+            dt = torch.float32
+        else:
+            declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            dt = declared if isinstance(declared, torch.dtype) else _DTYPES.get(str(declared), None)  # type: ignore[assignment]
+            if dt is None:
+                floats = [tensors.dtype(n) for n in tensors.names() if tensors.dtype(n).is_floating_point]
+                dt = floats[0] if floats else torch.float32
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=trust_remote_code)
+    model.eval()
+    streamed = StreamedModel(model, tensors, get_adapter(model).layers_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
+    except Exception as e:  # tokenizer problems should not hide behind a traceback
+        raise CompressError(f"cannot load the tokenizer of '{src}': {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    info["dtype"] = str(dt).replace("torch.", "")
+    info["model_type"] = getattr(config, "model_type", None)
+    return streamed, tokenizer, info
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """blake2b over the names, shapes, dtypes and bytes of every tensor of the state dict."""
     h = hashlib.blake2b(digest_size=16)

@@ -33,6 +33,17 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise CompressError(f"cannot create '{out}': '{parent}' is not writable; choose another --out")
 
 
+def check_offload_dir(path: Path) -> None:
+    """--offload-dir exists (or can be created) and is writable."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".compress-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CompressError(f"--offload-dir '{path}' is not writable ({e.strerror or e}); choose another --offload-dir") from None
+
+
 def check_eval(spec: "EvalSpec", data_dir: str | Path | None, config: Any = None) -> None:
     """Evaluation options and their data, before compression (``config``: the model's, when loaded)."""
     from .eval.perplexity import check_ppl, check_ppl_data

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -27,12 +27,16 @@ from ..adapters.base import ModelAdapter
 from ..errors import ConfigError
 from ..modules import CompressedLinear, storage_bits, weight_count
 from ..modules.base import dense_weight_of
-from ..passes.base import Pass
+from ..passes.base import Pass, PassResult
 from ..records import ModuleRecord
 from .capture import Batch, capture_layer0_inputs, linear_shape, module_device, run_layer, set_submodule, with_hidden
 from .context import calibration_forward_context, cleanup_memory
+from .distributed import current, reduce_stats, solve_on_main
 from .layer import LayerState, ModelState, observe
 from .stats import LayerStats
+
+if TYPE_CHECKING:
+    from ..stream import LayerStream
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +55,19 @@ class PipelineResult:
 
 def layer_loop(
     adapter: ModelAdapter, model: nn.Module, inputs_by: dict[str | None, list[Batch]], device: torch.device, body: LayerBody,
-    on_layer: Callable[[int, int, float], None] | None = None,
+    on_layer: Callable[[int, int, float], None] | None = None, stream: "LayerStream | None" = None,
 ) -> list[float]:
-    """For each decoder layer: onload, ``body``, propagate the calibration inputs, offload."""
+    """For each decoder layer: onload, ``body``, propagate the calibration inputs, offload. With a
+    ``stream``, layers before ``stream.start`` are done already (a resumed run), each layer is read
+    from the checkpoint first and written and dropped afterwards (see :mod:`compress.stream`)."""
     layers = adapter.layers(model)
     seconds: list[float] = []
     for i, layer in enumerate(layers):
+        if stream is not None and i < stream.start:
+            continue
         t0 = time.perf_counter()
+        if stream is not None:
+            stream.load(i, layer)
         home = module_device(layer)
         layer.to(device)
         outs = body(i, layer)
@@ -67,6 +77,8 @@ def layer_loop(
                 hs = known if known is not None else [run_layer(layer, b, device).detach().to("cpu") for b in inputs]
                 inputs_by[src] = [with_hidden(b, h) for b, h in zip(inputs, hs)]
         layer.to(home)
+        if stream is not None:
+            inputs_by.update(stream.done(i, len(layers), layer, dict(inputs_by)))
         cleanup_memory()
         seconds.append(time.perf_counter() - t0)
         logger.debug("layer %d/%d done in %.1f s", i + 1, len(layers), seconds[-1])
@@ -113,6 +125,7 @@ def run_sequential(
     on_layer: Callable[[int, int, float], None] | None = None,
     stats_provider: StatsProvider | None = None,
     extra_ids: dict[str, torch.Tensor] | None = None,
+    stream: "LayerStream | None" = None,
 ) -> PipelineResult:
     """Apply ``passes`` to ``model`` in place, layer by layer.
 
@@ -126,8 +139,13 @@ def run_sequential(
     records: list[ModuleRecord] = []
     seconds: list[float] = []
     tokens = 0
-    for seg in segments(passes):
-        r, s, t = _run_segment(model, adapter, seg, input_ids, device, batch_size, on_layer, stats_provider, extra_ids or {})
+    segs = segments(passes)
+    if stream is not None and len(segs) > 1:
+        raise ValueError("a streamed model runs one layer loop; this recipe needs several")
+    if stream is not None:
+        records += stream.resume(model, adapter.layers_path)
+    for seg in segs:
+        r, s, t = _run_segment(model, adapter, seg, input_ids, device, batch_size, on_layer, stats_provider, extra_ids or {}, stream)
         records += r
         seconds += s
         tokens = max(tokens, t)
@@ -137,7 +155,7 @@ def run_sequential(
 def _run_segment(
     model: nn.Module, adapter: ModelAdapter, passes: list[Pass], input_ids: torch.Tensor | None, device: torch.device,
     batch_size: int, on_layer: Callable[[int, int, float], None] | None, stats_provider: StatsProvider | None,
-    extra_ids: dict[str, torch.Tensor],
+    extra_ids: dict[str, torch.Tensor], stream: "LayerStream | None" = None,
 ) -> tuple[list[ModuleRecord], list[float], int]:
     def needs_inputs(p: Pass) -> bool:
         c = p.caps
@@ -147,6 +165,7 @@ def _run_segment(
     if any(p.caps.uses_layer_inputs for p in passes):
         sources.add(None)
     keep_originals = any(p.caps.needs_original for p in passes)
+    d = current()
     records: list[ModuleRecord] = []
     prefix = adapter.layers_path
     with calibration_forward_context(model):
@@ -154,7 +173,11 @@ def _run_segment(
             p.prepare(model, adapter)
         _profile(model, adapter, [p for p in passes if p.caps.profile], input_ids, device, batch_size, stats_provider)
         inputs_by: dict[str | None, list[Batch]] = {}
-        for src in sorted(sources, key=lambda s: "" if s is None else s):
+        if stream is not None and stream.start > 0:
+            inputs_by = stream.resume_inputs()
+            if set(inputs_by) != sources:
+                raise ValueError("the saved calibration inputs do not match the recipe's sources")
+        for src in sorted(sources - set(inputs_by), key=lambda s: "" if s is None else s):
             ids = input_ids if src is None else extra_ids.get(src)
             if ids is None:
                 raise ValueError(f"a pass requires calibration data{'' if src is None else f' from {src}'} but none was given")
@@ -193,13 +216,19 @@ def _run_segment(
                         stats = stats_provider(i, targets, c.statistics)
                     else:
                         stats = observe(layer, targets, c.statistics, inputs_by[c.calib_source], device)
+                        if d is not None:
+                            stats = reduce_stats(stats, d)
                     context = LayerState(layer, i, main, device, adapter, originals)
                     for n in targets:
                         module = layer.get_submodule(n)
                         t0 = time.perf_counter()
                         before, bits_before, shape = weight_count(module), storage_bits(module), linear_shape(module)
                         full = f"{prefix}.{i}.{n}"
-                        result = p.apply(full, module, stats.pop(n) if stats is not None else None, context)
+                        st = stats.pop(n) if stats is not None else None
+                        if d is None:
+                            result = p.apply(full, module, st, context)
+                        else:  # rank 0 solves, the others receive its result
+                            result = solve_on_main(d, module, lambda: p.apply(full, module, st, context), PassResult)
                         new = result.module if result.module is not None else module
                         if result.module is not None:
                             set_submodule(layer, n, result.module)
@@ -212,7 +241,10 @@ def _run_segment(
             del originals
             return known
 
-        seconds = layer_loop(adapter, model, inputs_by, device, body, on_layer)
+        if stream is not None:
+            stream.records = records
+            inputs_by = stream.keep(inputs_by)
+        seconds = layer_loop(adapter, model, inputs_by, device, body, on_layer, stream)
         for p in passes:
             if p.granularity == "model":
                 p.finish(model_state)
@@ -296,7 +328,8 @@ def profile_statistics(
                 for h in handles:
                     h.remove()
             stats.reset_sharing()
-            on_layer(i, stats)
+            d = current()
+            on_layer(i, reduce_stats(stats, d) if d is not None else stats)
             return {None: outs}
 
         layer_loop(adapter, model, inputs_by, device, body)

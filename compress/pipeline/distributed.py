@@ -1,0 +1,135 @@
+"""Data-parallel calibration on torch.distributed.
+
+Launched with ``torchrun --nproc-per-node N -m compress run ...``: every rank holds the model (or
+streams it), takes every N-th calibration batch (the same batch boundaries as one process, so each
+batch's products are computed exactly as in a single-process run), and runs the layer loop on its
+share. Each layer's statistics are all-reduced in float64 (sums; maximum for ``abs_max``); rank 0
+solves each linear and broadcasts the result (module type, spec and tensors); every rank rebuilds
+it and propagates its own share of the activations through the compressed layer. Rank 0 writes the
+checkpoint and the progress; each rank keeps its own share of the next layer's inputs for a resume.
+
+Gloo on CPU, NCCL on GPUs (collectives on ``cuda:LOCAL_RANK``). Passes that read the layer's raw
+inputs while they solve (AdaDim's sub-block errors, model-level passes) are refused up front.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import CompressError
+from .stats import ACCUM_DTYPE, LayerStats
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device  # where collectives run (the rank's GPU for NCCL, else the CPU)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """This process was started by torchrun with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> tuple[Dist | None, torch.device]:
+    """Join the process group that torchrun describes (once); return it and this rank's compute
+    device (``cuda:LOCAL_RANK`` when computing on CUDA)."""
+    if not launched() and not (dist.is_available() and dist.is_initialized()):
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        minutes = float(os.environ.get("COMPRESS_DIST_TIMEOUT_MIN", "30"))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=minutes))
+    return current(), device
+
+
+def current() -> Dist | None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    backend = dist.get_backend()
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def check_passes(passes: list[Any], d: Dist) -> None:
+    for p in passes:
+        if p.granularity == "model" or p.caps.uses_layer_inputs:
+            raise CompressError(
+                f"{p.name} reads the layer's calibration inputs while it solves, which a data-parallel run does not gather; "
+                "run it in one process (without torchrun)"
+            )
+
+
+def shard_batches(ids: torch.Tensor, batch_size: int, d: Dist) -> torch.Tensor:
+    """This rank's calibration samples: batches rank, rank + N, ... of the single-process batching."""
+    n_batches = -(-ids.shape[0] // batch_size)
+    if n_batches < d.world:
+        raise CompressError(
+            f"{ids.shape[0]} calibration samples in batches of {batch_size} give {n_batches} batches for {d.world} processes; "
+            f"use more --calib-samples or a smaller --batch-size"
+        )
+    return torch.cat([ids[b * batch_size : (b + 1) * batch_size] for b in range(d.rank, n_batches, d.world)])
+
+
+def reduce_stats(stats: LayerStats, d: Dist) -> LayerStats:
+    """Sum every rank's statistics in place (float64; ``abs_max`` by maximum)."""
+    for name in sorted(stats.linears):
+        st = stats.linears[name]
+        for key, t in st.tensors().items():
+            buf = t.to(device=d.device, dtype=ACCUM_DTYPE)
+            dist.all_reduce(buf, op=dist.ReduceOp.MAX if key == "abs_max" else dist.ReduceOp.SUM)
+            if key == "n_tokens":
+                st.n_tokens = int(buf.item())
+            else:
+                setattr(st, key, buf.to("cpu"))
+    return stats
+
+
+def solve_on_main(d: Dist, module: nn.Module, solve: Callable[[], Any], result_type: Any) -> Any:
+    """Rank 0 runs ``solve()`` (a :class:`PassResult`); every other rank receives the same result,
+    rebuilt from the module's type, spec and tensors."""
+    from ..modules import MODULE_TYPES
+
+    payload: list[Any] = [None]
+    if d.is_main:
+        result = solve()
+        new = result.module if result.module is not None else module
+        spec = new.spec() if hasattr(new, "spec") else None  # type: ignore[operator]
+        state = {k: v.detach().to("cpu") for k, v in new.state_dict().items()}
+        payload = [{"replaced": result.module is not None, "type": type(new).__name__, "spec": spec, "state": state, "info": result.info}]
+    dist.broadcast_object_list(payload, src=0, device=d.device if d.device.type == "cuda" else None)
+    if d.is_main:
+        return result
+    msg = payload[0]
+    device = next(iter(module.parameters()), torch.empty(0)).device
+    if not msg["replaced"]:
+        module.load_state_dict(msg["state"])
+        return result_type(module=None, info=msg["info"])
+    floats = [t for t in msg["state"].values() if t.is_floating_point()]
+    dtype = floats[0].dtype if floats else torch.float32
+    if msg["type"] == "Linear":
+        w = msg["state"]["weight"]
+        new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in msg["state"], dtype=w.dtype)
+    else:
+        new = MODULE_TYPES[msg["type"]].from_spec(msg["spec"], dtype=dtype)  # type: ignore[attr-defined]
+    new.load_state_dict(msg["state"])
+    return result_type(module=new.to(device), info=msg["info"])
+
+
+def barrier(d: Dist | None) -> None:
+    if d is not None:
+        dist.barrier()

@@ -1,0 +1,259 @@
+"""Streaming a model layer by layer from its checkpoint, resuming after a crash, and the bad inputs
+of both: a streamed run writes the same bytes as a run on the model loaded whole, a killed run
+resumes to a byte-identical checkpoint, and damaged inputs are named in one line."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from compress.api import run
+from compress.calib.data import CalibConfig
+from compress.errors import CompressError
+
+from .conftest import STORIES
+
+pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason="needs ../shared/models/stories260k (its tokenizer)")
+
+TEXT = " ".join(f"Once upon a time there was a little {w} who liked to play in the {p}." for w in ("cat", "dog", "girl", "boy") for p in ("park", "garden", "house")) * 8
+RECIPE = ["gptq:bits=4,group=16"]
+
+
+def make_model(root: Path, layers: int = 4, hidden: int = 64, intermediate: int = 128, shard: str | None = None, tied: bool = False) -> Path:
+    """A random Llama with the stories260k tokenizer, saved (sharded when ``shard`` is a size)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.for_model(
+        "llama", vocab_size=512, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    root.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(root, max_shard_size=shard or "2GB")
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(root)
+    return root
+
+
+@pytest.fixture
+def calib(tmp_path: Path) -> CalibConfig:
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT)
+    return CalibConfig(source=str(p), samples=4, seqlen=32, batch_size=2)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    """The checkpoint's files that must not depend on how the run went (the report holds timings)."""
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and not p.name.startswith("report")}
+
+
+@pytest.mark.parametrize("shard", [None, "40KB"])
+def test_streamed_run_writes_the_bytes_of_a_whole_model_run(tmp_path: Path, calib: CalibConfig, shard: str | None) -> None:
+    src = make_model(tmp_path / "m", shard=shard, tied=shard is None)
+    a = run(src, RECIPE, tmp_path / "a", calib=calib, stream="on")
+    b = run(src, RECIPE, tmp_path / "b", calib=calib, stream="off")
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert fa["model.safetensors"] == fb["model.safetensors"]
+    ma, mb = json.loads(fa["manifest.json"]), json.loads(fb["manifest.json"])
+    for m in (ma, mb):
+        m["source"].pop("fingerprint")
+    assert ma == mb
+    assert a.params_after == b.params_after and a.bytes_after == b.bytes_after
+    assert a.model["streamed"] and not (tmp_path / "a.partial").exists()
+
+
+def test_streamed_load_equals_eager_load(tmp_path: Path) -> None:
+    from compress.adapters import get_adapter
+    from compress.models import load_model, open_streamed
+
+    src = make_model(tmp_path / "m", shard="30KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    sm, _tok, _info = open_streamed(src)
+    sm.load_outside()
+    for i, layer in enumerate(get_adapter(sm.model).layers(sm.model)):
+        sm.load_layer(i, layer)
+    ref, _, _ = load_model(src)
+    ids = torch.randint(0, 512, (2, 16))
+    assert torch.equal(ref(ids).logits, sm.model(ids).logits)
+
+
+def test_checkpoint_is_sharded_per_layer_when_larger_than_a_shard(tmp_path: Path, calib: CalibConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.stream as stream
+    from compress.api import load
+
+    src = make_model(tmp_path / "m")
+    monkeypatch.setattr(stream, "SHARD_BYTES", 10_000)
+    run(src, RECIPE, tmp_path / "a", calib=calib, stream="on")
+    out = tmp_path / "a"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 5  # the rest + one per layer
+    monkeypatch.undo()
+    run(src, RECIPE, tmp_path / "b", calib=calib, stream="off")
+    m_a, _ = load(out)
+    m_b, _ = load(tmp_path / "b")
+    ids = torch.randint(0, 512, (1, 16))
+    assert torch.equal(m_a(ids).logits, m_b(ids).logits)
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from compress.api import run
+    from compress.calib.data import CalibConfig
+    src, out, calib, k, recipe = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    def on_layer(i, n, s):
+        if i == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    run(src, [recipe], out, calib=CalibConfig(source=calib, samples=4, seqlen=32, batch_size=2), stream="on", on_layer=on_layer)
+    """
+)
+
+
+def _killed_run(tmp_path: Path, src: Path, out: Path, calib: CalibConfig, k: int, recipe: str = RECIPE[0]) -> None:
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    p = subprocess.run([sys.executable, str(script), str(src), str(out), calib.source, str(k), recipe], capture_output=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
+
+
+def test_killed_run_resumes_to_a_byte_identical_checkpoint(tmp_path: Path, calib: CalibConfig) -> None:
+    src = make_model(tmp_path / "m")
+    k = int(torch.randint(0, 3, ()).item())
+    _killed_run(tmp_path, src, tmp_path / "a", calib, k)
+    partial = tmp_path / "a.partial"
+    assert json.loads((partial / "state.json").read_text())["done"] == k + 1
+    assert not (tmp_path / "a").exists()
+    stages: list[str] = []
+    run(src, RECIPE, tmp_path / "a", calib=calib, stream="on", on_stage=stages.append)
+    assert any(s.startswith(f"resuming at layer {k + 2} of 4") for s in stages)
+    run(src, RECIPE, tmp_path / "b", calib=calib, stream="on")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert len({r["layer"] for r in report["layers"]}) == 4 and len(report["layers"]) == 4 * 7
+
+
+def test_a_different_recipe_refuses_to_resume_and_restart_discards(tmp_path: Path, calib: CalibConfig) -> None:
+    src = make_model(tmp_path / "m")
+    _killed_run(tmp_path, src, tmp_path / "a", calib, 1)
+    with pytest.raises(CompressError, match=r"different run \(recipe changed\).*--restart"):
+        run(src, ["rtn:bits=4,group=16"], tmp_path / "a", calib=calib, stream="on")
+    with pytest.raises(CompressError, match=r"calibration changed"):
+        run(src, RECIPE, tmp_path / "a", calib=CalibConfig(source=calib.source, samples=4, seqlen=32, batch_size=2, seed=1), stream="on")
+    stages: list[str] = []
+    run(src, ["rtn:bits=4,group=16"], tmp_path / "a", calib=calib, stream="on", restart=True, on_stage=stages.append)
+    assert not any("resuming" in s for s in stages)
+    assert (tmp_path / "a" / "manifest.json").is_file()
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path, calib: CalibConfig) -> None:
+    src = make_model(tmp_path / "m")
+
+    def interrupt(i: int, n: int, s: float) -> None:
+        if i == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(CompressError, match=r"interrupted at layer 3 of 4; the 2 finished layers are kept in .*rerun the same command to resume"):
+        run(src, RECIPE, tmp_path / "a", calib=calib, stream="on", on_layer=interrupt)
+    run(src, RECIPE, tmp_path / "a", calib=calib, stream="on")
+    run(src, RECIPE, tmp_path / "b", calib=calib, stream="on")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_disk_full_keeps_a_resumable_state(tmp_path: Path, calib: CalibConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.stream as stream
+
+    src = make_model(tmp_path / "m")
+    real = stream.save_file
+    calls = {"n": 0}
+
+    def full(tensors: Any, path: str, metadata: Any = None) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(stream, "save_file", full)
+    with pytest.raises(CompressError, match=r"disk full while writing .*layer-00002.*GiB more are needed.*rerun the same command to resume"):
+        run(src, RECIPE, tmp_path / "a", calib=calib, stream="on")
+    assert not list((tmp_path / "a.partial").glob(".*.tmp"))
+    monkeypatch.undo()
+    stages: list[str] = []
+    run(src, RECIPE, tmp_path / "a", calib=calib, stream="on", on_stage=stages.append)
+    assert any(s.startswith("resuming at layer 3 of 4") for s in stages)
+
+
+def test_truncated_and_missing_shards_are_named(tmp_path: Path, calib: CalibConfig) -> None:
+    src = make_model(tmp_path / "m", shard="30KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[1]
+    data = (src / victim).read_bytes()
+    (src / victim).write_bytes(data[: len(data) - 100])
+    with pytest.raises(CompressError, match=rf"weight file '.*{victim}' is truncated: tensor '.*' ends at byte"):
+        run(src, RECIPE, tmp_path / "a", calib=calib, stream="on")
+    (src / victim).unlink()
+    with pytest.raises(CompressError, match=rf"points to '{victim}', which is missing"):
+        run(src, RECIPE, tmp_path / "a", calib=calib, stream="on")
+    assert not (tmp_path / "a").exists()
+
+
+def test_offload_dir_and_stream_option_errors(tmp_path: Path, calib: CalibConfig) -> None:
+    src = make_model(tmp_path / "m")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    if os.access(ro, os.W_OK):  # running as root: permissions do not bind
+        bad = tmp_path / "file"
+        bad.write_text("")
+        ro = bad / "sub"
+    with pytest.raises(CompressError, match="--offload-dir .* is not writable"):
+        run(src, RECIPE, tmp_path / "a", calib=calib, offload_dir=ro)
+    with pytest.raises(CompressError, match="--stream is not possible: lord reads every layer"):
+        run(src, ["lord:ratio=0.2"], tmp_path / "a", calib=calib, stream="on")
+    run(src, RECIPE, tmp_path / "a", calib=calib, stream="on", offload_dir=tmp_path / "acts")
+    run(src, RECIPE, tmp_path / "b", calib=calib, stream="on")
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert not list((tmp_path / "acts").iterdir())
+
+
+RSS = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from compress.api import run
+    torch.set_num_threads(1)
+    run(sys.argv[1], ["rtn:bits=4,group=64"], sys.argv[2], stream=sys.argv[3])
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    """
+)
+
+
+@pytest.mark.slow
+def test_peak_memory_grows_with_one_layer_not_with_depth(tmp_path: Path) -> None:
+    script = tmp_path / "rss.py"
+    script.write_text(RSS)
+
+    def peak(layers: int, mode: str) -> int:
+        src = tmp_path / f"m{layers}"
+        if not src.exists():
+            make_model(src, layers=layers, hidden=512, intermediate=1536)
+        out = tmp_path / f"o{layers}{mode}"
+        p = subprocess.run([sys.executable, str(script), str(src), str(out), mode], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        shutil.rmtree(out)
+        return int(p.stdout.split()[-1]) * 1024
+
+    per_layer = (4 * 512 * 512 * 3 // 4 + 3 * 512 * 1536) * 4  # GQA attention + MLP, float32
+    grow_stream = peak(16, "on") - peak(2, "on")
+    grow_eager = peak(16, "off") - peak(2, "off")
+    assert grow_eager > 10 * per_layer
+    assert grow_stream < 3 * per_layer, (grow_stream, grow_eager, per_layer)
