@@ -301,7 +301,6 @@ def run(
     ``offload_dir`` keeps the calibration activations in memory-mapped files there.
     """
     from .checkpoint import atomic_directory, save_checkpoint
-    from .report import write_report
 
     stage = on_stage or (lambda s: logger.info(s))
     rec = as_recipe(recipe)
@@ -341,6 +340,7 @@ def run(
                 offload_dir=Path(offload_dir) if offload_dir is not None else None, t_start=t_start,
                 load_kwargs={"dtype": dtype, "trust_remote_code": trust_remote_code, "gguf_file": gguf_file},
             )
+    _check_fits(model_source, dtype, blocker or "--no-stream was given")
     stage(f"loading {model_source}")
     t0 = time.perf_counter()
     model, tokenizer, info = load_model(
@@ -384,15 +384,54 @@ def run(
     return _after_checkpoint(report, model, tokenizer, out, model_source, export, eval_spec, base_metrics, data_dir, dev, stage, t_start)
 
 
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits(model_source: str | Path, dtype: str | None, why: str) -> None:
+    """Refuse, before loading, a model loaded whole that cannot fit in the memory available now
+    (estimated from its local weight files and the compute dtype)."""
+    from .models import parse_dtype
+
+    path = Path(str(model_source)).expanduser()
+    files = [f for g in ("*.safetensors", "*.bin") for f in path.glob(g)] if path.is_dir() else []
+    avail = _available_memory()
+    if not files or avail is None:
+        return
+    from .sources import SafetensorsSource
+
+    dt = parse_dtype(dtype)
+    need = sum(f.stat().st_size for f in files if f.suffix == ".bin")
+    st = [f for f in files if f.suffix == ".safetensors"]
+    if st:
+        src = SafetensorsSource(st)
+        for n in src.names():
+            t = torch.empty(0, dtype=src.dtype(n))
+            size = dt.itemsize if isinstance(dt, torch.dtype) and t.is_floating_point() else t.element_size()
+            need += size * int(torch.Size(src.shape(n)).numel())
+    if need > avail:
+        fix = "drop --no-stream (every pass of this recipe works layer by layer)" if why.startswith("--no-stream") else (
+            "use a machine with more memory, or a recipe whose passes work layer by layer (then the model is streamed)")
+        raise CompressError(
+            f"the whole model must be loaded ({why}), but its weights need about {need / 1024**3:.1f} GiB and "
+            f"{avail / 1024**3:.1f} GiB of memory are available; {fix}"
+        )
+
+
 def _run_streamed(
     streamed: Any, model_source: str | Path, rec: Any, out: Path, cfg: CalibConfig, *, device: str | None, data_dir: str | Path | None,
     overwrite: bool, export: tuple[str, ...], eval_spec: EvalSpec | None, baseline: bool, on_layer: Callable[[int, int, float], None] | None,
     stage: Callable[[str], None], restart: bool, offload_dir: Path | None, t_start: float, load_kwargs: dict[str, Any],
 ) -> Report:
     """:func:`run` on a model read layer by layer from its checkpoint, resumable (see :mod:`compress.stream`)."""
-    from .checkpoint import atomic_directory, load_checkpoint, write_config_and_tokenizer, write_manifest
     from .sources import scan
-    from .stream import LayerStream, Progress, write_streamed_weights
+    from .stream import Progress
     from .version import __version__
 
     sm, tokenizer, info = streamed
@@ -406,7 +445,11 @@ def _run_streamed(
     dtype = getattr(torch, info["dtype"])
     t0 = time.perf_counter()
     stage(f"reading {model_source} once (NaN/Inf check and fingerprint)")
-    info["fingerprint"] = scan(sm.source)
+    try:
+        info["fingerprint"] = scan(sm.source)
+    except BaseException:
+        sm.source.close()
+        raise
     fingerprint = {
         "weights": info["fingerprint"], "recipe": rec.to_dict(), "calibration": cfg.to_dict(), "dtype": info["dtype"], "library": __version__,
     }
@@ -414,6 +457,27 @@ def _run_streamed(
     if d is not None:
         fingerprint["processes"] = d.world
     progress = Progress(out, fingerprint, restart=restart, dist=d)
+    try:
+        return _compress_streamed(
+            sm, tokenizer, info, progress, model_source, rec, out, cfg, passes, adapter, n_layers, dtype, d, t0, device=device,
+            data_dir=data_dir, overwrite=overwrite, export=export, eval_spec=eval_spec, baseline=baseline, on_layer=on_layer, stage=stage,
+            offload_dir=offload_dir, t_start=t_start, load_kwargs=load_kwargs,
+        )
+    finally:
+        progress.release()
+
+
+def _compress_streamed(
+    sm: Any, tokenizer: Any, info: dict[str, Any], progress: Any, model_source: str | Path, rec: Any, out: Path, cfg: CalibConfig,
+    passes: list[Any], adapter: ModelAdapter, n_layers: int, dtype: torch.dtype, d: Any, t0: float, *, device: str | None,
+    data_dir: str | Path | None, overwrite: bool, export: tuple[str, ...], eval_spec: EvalSpec | None, baseline: bool,
+    on_layer: Callable[[int, int, float], None] | None, stage: Callable[[str], None], offload_dir: Path | None, t_start: float,
+    load_kwargs: dict[str, Any],
+) -> Report:
+    from .checkpoint import atomic_directory, load_checkpoint, write_config_and_tokenizer, write_manifest
+    from .stream import LayerStream, write_streamed_weights
+
+    model = sm.model
     sm.load_outside()
     t_load = time.perf_counter() - t0
     stage(_memory_plan(sm, adapter, model, cfg, passes, dtype, n_layers, offload_dir))
@@ -498,6 +562,7 @@ def _after_checkpoint(
 ) -> Report:
     """Exports and evaluation, once the checkpoint in ``out`` is complete: what follows can fail
     without costing the compression."""
+    from .checkpoint import atomic_directory
     from .report import write_report
 
     layers_path = report.model.get("layers_path", "model.layers")

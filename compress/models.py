@@ -160,7 +160,7 @@ def open_streamed(
         from huggingface_hub import snapshot_download
 
         try:
-            path = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]))
+            path = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", *([gguf_file] if gguf_file else [])]))
         except Exception as e:  # unknown repo, gated model, network failure
             raise CompressError(f"cannot download '{src}' from the hub: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     if not path.is_dir():

@@ -190,6 +190,19 @@ def _disk_full(path: Path, need: int) -> CompressError:
     )
 
 
+def _lock(directory: Path) -> Any:
+    """An exclusive lock on ``directory`` held while this process works in it (released at exit)."""
+    import fcntl
+
+    f = open(directory / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CompressError(f"another run is writing '{directory}' now; wait for it to finish or choose another --out") from None
+    return f
+
+
 class Progress:
     """``OUT.partial/``: finished layers, the next layer's inputs and the run's fingerprint."""
 
@@ -218,9 +231,11 @@ class Progress:
                     "rerun with --restart to discard it, or choose another --out"
                 )
             self.done = int(saved.get("done", 0))
-        elif self.dir.exists() and any(self.dir.iterdir()) and self.is_main:
+        elif self.dir.exists() and any(p.name != ".lock" for p in self.dir.iterdir()) and self.is_main:
             raise CompressError(f"'{self.dir}' exists but holds no progress record; remove it or rerun with --restart")
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self._lock = _lock(self.dir)
         barrier(dist)
         self.inputs_file = self.dir / (INPUTS if dist is None else f"inputs-rank{dist.rank}.pt")
 
@@ -267,6 +282,13 @@ class Progress:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            self._lock = None
 
 
 class LayerStream:

@@ -257,3 +257,98 @@ def test_peak_memory_grows_with_one_layer_not_with_depth(tmp_path: Path) -> None
     grow_eager = peak(16, "off") - peak(2, "off")
     assert grow_eager > 10 * per_layer
     assert grow_stream < 3 * per_layer, (grow_stream, grow_eager, per_layer)
+
+
+def test_a_whole_model_that_does_not_fit_is_refused_before_loading(tmp_path: Path, calib: CalibConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.api as api
+
+    src = make_model(tmp_path / "m")
+    monkeypatch.setattr(api, "_available_memory", lambda: 1000)
+    with pytest.raises(CompressError, match=r"whole model must be loaded \(lord reads every layer's weights .*\), but its weights need .* available"):
+        run(src, ["lord:ratio=0.2"], tmp_path / "a", calib=calib)
+    with pytest.raises(CompressError, match=r"--no-stream was given.*drop --no-stream"):
+        run(src, RECIPE, tmp_path / "a", calib=calib, stream="off")
+    run(src, RECIPE, tmp_path / "a", calib=calib)  # streamed: fits
+
+
+DP = textwrap.dedent(
+    """
+    import os, signal, sys
+    from compress.api import run
+    from compress.calib.data import CalibConfig
+    src, out, calib, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    def on_layer(i, n, s):
+        pass
+    if int(os.environ.get("RANK", "0")) == 1 and kill_at >= 0:
+        import compress.stream as stream
+        done = stream.LayerStream.done
+        def dying(self, i, *a, **k):
+            r = done(self, i, *a, **k)
+            if i == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return r
+        stream.LayerStream.done = dying
+    run(src, ["gptq:bits=4,group=16"], out, calib=CalibConfig(source=calib, samples=8, seqlen=32, batch_size=2), stream="on")
+    """
+)
+
+
+def _torchrun(tmp_path: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "dp.py"
+    script.write_text(DP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", env["MASTER_PORT"], str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_and_a_dying_rank_leaves_a_resumable_state(tmp_path: Path, calib: CalibConfig) -> None:
+    src = make_model(tmp_path / "m")
+    one = _torchrun(tmp_path, 1, str(src), str(tmp_path / "one"), calib.source, "-1")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _torchrun(tmp_path, 2, str(src), str(tmp_path / "two"), calib.source, "1")
+    assert two.returncode != 0 and not (tmp_path / "two").exists()
+    state = json.loads((tmp_path / "two.partial" / "state.json").read_text())
+    assert state["done"] >= 1 and state["fingerprint"]["processes"] == 2
+    again = _torchrun(tmp_path, 2, str(src), str(tmp_path / "two"), calib.source, "-1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _files(tmp_path / "one")["model.safetensors"] == _files(tmp_path / "two")["model.safetensors"]
+
+
+def test_passes_that_read_raw_inputs_are_refused_in_a_data_parallel_run() -> None:
+    from compress.pipeline.distributed import Dist, check_passes
+    from compress.recipe import parse_shorthand
+    from compress.registry import get_pass
+
+    def passes(*texts: str) -> list[Any]:
+        return [get_pass(s.name)(s.config) for s in map(parse_shorthand, texts)]
+
+    d = Dist(0, 2, torch.device("cpu"))
+    check_passes(passes("gptq:bits=4", "svd-llm:ratio=0.2", "wanda:pattern=2:4"), d)
+    with pytest.raises(CompressError, match="slicegpt reads the layer's calibration inputs .* run it in one process"):
+        check_passes(passes("slicegpt:sparsity=0.25"), d)
+    with pytest.raises(CompressError, match="gptq reads the layer's calibration inputs"):
+        check_passes(passes("gptq:bits=3,dim=ada"), d)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_works(tmp_path: Path) -> None:
+    from compress.stream import Progress
+
+    first = Progress(tmp_path / "a", {"recipe": 1})
+    with pytest.raises(CompressError, match="another run is writing .*a.partial"):
+        Progress(tmp_path / "a", {"recipe": 1})
+    first.remove()
+    Progress(tmp_path / "a", {"recipe": 1}).remove()
+
+
+@pytest.mark.slow
+def test_gguf_streamed_equals_whole(tmp_path: Path) -> None:
+    from .conftest import SMOLLM
+
+    if not SMOLLM.is_dir():
+        pytest.skip("needs ../shared/models/smollm2-135m-instruct-q4_1-gguf")
+    pytest.importorskip("gguf")
+    a = run(SMOLLM, ["rtn:bits=4,group=64"], tmp_path / "a", stream="on")
+    run(SMOLLM, ["rtn:bits=4,group=64"], tmp_path / "b", stream="off")
+    assert a.model["streamed"]
+    assert _files(tmp_path / "a")["model.safetensors"] == _files(tmp_path / "b")["model.safetensors"]

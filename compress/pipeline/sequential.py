@@ -15,6 +15,7 @@ Profiling for sweeps (:func:`profile_statistics`) is the same loop with an obser
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -228,7 +229,7 @@ def _run_segment(
                         if d is None:
                             result = p.apply(full, module, st, context)
                         else:  # rank 0 solves, the others receive its result
-                            result = solve_on_main(d, module, lambda: p.apply(full, module, st, context), PassResult)
+                            result = solve_on_main(d, module, functools.partial(p.apply, full, module, st, context), PassResult)
                         new = result.module if result.module is not None else module
                         if result.module is not None:
                             set_submodule(layer, n, result.module)
