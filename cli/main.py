@@ -69,10 +69,19 @@ def run(
     eval_text: Optional[str] = typer.Option(None, "--eval", help='evaluation after compression, e.g. "tasks=arc_easy,piqa;ppl=wikitext2;limit=200"'),
     baseline: bool = typer.Option(False, "--baseline", help="also evaluate the dense model in the same run and report the change"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),
+    stream: Optional[bool] = typer.Option(
+        None, "--stream/--no-stream",
+        help="read the model one decoder layer at a time and keep progress in OUT.partial/ for a resume [default: when every pass works layer by layer]",
+    ),
+    restart: bool = typer.Option(False, "--restart", help="discard the progress in OUT.partial/ instead of resuming it"),
+    offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="keep the calibration activations in memory-mapped files in this folder (streamed runs)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
 ) -> None:
-    """Compress MODEL with the given passes and write a compressed checkpoint to OUT."""
+    """Compress MODEL with the given passes and write a compressed checkpoint to OUT.
+
+    A run that stops (crash, Ctrl-C, full disk) resumes when the same command is run again. For
+    data-parallel calibration: torchrun --nproc-per-node N -m compress run MODEL ..."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .. import api
@@ -112,7 +121,13 @@ def run(
             model, rec, out, calib=cfg, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
             gguf_file=gguf_file, data_dir=data_dir, overwrite=overwrite, export=tuple(export), eval_spec=spec,
             baseline=baseline, on_layer=on_layer, on_stage=on_stage,
+            stream="auto" if stream is None else ("on" if stream else "off"), restart=restart, offload_dir=offload_dir,
         )
+    from ..pipeline.distributed import current
+
+    d = current()
+    if d is not None and not d.is_main:  # rank 0 reports
+        return
     if not quiet:
         _print_layers(report)
         _print_summary(report)
@@ -235,15 +250,19 @@ def sweep(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress display"),
     json_lines: bool = typer.Option(False, "--json", help="one JSON line per finished point on stdout"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="I/N, 1-based: run only the grid points whose index modulo N is I-1; N jobs --shard 1/N ... N/N with the same --out fill one sweep",
+    ),
 ) -> None:
     """Run a grid of pass configurations on MODEL, sharing calibration statistics; write sweep.csv/md/png."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from .. import api
     from ..recipe import parse_shorthand
-    from ..sweeps import make_grid
+    from ..sweeps import make_grid, parse_shard
     from ..sweeps import sweep as run_sweep
 
+    shard_ij = parse_shard(shard) if shard is not None else None
     _setup_logging(verbose, quiet or json_lines)
     if ratios and grid:
         raise CompressError("give --ratios or --grid, not both")
@@ -285,7 +304,7 @@ def sweep(
     with progress:
         result = run_sweep(
             model, points, out, eval_spec=spec, calib=cfg, data_dir=data_dir, device=device, dtype=dtype,
-            save_checkpoints=save_checkpoints, on_point=on_point, on_stage=on_stage,
+            save_checkpoints=save_checkpoints, shard=shard_ij, on_point=on_point, on_stage=on_stage,
         )
     if not (quiet or json_lines):
         console.print((Path(out) / "sweep.md").read_text(), markup=False, highlight=False)
