@@ -24,7 +24,8 @@ from .recipe import as_recipe
 from .registry import get_pass
 from .report import Report
 from .exports import check_exports, get_export
-from .stream import CannotStream, stream_blocker
+from .errors import CannotStream
+from .stream import stream_blocker
 from .validate import check_calibration, check_eval, check_finite, check_offload_dir, check_output_dir, check_passes
 
 logger = logging.getLogger(__name__)
@@ -332,7 +333,8 @@ def run(
         except CompressError as e:
             if stream == "on" or not isinstance(e, CannotStream):
                 raise
-            stage(f"cannot stream this checkpoint ({str(e).split(';')[0]}): loading it whole")
+            blocker = f"the checkpoint cannot be streamed: {str(e).split(';')[0]}"
+            stage(f"{blocker}; loading it whole")
         else:
             return _run_streamed(
                 streamed, model_source, rec, out, cfg, device=device, data_dir=data_dir, overwrite=overwrite, export=export,
@@ -399,8 +401,10 @@ def _check_fits(model_source: str | Path, dtype: str | None, why: str) -> None:
     (estimated from its local weight files and the compute dtype)."""
     from .models import parse_dtype
 
+    from .sources import weight_files
+
     path = Path(str(model_source)).expanduser()
-    files = [f for g in ("*.safetensors", "*.bin") for f in path.glob(g)] if path.is_dir() else []
+    files = weight_files(path) if path.is_dir() else []
     avail = _available_memory()
     if not files or avail is None:
         return
@@ -416,7 +420,13 @@ def _check_fits(model_source: str | Path, dtype: str | None, why: str) -> None:
             size = dt.itemsize if isinstance(dt, torch.dtype) and t.is_floating_point() else t.element_size()
             need += size * int(torch.Size(src.shape(n)).numel())
     if need > avail:
+        if why.startswith("--baseline"):
+            raise CompressError(
+                f"--baseline evaluates the dense model loaded whole, which needs about {need / 1024**3:.1f} GiB of the "
+                f"{avail / 1024**3:.1f} GiB available; drop --baseline and evaluate the source model on a larger machine"
+            )
         fix = "drop --no-stream (every pass of this recipe works layer by layer)" if why.startswith("--no-stream") else (
+            "use a machine with more memory" if why.startswith("the checkpoint") else
             "use a machine with more memory, or a recipe whose passes work layer by layer (then the model is streamed)")
         raise CompressError(
             f"the whole model must be loaded ({why}), but its weights need about {need / 1024**3:.1f} GiB and "
@@ -450,8 +460,14 @@ def _run_streamed(
     except BaseException:
         sm.source.close()
         raise
+    import hashlib
+
+    import transformers
+
     fingerprint = {
         "weights": info["fingerprint"], "recipe": rec.to_dict(), "calibration": cfg.to_dict(), "dtype": info["dtype"], "library": __version__,
+        "config": hashlib.blake2b(model.config.to_json_string(use_diff=False).encode(), digest_size=8).hexdigest(),
+        "transformers": transformers.__version__,
     }
     d = distributed.current()
     if d is not None:
@@ -487,6 +503,7 @@ def _compress_streamed(
     base_metrics: list[dict[str, Any]] = []
     t_base = 0.0
     if eval_spec and baseline:
+        _check_fits(model_source, load_kwargs.get("dtype"), "--baseline evaluates the dense model")
         stage("evaluating the dense baseline (loaded whole)")
         t0 = time.perf_counter()
         dense, _, _ = load_model(model_source, device=dev, **load_kwargs)
@@ -498,13 +515,16 @@ def _compress_streamed(
     try:
         report = compress(model, rec, cfg, tokenizer=tokenizer, device=dev, data_dir=data_dir, on_layer=on_layer, stream=layer_stream)
     except KeyboardInterrupt:
+        sm.source.close()
         raise CompressError(
             f"interrupted at layer {progress.done + 1} of {n_layers}; the {progress.done} finished layers are kept in '{progress.dir}': "
             "rerun the same command to resume"
         ) from None
-    finally:
+    except BaseException:
         sm.source.close()
+        raise
     if d is not None and not d.is_main:
+        sm.source.close()
         return report
     report.model.update(info)
     report.model["streamed"] = True
@@ -519,12 +539,22 @@ def _compress_streamed(
         "calibration": report.calibration,
         "modules": _module_chains(report),
     }
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        write_config_and_tokenizer(model, tokenizer, tmp)
-        files, aliases = write_streamed_weights(model, adapter.layers_path, progress, n_layers, tmp)
-        write_manifest(model, tmp, manifest, files, aliases, rec.to_yaml())
-        report.timings["save"] = time.perf_counter() - t0
-        report.write(tmp)
+    try:
+        sm.load_outside()  # dropped after the layer-0 inputs were captured
+    finally:
+        sm.source.close()
+    try:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            write_config_and_tokenizer(model, tokenizer, tmp)
+            files, aliases = write_streamed_weights(model, adapter.layers_path, progress, n_layers, tmp)
+            write_manifest(model, tmp, manifest, files, aliases, rec.to_yaml())
+            report.timings["save"] = time.perf_counter() - t0
+            report.write(tmp)
+    except OSError as e:
+        raise CompressError(
+            f"cannot write {out} ({e.strerror or e}); every layer is kept in '{progress.dir}': "
+            "free space and rerun the same command to write the checkpoint"
+        ) from None
     progress.remove()
     if export or eval_spec:
         stage(f"loading {out} for {'export' if export else 'evaluation'}")

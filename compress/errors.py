@@ -14,3 +14,7 @@ class CompressError(Exception):
 
 class ConfigError(CompressError):
     """An invalid pass option, recipe or calibration setting."""
+
+
+class CannotStream(CompressError):
+    """The checkpoint cannot be read layer by layer (it can still be loaded whole)."""

@@ -143,7 +143,8 @@ def open_streamed(
 
     from .adapters import get_adapter
     from .sources import open_source
-    from .stream import CannotStream, StreamedModel, params_on_meta
+    from .errors import CannotStream
+    from .stream import StreamedModel, params_on_meta
 
     src = str(source)
     path = Path(src).expanduser()
@@ -160,7 +161,7 @@ def open_streamed(
         from huggingface_hub import snapshot_download
 
         try:
-            path = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", *([gguf_file] if gguf_file else [])]))
+            path = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "tokenizer*", *([gguf_file] if gguf_file else [])]))
         except Exception as e:  # unknown repo, gated model, network failure
             raise CompressError(f"cannot download '{src}' from the hub: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     if not path.is_dir():
@@ -180,6 +181,10 @@ def open_streamed(
         config = AutoConfig.from_pretrained(path, **cfg_kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise CompressError(f"cannot read the config of '{src}': {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None and gguf is None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise CannotStream(f"the checkpoint is quantized ({method}); its layers cannot be read one at a time here; load it whole with --no-stream")
     try:
         tensors = open_source(path, gguf, config)
     except CompressError as e:

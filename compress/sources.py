@@ -23,7 +23,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from .errors import CompressError
+from .errors import CannotStream, CompressError
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -161,8 +161,8 @@ class TorchBinSource:
         for p in files:
             try:
                 self._state.update(torch.load(p, map_location="cpu", mmap=True, weights_only=True))
-            except Exception as e:  # a damaged zip or pickle
-                raise CompressError(f"weight file '{p}' cannot be read ({type(e).__name__}); re-download the checkpoint") from None
+            except Exception as e:  # a legacy (not zip) file, or a damaged one
+                raise CannotStream(f"weight file '{p}' cannot be memory-mapped ({type(e).__name__}); load it whole with --no-stream") from None
 
     def names(self) -> list[str]:
         return list(self._state)
@@ -178,6 +178,19 @@ class TorchBinSource:
 
     def close(self) -> None:
         self._state.clear()
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files a load of ``directory`` reads (the index's shards, else the single file)."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (directory / index).is_file():
+            try:
+                return [directory / f for f in sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                return []
+        if (directory / single).is_file():
+            return [directory / single]
+    return sorted(directory.glob("*.safetensors"))
 
 
 def open_source(directory: Path, gguf_file: str | None = None, config: object = None) -> TensorSource:

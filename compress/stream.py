@@ -33,18 +33,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import SHARD_BYTES, _dedupe, compressed_modules, write_weights
-from .errors import CompressError
+from .errors import CannotStream, CompressError
 from .modules import MODULE_TYPES
 from .records import ModuleRecord
 from .sources import TensorSource
 
 STATE = "state.json"
 
-
-class CannotStream(CompressError):
-    """The checkpoint cannot be read layer by layer (it can still be loaded whole)."""
-
-INPUTS = "inputs.pt"
 
 
 def stream_blocker(passes: list[Any]) -> str | None:
@@ -107,7 +102,8 @@ class StreamedModel:
         have = set(self.source.names())
         prefix = getattr(self.model, "base_model_prefix", "") + "."
         names: dict[str, str] = {}
-        missing = []
+        missing: list[str] = []
+        used: set[str] = set()
         owners = self._owners(self.model, "")
         for name, holders in owners.items():
             aliases = [name] + [n for n in _all_names(self.model, holders) if n != name]
@@ -120,10 +116,25 @@ class StreamedModel:
                 missing.append(name)
                 continue
             names[name] = hit
+            used.update(a for a in aliases if a in have)
+            used.update(a.removeprefix(prefix) for a in aliases if a.removeprefix(prefix) in have)
+            mod, attr, is_param = holders[0]
+            want = tuple((mod._parameters if is_param else mod._buffers)[attr].shape)  # type: ignore[union-attr]
+            if tuple(self.source.shape(hit)) != want:
+                raise CompressError(
+                    f"checkpoint tensor '{hit}' has shape {tuple(self.source.shape(hit))}, the model's config expects {want}; "
+                    "the checkpoint and its config.json disagree: re-download the model"
+                )
         if missing:
             raise CannotStream(
                 f"the checkpoint has no tensor for '{missing[0]}' ({len(missing)} missing) under the model's names; "
                 "load it whole with --no-stream"
+            )
+        extra = sorted(n for n in have - used if not n.endswith("rotary_emb.inv_freq"))
+        if extra:
+            raise CannotStream(
+                f"the checkpoint holds tensors the model does not take as they are ('{extra[0]}', {len(extra)} in all: "
+                "a converted or quantized layout); load it whole with --no-stream"
             )
         return names
 
@@ -156,6 +167,21 @@ class StreamedModel:
         inside = self.layers_path + "."
         self._load(self.model, "", lambda n: not n.startswith(inside))
 
+    def release_outside(self) -> None:
+        """Drop the tensors outside the decoder layers (embeddings and head: 2 GiB of an 8B model)
+        once the layer-0 inputs are captured; :meth:`load_outside` reads them again for the
+        checkpoint (per-layer passes leave them as the checkpoint has them)."""
+        inside = self.layers_path + "."
+        for name, holders in self._owners(self.model, "").items():
+            mod, attr, is_param = holders[0]
+            if name.startswith(inside) or name not in self._names or not is_param:
+                continue
+            cur = mod._parameters[attr]
+            assert cur is not None
+            meta = nn.Parameter(torch.empty_like(cur, device="meta"), requires_grad=False)
+            for m, a, p in holders:
+                (m._parameters if p else m._buffers)[a] = meta  # type: ignore[assignment]
+
     def load_layer(self, i: int, layer: nn.Module) -> None:
         self._load(layer, f"{self.layers_path}.{i}.")
 
@@ -179,13 +205,19 @@ def _all_names(model: nn.Module, holders: list[tuple[nn.Module, str, bool]]) -> 
 
 
 def release(layer: nn.Module) -> None:
-    """Drop a finished layer's tensors (they are on disk now); its structure stays for the report."""
+    """Drop a finished layer's tensors (they are on disk now) and the modules' caches of dense
+    weights; its structure stays for the report."""
+    from .modules.base import drop_caches
+
+    drop_caches(layer)
     layer.to("meta")
 
 
 def _disk_full(path: Path, need: int) -> CompressError:
+    amount = (f"about {need / 1024**3:.1f} GiB more are needed" if need >= 2**30 else
+              f"about {need / 1024**2:.1f} MiB more are needed" if need >= 2**20 else "more space is needed")
     return CompressError(
-        f"disk full while writing '{path}': about {need / 1024**3:.1f} GiB more are needed; the progress so far is kept in "
+        f"disk full while writing '{path}': {amount}; the progress so far is kept in "
         f"'{path.parent}'; free space and rerun the same command to resume"
     )
 
@@ -207,37 +239,43 @@ class Progress:
     """``OUT.partial/``: finished layers, the next layer's inputs and the run's fingerprint."""
 
     def __init__(self, out: Path, fingerprint: dict[str, Any], restart: bool = False, dist: Any = None) -> None:
-        from .pipeline.distributed import barrier
+        from .pipeline.distributed import agree
 
         self.dir = out.parent / f"{out.name}.partial"
         self.fingerprint = fingerprint
         self.done = 0
         self.dist = dist
         self.is_main = dist is None or dist.is_main
-        state = self.dir / STATE
-        if restart and self.dir.exists() and self.is_main:
-            shutil.rmtree(self.dir)
-        barrier(dist)
-        if state.is_file():
-            try:
-                saved = json.loads(state.read_text())
-            except json.JSONDecodeError:
-                saved = {}
-            old = saved.get("fingerprint", {})
-            diff = [k for k in sorted(set(old) | set(fingerprint)) if old.get(k) != fingerprint.get(k)]
-            if diff:
-                raise CompressError(
-                    f"'{self.dir}' holds the progress of a different run ({', '.join(diff)} changed); "
-                    "rerun with --restart to discard it, or choose another --out"
-                )
-            self.done = int(saved.get("done", 0))
-        elif self.dir.exists() and any(p.name != ".lock" for p in self.dir.iterdir()) and self.is_main:
-            raise CompressError(f"'{self.dir}' exists but holds no progress record; remove it or rerun with --restart")
+        self.rank_tag = "" if dist is None else f"-rank{dist.rank}"
+        self._lock: Any = None
+        self.done = agree(dist, lambda: self._open(restart))  # rank 0 decides, every rank learns it (or its error)
+
+    def _open(self, restart: bool) -> int:
+        """Lock the directory, then resume (the number of finished layers) or start afresh (0)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        if self.is_main:
-            self._lock = _lock(self.dir)
-        barrier(dist)
-        self.inputs_file = self.dir / (INPUTS if dist is None else f"inputs-rank{dist.rank}.pt")
+        self._lock = _lock(self.dir)
+        if restart:
+            for p in self.dir.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        state = self.dir / STATE
+        if not state.is_file():  # a new run (files of a run killed before its first layer finished are stale)
+            for p in self.dir.glob("layer-*"):
+                p.unlink()
+            self._write_state(0)
+            return 0
+        try:
+            saved = json.loads(state.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CompressError(f"'{state}' is damaged; rerun with --restart to start over") from None
+        old = saved.get("fingerprint", {})
+        diff = [k for k in sorted(set(old) | set(self.fingerprint)) if old.get(k) != self.fingerprint.get(k)]
+        if diff:
+            raise CompressError(
+                f"'{self.dir}' holds the progress of a different run ({', '.join(diff)} changed); "
+                "rerun with --restart to discard it, or choose another --out"
+            )
+        return int(saved.get("done", 0))
 
     def layer_file(self, i: int) -> Path:
         return self.dir / f"layer-{i:05d}.safetensors"
@@ -267,18 +305,32 @@ class Progress:
             self._write(self.layer_file(i), lambda p: save_file(kept, str(p), metadata={"format": "pt"}), nbytes + remaining_bytes)
             self._write(self.dir / f"layer-{i:05d}.json", lambda p: p.write_text(json.dumps({**meta, "tied": aliases}, default=str)), remaining_bytes)
         if inputs is not None:
-            self._write(self.inputs_file, lambda p: torch.save(inputs, p), remaining_bytes)
+            self._write(self.inputs_file(i + 1), lambda p: torch.save(inputs, p), remaining_bytes)
         barrier(self.dist)  # every rank's inputs are on disk before the layer counts as done
         self.done = i + 1
         if self.is_main:
-            body = json.dumps({"fingerprint": self.fingerprint, "done": self.done, "layers": n_layers}, indent=1)
-            self._write(self.dir / STATE, lambda p: p.write_text(body), 0)
+            self._write_state(n_layers)
+        barrier(self.dist)
+        old = self.inputs_file(i)
+        if old.exists():  # superseded only once state.json points past it
+            old.unlink()
+
+    def _write_state(self, n_layers: int) -> None:
+        body = json.dumps({"fingerprint": self.fingerprint, "done": self.done, "layers": n_layers}, indent=1)
+        self._write(self.dir / STATE, lambda p: p.write_text(body), 4096)
+
+    def inputs_file(self, layer: int) -> Path:
+        """The inputs of decoder layer ``layer`` (this rank's share in a data-parallel run)."""
+        return self.dir / f"inputs-{layer:05d}{self.rank_tag}.pt"
 
     def layer_meta(self, i: int) -> dict[str, Any]:
         return json.loads((self.dir / f"layer-{i:05d}.json").read_text())
 
     def inputs(self) -> Any:
-        return torch.load(self.inputs_file, map_location="cpu", weights_only=False)
+        path = self.inputs_file(self.done)
+        if not path.is_file():
+            raise CompressError(f"'{self.dir}' lacks the inputs of layer {self.done + 1} ({path.name}); rerun with --restart")
+        return torch.load(path, map_location="cpu", weights_only=False)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -335,6 +387,10 @@ class LayerStream:
         self.progress.save_layer(i, n_layers, state, meta, inputs if i + 1 < n_layers else None, per_layer * (n_layers - i - 1))
         release(layer)
         return self.keep(inputs)
+
+    def captured(self) -> None:
+        """The layer-0 inputs are in hand: the embeddings and head are not needed until the end."""
+        self.streamed.release_outside()
 
     def keep(self, inputs: Any) -> Any:
         """With an offload directory, the activations live in a memory-mapped file there."""

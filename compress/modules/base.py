@@ -118,6 +118,14 @@ def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Te
     return cache[1]
 
 
+def drop_caches(root: nn.Module) -> None:
+    """Forget every module's cached dense weight and kernel layout (a streamed layer that is
+    written and dropped must not keep its dense weights alive through them)."""
+    for m in root.modules():
+        m.__dict__.pop("_dense_cache", None)
+        m.__dict__.pop("_kernel_layout", None)
+
+
 def cached_kernel_layout(module: nn.Module, buffers: tuple[str, ...], build: Callable[[], Any]) -> Any:
     """A kernel's layout of the module's weight, kept between calls and rebuilt whenever a storage
     buffer was replaced, moved or modified in place."""

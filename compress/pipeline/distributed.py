@@ -14,6 +14,7 @@ inputs while they solve (AdaDim's sub-block errors, model-level passes) are refu
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 from dataclasses import dataclass
@@ -100,34 +101,60 @@ def reduce_stats(stats: LayerStats, d: Dist) -> LayerStats:
 
 
 def solve_on_main(d: Dist, module: nn.Module, solve: Callable[[], Any], result_type: Any) -> Any:
-    """Rank 0 runs ``solve()`` (a :class:`PassResult`); every other rank receives the same result,
-    rebuilt from the module's type, spec and tensors."""
-    from ..modules import MODULE_TYPES
+    """Rank 0 runs ``solve()`` (a :class:`PassResult`); every other rank receives the same result:
+    the new module itself (pickled on the CPU, so its types and dtypes are rank 0's), or the new
+    tensors of a module changed in place. An error on rank 0 is raised on every rank."""
+    from ..modules.base import drop_caches
 
     payload: list[Any] = [None]
+    result = None
     if d.is_main:
-        result = solve()
-        new = result.module if result.module is not None else module
-        spec = new.spec() if hasattr(new, "spec") else None  # type: ignore[operator]
-        state = {k: v.detach().to("cpu") for k, v in new.state_dict().items()}
-        payload = [{"replaced": result.module is not None, "type": type(new).__name__, "spec": spec, "state": state, "info": result.info}]
+        try:
+            result = solve()
+        except CompressError as e:
+            payload = [{"error": str(e)}]
+        else:
+            if result.module is not None:
+                drop_caches(result.module)
+                new = copy.deepcopy(result.module).to("cpu") if _device_of(result.module).type != "cpu" else result.module
+                payload = [{"module": new, "info": result.info}]
+            else:
+                payload = [{"state": {k: v.detach().to("cpu") for k, v in module.state_dict().items()}, "info": result.info}]
     dist.broadcast_object_list(payload, src=0, device=d.device if d.device.type == "cuda" else None)
+    msg = payload[0]
+    if "error" in msg:
+        raise CompressError(msg["error"])
     if d.is_main:
         return result
-    msg = payload[0]
-    device = next(iter(module.parameters()), torch.empty(0)).device
-    if not msg["replaced"]:
+    if "state" in msg:
         module.load_state_dict(msg["state"])
         return result_type(module=None, info=msg["info"])
-    floats = [t for t in msg["state"].values() if t.is_floating_point()]
-    dtype = floats[0].dtype if floats else torch.float32
-    if msg["type"] == "Linear":
-        w = msg["state"]["weight"]
-        new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in msg["state"], dtype=w.dtype)
-    else:
-        new = MODULE_TYPES[msg["type"]].from_spec(msg["spec"], dtype=dtype)  # type: ignore[attr-defined]
-    new.load_state_dict(msg["state"])
-    return result_type(module=new.to(device), info=msg["info"])
+    return result_type(module=msg["module"].to(_device_of(module)), info=msg["info"])
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def agree(d: Dist | None, decide: Callable[[], Any]) -> Any:
+    """Rank 0 runs ``decide()``; its result, or its one-line error, reaches every rank."""
+    if d is None:
+        return decide()
+    payload: list[Any] = [None]
+    if d.is_main:
+        try:
+            payload = [("ok", decide())]
+        except CompressError as e:
+            payload = [("error", str(e))]
+    dist.broadcast_object_list(payload, src=0, device=d.device if d.device.type == "cuda" else None)
+    kind, value = payload[0]
+    if kind == "error":
+        raise CompressError(value)
+    return value
 
 
 def barrier(d: Dist | None) -> None:

@@ -174,7 +174,9 @@ def _run_segment(
             p.prepare(model, adapter)
         _profile(model, adapter, [p for p in passes if p.caps.profile], input_ids, device, batch_size, stats_provider)
         inputs_by: dict[str | None, list[Batch]] = {}
-        if stream is not None and stream.start > 0:
+        if stream is not None and stream.start >= len(adapter.layers(model)):
+            inputs_by = {src: [] for src in sources}  # every layer is done: only the checkpoint is left to write
+        elif stream is not None and stream.start > 0:
             inputs_by = stream.resume_inputs()
             if set(inputs_by) != sources:
                 raise ValueError("the saved calibration inputs do not match the recipe's sources")
@@ -183,6 +185,10 @@ def _run_segment(
             if ids is None:
                 raise ValueError(f"a pass requires calibration data{'' if src is None else f' from {src}'} but none was given")
             inputs_by[src] = capture_layer0_inputs(model, adapter, ids, batch_size, device)
+        if stream is not None:
+            stream.records = records
+            inputs_by = stream.keep(inputs_by)  # memory-mapped from --offload-dir when given
+            stream.captured()
         model_state = ModelState(model, adapter, device, inputs_by)
         for p in passes:
             if p.granularity == "model":
@@ -242,9 +248,6 @@ def _run_segment(
             del originals
             return known
 
-        if stream is not None:
-            stream.records = records
-            inputs_by = stream.keep(inputs_by)
         seconds = layer_loop(adapter, model, inputs_by, device, body, on_layer, stream)
         for p in passes:
             if p.granularity == "model":

@@ -37,8 +37,7 @@ def gptq_quantize(
     g, n_groups = spec.groups(d_out, d_in)
     W = W.to(SWEEP_DTYPE)
     perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(d_in)
-    Hp = H[perm][:, perm]
-    U, _ = inverse_hessian_cholesky(Hp, damp, name)
+    U = inverse_hessian_cholesky(H[perm][:, perm] if actorder else H, damp, name)[0].to(SWEEP_DTYPE)
     hdiag = H.diagonal().to(SWEEP_DTYPE)
     channels = d_out if spec.dim == "oc" else d_in
     scales = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)

@@ -23,15 +23,18 @@ SWEEP_DTYPE = torch.float32
 def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, in float64; dead inputs (H_jj = 0)
     get H_jj = 1. Returns (U, dead mask)."""
-    H = H.to(SOLVE_DTYPE).clone()  # H: (n, n)
+    H = H.to(SOLVE_DTYPE, copy=True)  # H: (n, n); at most three n×n float64 matrices live at once
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     mean_diag = float(H.diagonal().mean())
     H.diagonal().add_(damp * mean_diag)
-    L, _ = cholesky_psd(H, name)
+    L, _ = cholesky_psd(H, name, overwrite=True)
+    del H
     Hinv = torch.cholesky_inverse(L)
-    U, _ = cholesky_psd(Hinv, f"{name} (inverse)")
-    return U.T.contiguous(), dead
+    del L
+    U, _ = cholesky_psd(Hinv, f"{name} (inverse)", overwrite=True)
+    del Hinv
+    return U.mT, dead
 
 
 @dataclass
