@@ -479,6 +479,10 @@ def _run_streamed(
             data_dir=data_dir, overwrite=overwrite, export=export, eval_spec=eval_spec, baseline=baseline, on_layer=on_layer, stage=stage,
             offload_dir=offload_dir, t_start=t_start, load_kwargs=load_kwargs,
         )
+    except BaseException:
+        if progress.done == 0 and progress.is_main:
+            progress.remove()  # nothing finished: nothing to resume, leave no directory behind
+        raise
     finally:
         progress.release()
 
@@ -516,6 +520,8 @@ def _compress_streamed(
         report = compress(model, rec, cfg, tokenizer=tokenizer, device=dev, data_dir=data_dir, on_layer=on_layer, stream=layer_stream)
     except KeyboardInterrupt:
         sm.source.close()
+        if progress.done == 0:
+            raise CompressError("interrupted before the first layer was finished: nothing was written; rerun the same command") from None
         raise CompressError(
             f"interrupted at layer {progress.done + 1} of {n_layers}; the {progress.done} finished layers are kept in '{progress.dir}': "
             "rerun the same command to resume"
