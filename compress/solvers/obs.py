@@ -34,7 +34,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tu
     del L
     U, _ = cholesky_psd(Hinv, f"{name} (inverse)", overwrite=True)
     del Hinv
-    return U.mT, dead
+    return U.mT.contiguous(), dead  # the layout the sweeps always had (same BLAS paths, same bits)
 
 
 @dataclass
