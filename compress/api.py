@@ -313,7 +313,7 @@ def run(
         check_eval(eval_spec, data_dir)
     check_calibration(rec, cfg, data_dir)
     if stream not in ("auto", "on", "off"):
-        raise CompressError(f"stream must be auto, on or off, got '{stream}'")
+        raise CompressError(f"stream must be auto, on or off (the CLI's --stream/--no-stream), got '{stream}'")
     blocker = stream_blocker([get_pass(p.name)(p.config) for p in rec.passes])
     if stream == "on" and blocker:
         raise CompressError(f"--stream is not possible: {blocker}; run without --stream (the model is then loaded whole)")
@@ -367,18 +367,9 @@ def run(
     report = compress(model, rec, cfg, tokenizer=tokenizer, device=dev, data_dir=data_dir, on_layer=on_layer)
     if d is not None and not d.is_main:
         return report
-    report.model.update(info)
-    report.timings = {"load": t_load, **report.timings}
-    if base_metrics:
-        report.timings["eval_baseline"] = t_base
+    manifest = _manifest(report, info, rec, t_load, t_base if base_metrics else None)
     stage(f"writing {out}")
     t0 = time.perf_counter()
-    manifest = {
-        "source": {k: info.get(k) for k in ("source", "gguf_file", "model_type", "fingerprint", "dtype")},
-        "recipe": rec.to_dict(),
-        "calibration": report.calibration,
-        "modules": _module_chains(report),
-    }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_checkpoint(model, tokenizer, tmp, manifest, recipe_yaml=rec.to_yaml())
         report.timings["save"] = time.perf_counter() - t0
@@ -532,19 +523,10 @@ def _compress_streamed(
     if d is not None and not d.is_main:
         sm.source.close()
         return report
-    report.model.update(info)
     report.model["streamed"] = True
-    report.timings = {"load": t_load, **report.timings}
-    if base_metrics:
-        report.timings["eval_baseline"] = t_base
+    manifest = _manifest(report, info, rec, t_load, t_base if base_metrics else None)
     stage(f"writing {out}")
     t0 = time.perf_counter()
-    manifest = {
-        "source": {k: info.get(k) for k in ("source", "gguf_file", "model_type", "fingerprint", "dtype")},
-        "recipe": rec.to_dict(),
-        "calibration": report.calibration,
-        "modules": _module_chains(report),
-    }
     try:
         sm.load_outside()  # dropped after the layer-0 inputs were captured
     finally:
@@ -589,6 +571,20 @@ def _memory_plan(
     where = f"memory-mapped in {offload_dir}" if offload_dir else "in memory"
     return (f"streaming {n_layers} layers of {layer_bytes / 1024**3:.2f} GiB; calibration activations {acts / 1024**3:.2f} GiB {where}; "
             f"estimated peak memory {peak / 1024**3:.1f} GiB")
+
+
+def _manifest(report: Report, info: dict[str, Any], rec: Any, t_load: float, t_base: float | None) -> dict[str, Any]:
+    """Complete the report with the source and load timings; the manifest of the checkpoint."""
+    report.model.update(info)
+    report.timings = {"load": t_load, **report.timings}
+    if t_base is not None:
+        report.timings["eval_baseline"] = t_base
+    return {
+        "source": {k: info.get(k) for k in ("source", "gguf_file", "model_type", "fingerprint", "dtype")},
+        "recipe": rec.to_dict(),
+        "calibration": report.calibration,
+        "modules": _module_chains(report),
+    }
 
 
 def _after_checkpoint(
