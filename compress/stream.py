@@ -355,7 +355,7 @@ class LayerStream:
         self.records: list[ModuleRecord] = []
         self._offloaded = 0
 
-    def resume(self, model: nn.Module, prefix: str) -> list[ModuleRecord]:
+    def resume(self, model: nn.Module) -> list[ModuleRecord]:
         """Put the finished layers' compressed modules (on the meta device) back into the skeleton
         and return their records."""
         from .pipeline.capture import set_submodule

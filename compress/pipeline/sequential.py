@@ -144,7 +144,7 @@ def run_sequential(
     if stream is not None and len(segs) > 1:
         raise ValueError("a streamed model runs one layer loop; this recipe needs several")
     if stream is not None:
-        records += stream.resume(model, adapter.layers_path)
+        records += stream.resume(model)
     for seg in segs:
         r, s, t = _run_segment(model, adapter, seg, input_ids, device, batch_size, on_layer, stats_provider, extra_ids or {}, stream)
         records += r
