@@ -132,8 +132,9 @@ class Bench:
         p = self.protocol["perplexity"]
         return perplexity(m, self.tok, p["dataset"], seqlen=p["seqlen"], max_windows=p["windows"], data_dir=self.data_dir)["value"]
 
-    def row(self, method: str, recipe: list[str], config: dict[str, Any], extra: Any = None) -> dict[str, Any]:
-        """Compress a fresh copy with ``recipe``, measure it, add the row (``extra(report)`` adds fields)."""
+    def row(self, method: str, recipe: list[str], config: dict[str, Any], extra: Any = None, measure: Any = None) -> dict[str, Any]:
+        """Compress a fresh copy with ``recipe``, measure it, add the row (``extra(report)`` and
+        ``measure(model)`` add fields)."""
         from compress import compress
 
         m = self.copy(self.model)
@@ -154,6 +155,8 @@ class Bench:
         }
         if extra is not None:
             row.update(extra(report))
+        if measure is not None:
+            row.update(measure(m))
         self.results.add(row)
         print(row, flush=True)
         return row

@@ -151,6 +151,10 @@ def _print_layers(report: Any) -> None:
 def _metric_line(m: dict[str, Any]) -> str:
     """One metric with its protocol (and the baseline change when measured)."""
     p = m["protocol"]
+    if m.get("unit") == "tokens/s":
+        vs = f"  (dense {m['baseline']:.1f}, {m['ratio']:.3f}x)" if m.get("baseline") is not None else ""
+        return (f"{m['name']}: {m['value']:.1f} tokens/s{vs}  [batch {p['batch']}, prompt {p['prompt_len']}, {p['new_tokens']} decode "
+                f"steps ({p['decode']}), median of {p['repeats']}, {p['threads']} threads, {p.get('device', '')}]")
     if p.get("metric") == "perplexity":
         proto = (
             f"{p['level']}-level, {p['dataset']} {p['split']}, seqlen {p['seqlen']}, {p['windows']}/{p['windows_available']} "
@@ -180,6 +184,29 @@ def _print_summary(report: Any) -> None:
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items()))
 
 
+def _speed_baseline(model: str, given: Optional[str], prompt: int, new: int) -> tuple[str, str | None] | None:
+    """(source, gguf file) of the dense model --speed compares against, checked before anything runs."""
+    from ..checkpoint import MANIFEST, read_manifest
+
+    if prompt < 1 or new < 1:
+        raise CompressError(f"--speed-prompt and --speed-new must be positive, got {prompt} and {new}")
+    if given is not None and given.lower() == "none":
+        return None
+    if given is not None:
+        return given, None
+    if not (Path(model) / MANIFEST).is_file():
+        return None  # a plain model: nothing to compare with unless --speed-baseline names one
+    src = read_manifest(model).get("source", {}) or {}
+    source = src.get("source")
+    if not source:
+        raise CompressError(f"'{model}' does not record its source model; pass --speed-baseline DIR (or --speed-baseline none)")
+    looks_local = source.startswith((".", "/", "~")) or Path(source).exists() or source.count("/") != 1
+    if looks_local and not Path(source).expanduser().exists():
+        raise CompressError(f"--speed compares with the source model '{source}', which is not on this machine; "
+                            "pass --speed-baseline DIR (or --speed-baseline none)")
+    return source, src.get("gguf_file")
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="compressed checkpoint directory, HF directory or hub ID"),
@@ -195,9 +222,14 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, auto"),
     out: Optional[Path] = typer.Option(None, "--out", help="write report.json/report.md here (default: the checkpoint directory itself)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the metrics to this JSON file"),
+    speed: bool = typer.Option(False, "--speed", help="also measure prefill and decode tokens/s, against the dense source model in the same run"),
+    speed_baseline: Optional[str] = typer.Option(
+        None, "--speed-baseline", help="dense model for --speed (default: the checkpoint's source model; 'none': no comparison)"),
+    speed_prompt: int = typer.Option(256, "--speed-prompt", help="--speed: prompt length (tokens)"),
+    speed_new: int = typer.Option(32, "--speed-new", help="--speed: decode steps"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Measure perplexity (papers' token-level protocol) and lm-eval tasks of a (compressed) model."""
+    """Measure perplexity (papers' token-level protocol), lm-eval tasks and inference speed of a (compressed) model."""
     from .. import api
     from ..checkpoint import MANIFEST
     from ..models import resolve_device
@@ -213,12 +245,25 @@ def eval_cmd(
     from ..validate import check_eval
 
     check_eval(spec, data_dir)
+    baseline = _speed_baseline(model, speed_baseline, speed_prompt, speed_new) if speed else None
     dev = resolve_device(device)
     m, tok = api.load(model, device=dev)
     check_eval(spec, data_dir, getattr(m, "config", None))
     if tok is None:
         raise CompressError(f"'{model}' has no tokenizer files; cannot tokenize the evaluation text")
-    results = api.evaluate(m, tok, spec, data_dir=data_dir)
+    results = api.evaluate(m, tok, spec, data_dir=data_dir) if spec else []
+    if speed:
+        from ..eval.speed import speed_metrics
+
+        base = None
+        if baseline is not None:
+            from ..models import load_model
+
+            base, _, _ = load_model(baseline[0], gguf_file=baseline[1], dtype=next(m.parameters()).dtype, device=dev)
+        for r in speed_metrics(m, base, prompt_len=speed_prompt, new_tokens=speed_new):
+            r["protocol"]["device"] = str(dev)
+            results.append(r)
+        del base
     for r in results:
         out_console.print(_metric_line(r), markup=False, highlight=False)
     target = out if out is not None else (Path(model) if (Path(model) / MANIFEST).is_file() else None)

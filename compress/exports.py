@@ -52,7 +52,7 @@ def final_module_types(passes: list["PassSpec"]) -> set[str]:
 def _dense_recipe(passes: list["PassSpec"]) -> str | None:
     from .registry import get_pass
 
-    blocked = [(s.name, get_pass(s.name).dense_export_blocker) for s in passes if get_pass(s.name).dense_export_blocker]
+    blocked = [(s.name, why) for s in passes if (why := get_pass(s.name).dense_blocker(s.config))]
     return f"--export dense is not possible after {blocked[0][0]}: {blocked[0][1]}" if blocked else None
 
 

@@ -117,14 +117,51 @@ def check_passes(model: nn.Module, adapter: "ModelAdapter", rec: "Recipe", passe
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
     elt = dense_bits(1, 1, dtype)
     stored = {n: Stored(dense_bits(o, i, dtype), None, elt) for n, (o, i) in shapes.items()}
-    for p in passes:
-        after = p.check(model, adapter, shapes, stored)
-        for n, (o, i) in after.items():
-            if p.selects(n, adapter) or after[n] != shapes[n]:
-                # a model-level pass (a rotation) gives the later passes a new dense starting point,
-                # which is also what the engine keeps as their original weights
-                by = None if p.granularity == "model" else p.name
-                shaped_by = p.name if after[n] != shapes[n] else stored[n].shaped_by
-                kinds = p.produces_from(p.config, stored[n].kinds) if p.selects(n, adapter) and p.granularity != "model" else stored[n].kinds
-                stored[n] = Stored(p.stored_bits(o, i, dtype), by, elt, shaped_by, kinds)
-        shapes = after
+    # widths a pass may choose per layer only at run time (a global allocation), each as the shapes it
+    # would give: the later passes are checked on every one, and the pass avoids those they refuse
+    variants: list[tuple[Any, str, int, dict[str, tuple[int, int]]]] = []
+    entering: list[tuple[dict[str, tuple[int, int]], dict[str, Any]]] = []  # shapes and stored entering each pass
+    for k, p in enumerate(passes):
+        kept, owners = [], set()
+        for owner, part, size, v_shapes in variants:
+            try:
+                kept.append((owner, part, size, p.check(model, adapter, v_shapes, stored)))
+            except ConfigError:
+                owner.refuse_size(part, size)
+                owners.add(passes.index(owner))
+        variants = kept
+        if owners:  # the owner's own choice avoids the refused widths now: the shapes it leaves may change
+            start = min(owners)
+            shapes, stored = entering[start][0], dict(entering[start][1])
+            entering = entering[:start]
+            for q in passes[start:k]:
+                entering.append((shapes, dict(stored)))
+                shapes, stored = _after(q, model, adapter, shapes, stored, dtype, elt)
+        entering.append((shapes, dict(stored)))
+        if p.consumes_previous and not any(st.by for n, st in stored.items() if p.selects(n, adapter)):
+            earlier = ", ".join(q.name for q in passes[:k])
+            raise ConfigError(f"{p.name} has nothing to work on after {earlier}: no earlier pass compresses the linears it targets "
+                              f"(it works on a per-linear pass's result); put a quantization or pruning pass before {p.name}")
+        before = shapes
+        shapes, stored = _after(p, model, adapter, shapes, stored, dtype, elt)
+        size_variants = getattr(p, "size_variants", None)
+        if size_variants is not None:
+            variants += [(p, part, size, v) for part, size, v in size_variants(model, adapter, before)]
+
+
+def _after(p: "Pass", model: nn.Module, adapter: "ModelAdapter", shapes: dict[str, tuple[int, int]], stored: dict[str, Any],
+           dtype: torch.dtype, elt: int) -> tuple[dict[str, tuple[int, int]], dict[str, Any]]:
+    """Check pass ``p`` on the shapes and stored bits the passes before it leave; return what it leaves."""
+    from .passes.base import Stored
+
+    after = p.check(model, adapter, shapes, stored)
+    stored = dict(stored)
+    for n, (o, i) in after.items():
+        if p.selects(n, adapter) or after[n] != shapes[n]:
+            # a model-level pass (a rotation) gives the later passes a new dense starting point,
+            # which is also what the engine keeps as their original weights
+            by = None if p.granularity == "model" else p.name
+            shaped_by = p.name if after[n] != shapes[n] else stored[n].shaped_by
+            kinds = p.produces_from(p.config, stored[n].kinds) if p.selects(n, adapter) and p.granularity != "model" else stored[n].kinds
+            stored[n] = Stored(p.stored_bits(o, i, dtype), by, elt, shaped_by, kinds)
+    return after, stored

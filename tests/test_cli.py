@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,28 @@ def test_quant_run_and_gptq_export_refusal(tmp_path: Path) -> None:
     assert not (tmp_path / "g").exists()
     p = _run("run", str(STORIES), "--pass", "bcq:bits=3,group=128", "--out", str(tmp_path / "b"))
     _assert_one_line_error(p, "BCQ group size 128 must divide the input dimension 64")
+
+
+@needs(STORIES)
+def test_modegpt_run_and_speed_against_the_source_model(tmp_path: Path) -> None:
+    out = tmp_path / "mdg"
+    p = _run("run", str(STORIES), "--pass", "modegpt:ratio=0.25", "--out", str(out), "--calib-samples", "8", "--calib-seqlen", "128",
+             "--export", "dense")
+    _assert_one_line_error(p, "--export dense is not possible after modegpt: MoDeGPT's attention")
+    assert not out.exists()
+    p = _run("run", str(STORIES), "--pass", "modegpt:ratio=0.25", "--out", str(out), "--calib-samples", "8", "--calib-seqlen", "128")
+    assert p.returncode == 0, p.stderr
+    assert "MoDeGPT: ratio 0.25 requested, allocation global" in " ".join(p.stderr.split())
+    e = _run("eval", str(out), "--ppl", "wikitext2", "--seqlen", "128", "--max-windows", "1", "--speed", "--speed-prompt", "16", "--speed-new", "4")
+    assert e.returncode == 0, e.stderr
+    lines = {line.split(":")[0]: line for line in e.stdout.splitlines() if line.startswith("speed_")}
+    for name in ("speed_prefill", "speed_decode"):
+        assert "tokens/s  (dense " in lines[name] and "x)" in lines[name] and "prompt 16, 4 decode steps" in lines[name]
+    # the source model moved away: one line naming it and the flag that fixes it
+    m = json.loads((out / "manifest.json").read_text())
+    m["source"]["source"] = str(tmp_path / "gone")
+    (out / "manifest.json").write_text(json.dumps(m))
+    _assert_one_line_error(_run("eval", str(out), "--speed"), "which is not on this machine; pass --speed-baseline DIR")
+    n = _run("eval", str(out), "--ppl", "wikitext2", "--seqlen", "128", "--max-windows", "1", "--speed", "--speed-baseline", "none",
+             "--speed-prompt", "8", "--speed-new", "2")
+    assert n.returncode == 0 and "speed_decode:" in n.stdout and "(dense" not in n.stdout, n.stderr

@@ -40,6 +40,18 @@ class ModelAdapter:
     attn_output: str = ""
     mlp_inputs: tuple[str, ...] = ()
     mlp_output: str = ""
+    #: the attention and MLP pieces, for module-pair passes (MoDeGPT); names relative to a decoder layer
+    attention: str = ""  # the attention module (its config gives the head counts)
+    q_proj: str = ""
+    k_proj: str = ""
+    v_proj: str = ""
+    gate_proj: str = ""  # a gated MLP: down(act(gate(x)) * up(x)); down is mlp_output
+    up_proj: str = ""
+
+    def missing_modular_layout(self) -> list[str]:
+        """The attention/MLP fields this adapter leaves empty (all are needed to reduce the modules' inner widths)."""
+        names = ("attention", "q_proj", "k_proj", "v_proj", "attn_output", "gate_proj", "up_proj", "mlp_output")
+        return [n for n in names if not getattr(self, n)]
 
     def missing_residual_layout(self) -> list[str]:
         """The residual-layout fields this adapter leaves empty (all are needed to rotate the model)."""

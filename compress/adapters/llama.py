@@ -32,6 +32,12 @@ LLAMA = ModelAdapter(
     attn_output="self_attn.o_proj",
     mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
     mlp_output="mlp.down_proj",
+    attention="self_attn",
+    q_proj="self_attn.q_proj",
+    k_proj="self_attn.k_proj",
+    v_proj="self_attn.v_proj",
+    gate_proj="mlp.gate_proj",
+    up_proj="mlp.up_proj",
 )
 MISTRAL = dataclasses.replace(LLAMA, name="mistral", model_types=("mistral",))
 QWEN2 = dataclasses.replace(LLAMA, name="qwen2", model_types=("qwen2",))

@@ -137,3 +137,13 @@ def cached_kernel_layout(module: nn.Module, buffers: tuple[str, ...], build: Cal
             cache = (key, build())
         module.__dict__["_kernel_layout"] = cache
     return cache[1]
+
+
+def set_linear_weight(linear: nn.Module, W: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Give a plain linear a new weight (of any shape; its feature counts follow) and, when given, a new bias."""
+    assert isinstance(linear, nn.Linear)
+    linear.weight = nn.Parameter(W.to(linear.weight.dtype).contiguous(), requires_grad=False)
+    linear.out_features, linear.in_features = W.shape
+    if bias is not None:
+        assert linear.bias is not None
+        linear.bias = nn.Parameter(bias.to(linear.bias.dtype).contiguous(), requires_grad=False)

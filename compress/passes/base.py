@@ -148,6 +148,10 @@ class ModelContext(Protocol):
         """Statistics of what the LM head reads (the final norm's output) over a forward of the
         model as it is now."""
 
+    def block_influence(self) -> list[float]:
+        """Per decoder layer, the mean over calibration tokens of 1 − cos(layer input, layer output),
+        from one forward of the model as it is now."""
+
     def map_hidden(self, fn: Any) -> None:
         """Replace the hidden states entering the next layer by ``fn(hidden)`` (e.g. a rotation)."""
 
@@ -196,6 +200,12 @@ class Pass:
     dense_export_blocker: ClassVar[str | None] = None
     #: a key under which manifests of an older format recorded this pass's structure
     legacy_manifest_key: ClassVar[str | None] = None
+
+    @classmethod
+    def dense_blocker(cls, config: PassConfig) -> str | None:
+        """Why this configuration's result cannot be written as a plain transformers checkpoint
+        (default: :attr:`dense_export_blocker`)."""
+        return cls.dense_export_blocker
 
     def __init__(self, config: PassConfig) -> None:
         if not isinstance(config, self.config_cls):

@@ -50,6 +50,7 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..config import PassConfig, option
 from ..errors import ConfigError
+from ..modules.base import set_linear_weight
 from ..modules.sliced import MixedHead, make_sliced, scale_norm_eps
 from ..registry import register_pass
 from ..solvers.rotate import joint_gram, kept_dim, net_removed, onto_row_space, principal_basis, rotate_inputs, rotate_outputs, scale_inputs
@@ -66,12 +67,6 @@ class SliceGPTConfig(PassConfig):
         "joint", "tied embedding/head: the kept subspace of the shared matrix comes from the PCA of the layer-0 input and of "
         "what the head reads together ('joint'), or of the layer-0 input alone as the paper does ('embedding')", choices=("joint", "embedding"))
     head_weight: float = option(10.0, "joint basis: weight of the head's trace-normalized Gram against the embedding's", min=0.0)
-
-
-def _set_weight(linear: nn.Module, W: torch.Tensor) -> None:
-    assert isinstance(linear, nn.Linear)
-    linear.weight = nn.Parameter(W.to(linear.weight.dtype).contiguous(), requires_grad=False)
-    linear.out_features, linear.in_features = W.shape
 
 
 def _set_norm(norm: nn.Module, d_new: int, scale: float, eps_factor: float) -> None:
@@ -175,7 +170,7 @@ class SliceGPTPass(Pass):
                 assert G_head is not None
                 G = joint_gram(G, onto_row_space(G_head, emb.weight), self.cfg.head_weight)
             if not tied:
-                _set_weight(head, scale_inputs(head.weight, self._gamma_final.to(head.weight.device)))
+                set_linear_weight(head, scale_inputs(head.weight, self._gamma_final.to(head.weight.device)))
                 final_norm.weight.fill_(1.0)
             Q_first = principal_basis(G, d_new)  # (d, d′) float64, CPU
             emb.weight = nn.Parameter(rotate_inputs(emb.weight, Q_first).to(emb.weight.dtype), requires_grad=False)
@@ -193,7 +188,7 @@ class SliceGPTPass(Pass):
                 norm = layer.get_submodule(norm_name)
                 for n in readers:
                     lin = layer.get_submodule(n)
-                    _set_weight(lin, scale_inputs(lin.weight, norm.weight))
+                    set_linear_weight(lin, scale_inputs(lin.weight, norm.weight))
                 norm.weight.fill_(1.0)
             Q_in = self._Q.to(dev)
             dtype = layer.get_submodule(a.attn_output).weight.dtype
@@ -201,26 +196,26 @@ class SliceGPTPass(Pass):
             # forward writes the full-dimension stream between attention and MLP
             for n in a.attn_inputs:
                 lin = layer.get_submodule(n)
-                _set_weight(lin, rotate_inputs(lin.weight, Q_in))
+                set_linear_weight(lin, rotate_inputs(lin.weight, Q_in))
             _set_norm(layer.get_submodule(a.attn_norm), d_new, scale, eps_factor)
             make_sliced(layer, Q_in.T.to(dtype), torch.eye(d, dtype=dtype, device=dev))
             G_mid = ctx.observe([a.mlp_norm], frozenset({"gram"})).linears[a.mlp_norm].gram
             assert G_mid is not None
             Q_mid = principal_basis(G_mid, d_new).to(dev)
             o = layer.get_submodule(a.attn_output)
-            _set_weight(o, rotate_outputs(o.weight, Q_mid))
+            set_linear_weight(o, rotate_outputs(o.weight, Q_mid))
             S_attn = Q_in.T @ Q_mid
             # the MLP reads the stream in basis Q_mid; the shortcut Q_midᵀ gives the full-dimension output
             for n in a.mlp_inputs:
                 lin = layer.get_submodule(n)
-                _set_weight(lin, rotate_inputs(lin.weight, Q_mid))
+                set_linear_weight(lin, rotate_inputs(lin.weight, Q_mid))
             _set_norm(layer.get_submodule(a.mlp_norm), d_new, scale, eps_factor)
             make_sliced(layer, S_attn.to(dtype), Q_mid.T.to(dtype))
             G_out = ctx.observe([LAYER_OUTPUT], frozenset({"gram"})).linears[LAYER_OUTPUT].gram
             assert G_out is not None
             Q_out = principal_basis(G_out, d_new).to(dev)
             down = layer.get_submodule(a.mlp_output)
-            _set_weight(down, rotate_outputs(down.weight, Q_out))
+            set_linear_weight(down, rotate_outputs(down.weight, Q_out))
             make_sliced(layer, S_attn.to(dtype), (Q_mid.T @ Q_out).to(dtype))
         # the sliced layer writes the observed full-dimension output in basis Q_out: the engine
         # propagates that instead of running the layer once more
@@ -245,7 +240,7 @@ class SliceGPTPass(Pass):
                 parent, _, child = adapter.lm_head.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, MixedHead(emb.weight, mix.to(emb.weight.dtype)))
             else:
-                _set_weight(head, rotate_inputs(head.weight, Q_last))
+                set_linear_weight(head, rotate_inputs(head.weight, Q_last))
         self._structure = {"hidden": d_new, "tied_mix": self._tied, "norm_eps_scale": d / d_new}
         logger.info("slicegpt: hidden %d -> %d (sparsity %.3f requested, %.4f used after rounding to a multiple of %d)",
                     d, d_new, self.cfg.sparsity, 1 - d_new / d, self.cfg.round_to)

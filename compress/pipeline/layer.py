@@ -160,16 +160,41 @@ class ModelState:
             st.update(hidden_of(b).to(self.device))
         return st
 
-    def head_input_stats(self, kinds: frozenset[str]) -> LinearStats:
-        """Statistics of what the LM head reads (the final norm's output) on the calibration set, from
-        one layer-by-layer forward of the model as it is now."""
+    def _forward_layers(self, each: Callable[[list[torch.Tensor], list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
+        """One layer-by-layer forward of the calibration set through the model as it is now; ``each``
+        sees every layer's (inputs, outputs). Returns the last layer's outputs."""
         inputs = self.inputs_by[None]
         hs = [hidden_of(b) for b in inputs]
         for layer in self.adapter.layers(self.model):
             home = module_device(layer)
             layer.to(self.device)
-            hs = [run_layer(layer, with_hidden(b, h), self.device).detach().to("cpu") for b, h in zip(inputs, hs)]
+            outs = [run_layer(layer, with_hidden(b, h), self.device).detach().to("cpu") for b, h in zip(inputs, hs)]
             layer.to(home)
+            if each is not None:
+                each(hs, outs)
+            hs = outs
+        return hs
+
+    def block_influence(self) -> list[float]:
+        """Per decoder layer, the mean over calibration tokens of 1 − cos(layer input, layer output)
+        (block influence: how much the layer changes the residual stream), from one forward."""
+        scores: list[float] = []
+
+        def each(ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+            total, n = 0.0, 0
+            for x, y in zip(ins, outs):
+                cos = torch.nn.functional.cosine_similarity(x.double().flatten(0, -2), y.double().flatten(0, -2), dim=-1)
+                total += float((1 - cos).sum())
+                n += cos.numel()
+            scores.append(total / max(n, 1))
+
+        self._forward_layers(each)
+        return scores
+
+    def head_input_stats(self, kinds: frozenset[str]) -> LinearStats:
+        """Statistics of what the LM head reads (the final norm's output) on the calibration set, from
+        one layer-by-layer forward of the model as it is now."""
+        hs = self._forward_layers()
         norm = self.model.get_submodule(self.adapter.final_norm)
         home = module_device(norm)
         norm.to(self.device)

@@ -1,0 +1,114 @@
+"""Benchmark of MoDeGPT on SmolLM2-135M with the project's benchmark protocol, against SliceGPT and
+SVD-LLM at the same total parameter count, with inference speed against dense.
+
+    python bench/modegpt.py --model ../shared/models/smollm2-135m-instruct-q4_1-gguf --data-dir ../shared/data
+
+Rows: dense; MoDeGPT (global allocation) and MoDeGPT (uniform) at ratio 0.1 / 0.2 / 0.25 / 0.3 of
+the decoder linear parameters removed; for each global row, SVD-LLM at the ratio that removes the
+same number of parameters, and SliceGPT at the smallest sparsity whose model is no larger (SliceGPT's
+shortcut matrices cost parameters, so it needs a larger sparsity for the same size). Every row gets
+prefill and decode tokens/s against dense, measured in this process (eval/speed.py protocol).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common import Bench, parser, protocol_for
+
+
+def slicegpt_sparsity_for(model, params_target: int, round_to: int = 8) -> float | None:  # type: ignore[no-untyped-def]
+    """The smallest SliceGPT sparsity (multiple of round_to/hidden) whose whole model has at most
+    ``params_target`` parameters, from SliceGPT's own parameter accounting."""
+    from compress.adapters import get_adapter
+    from compress.models import count_parameters
+    from compress.solvers.rotate import net_removed
+
+    a = get_adapter(model)
+    emb = model.get_submodule(a.embed).weight
+    d, vocab = emb.shape[1], emb.shape[0]
+    tied = model.get_submodule(a.lm_head).weight is emb
+    per_dim = vocab * (1 if tied else 2) + 1
+    for layer in a.layers(model):
+        per_dim += sum(layer.get_submodule(n).out_features for n in a.attn_inputs + a.mlp_inputs)
+        per_dim += sum(layer.get_submodule(n).in_features for n in (a.attn_output, a.mlp_output)) + 2
+    n_mats = 2 * len(a.layers(model)) + (1 if tied else 0)
+    dense = count_parameters(model)
+    for k in range(d - round_to, 0, -round_to):
+        if dense - net_removed(d, k, per_dim, n_mats) <= params_target:
+            return round(1 - k / d, 4)
+    return None
+
+
+def main() -> None:
+    ap = parser(__doc__, "modegpt", rows=False)
+    ap.add_argument("--ratios", default="0.1,0.2,0.25,0.3")
+    ap.add_argument("--uniform", default="0.1,0.2,0.25,0.3", help="ratios that also get a uniform-allocation row")
+    ap.add_argument("--match", default="0.1,0.2,0.25,0.3", help="global ratios that get equal-parameter SliceGPT and SVD-LLM rows")
+    ap.add_argument("--options", default="", help="extra MoDeGPT options for every row, e.g. temperature=0.05")
+    ap.add_argument("--variants", default="", help="extra MoDeGPT rows: option strings separated by ';'")
+    ap.add_argument("--speed-prompt", type=int, default=256)
+    ap.add_argument("--speed-new", type=int, default=32)
+    ap.add_argument("--append", action="store_true")
+    args = ap.parse_args()
+    protocol = protocol_for(args)
+    from compress.eval.speed import generation_speed, protocol as speed_protocol
+
+    protocol["speed"] = speed_protocol(args.speed_prompt, args.speed_new, 3)
+    cols = ["method", "options", "ppl", "params", "params_removed", "prefill_vs_dense", "decode_vs_dense", "seconds", "seconds_vs_forward"]
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols, append=args.append)
+    dense_params = bench.results.data["rows"][0]["params"]
+
+    def speed(m):  # type: ignore[no-untyped-def]
+        return generation_speed(m, prompt_len=args.speed_prompt, new_tokens=args.speed_new)
+
+    base = speed(bench.model)
+    bench.results.data["dense_speed"] = {k: round(v, 1) for k, v in base.items() if k != "protocol"}
+
+    def extra(m):  # type: ignore[no-untyped-def]
+        s = speed(m)
+        return {"params_removed": round((dense_params - bench.count_parameters(m)) / dense_params, 4),
+                "prefill_vs_dense": round(s["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3),
+                "decode_vs_dense": round(s["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)}
+
+    opts = f",{args.options}" if args.options else ""
+    from torch import nn
+
+    from compress.adapters import get_adapter
+
+    layers = get_adapter(bench.model).layers(bench.model)
+    linear_params = sum(m.weight.numel() for m in layers.modules() if isinstance(m, nn.Linear))
+    matched: list[tuple[float, int]] = []
+    for r in (float(x) for x in args.ratios.split(",") if x):
+        row = bench.row("modegpt", [f"modegpt:ratio={r}{opts}"], {"options": f"ratio={r}{opts}"}, measure=extra)
+        if "params" in row and str(r) in args.match.split(","):
+            matched.append((r, row["params"]))
+        if str(r) in args.uniform.split(","):
+            bench.row("modegpt", [f"modegpt:ratio={r},allocate=uniform{opts}"], {"options": f"ratio={r},allocate=uniform{opts}"}, measure=extra)
+    for v in filter(None, args.variants.split(";")):
+        bench.row("modegpt", [f"modegpt:{v}"], {"options": v}, measure=extra)
+    for r, params in matched:
+        ratio = round((dense_params - params) / linear_params, 4)
+        bench.row("svd-llm", [f"svd-llm:ratio={ratio}"], {"options": f"ratio={ratio} (= modegpt {r} parameters)"}, measure=extra)
+        sp = slicegpt_sparsity_for(bench.model, params)
+        if sp is None:
+            bench.results.add({"method": "slicegpt", "config": {"options": f"(= modegpt {r} parameters)"},
+                               "error": "no SliceGPT sparsity makes the model this small"})
+        else:
+            bench.row("slicegpt", [f"slicegpt:sparsity={sp}"], {"options": f"sparsity={sp} (<= modegpt {r} parameters)"}, measure=extra)
+    bench.results.path.with_suffix(".json").write_text(json.dumps(bench.results.data, indent=2) + "\n")
+    bench.results.write_markdown("MoDeGPT on SmolLM2-135M-Instruct, with SliceGPT and SVD-LLM at equal parameters", [
+        "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
+        "params: all parameters of the model (tied embedding/head once). params_removed: fraction of the dense model's parameters removed.",
+        "options ratio: MoDeGPT's fraction of the decoder linear parameters removed (requested; rounding of the kept widths moves it slightly).",
+        "prefill_vs_dense / decode_vs_dense: tokens/s of the row's model over the dense model's, both measured in this run "
+        f"(dense: {bench.results.data['dense_speed']}; protocol in protocol.speed).",
+        "SVD-LLM rows remove the same number of parameters as the MoDeGPT row named in options; SliceGPT rows take the smallest "
+        "sparsity whose model is no larger.",
+        "seconds_vs_forward: compression time over one dense forward of the calibration set, measured in the same run.",
+    ])
+
+
+if __name__ == "__main__":
+    main()

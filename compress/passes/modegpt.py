@@ -1,0 +1,345 @@
+"""MoDeGPT: reduce the inner width of each decoder layer's three module pairs (arXiv 2408.09632).
+
+The pass removes a fraction ``ratio`` of the decoder layers' linear parameters without a gradient
+step and without new module types: the MLP's intermediate width (Nyström), the query/key head width
+(CR decomposition, in whole rotary pairs, per key-value group) and the value/output head width
+(whitened SVD per key-value group). The result is dense, smaller matrices: it is the one method of
+the toolkit that is faster on any hardware. The math is in :mod:`compress.solvers.modular`; the
+attention with reduced widths in :mod:`compress.modules.modular`.
+
+Per-layer sparsity φ (the fraction of the layer's linear parameters removed): ``allocate=global``
+(default) takes φ = L·ratio·softmax(−s/ε) over the block-influence scores s (1 − cos of a layer's
+input and output, from one forward of the dense model before the first layer), capped at
+``max_sparsity``; ``allocate=uniform`` takes φ = ratio in every layer. Removing φ of every module's
+inner width removes φ of the layer's linear parameters (each inner dimension carries the same
+number of weights in both matrices of its pair), so ``ratio`` is the fraction of all decoder linear
+parameters removed, up to rounding (reported).
+
+Choices where the paper is silent, with the reason:
+
+* the value–output factorization is the exact optimum of the stated objective (the stacked
+  O_h·W_v of a group's query heads, whitened by the input correlation), not the unofficial
+  implementation's SVD of the whitened W_v alone;
+* query/key scores use the diagonal energies of W_q C W_qᵀ and W_k C W_kᵀ (the paper's column norms
+  of C_q^{1/2}, C_k^{1/2}); a query/key bias (Qwen2) is sliced with its rows but does not enter the
+  score;
+* each part is re-observed on the layer as the earlier parts left it (attention first, then the MLP
+  on the compressed attention's output), like the engine's other passes.
+
+Qwen3's per-head q/k norms normalize over the whole head width, so query–key slicing would change
+them: there the pass is refused unless ``parts`` leaves out ``qk``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.base import ModelAdapter
+from ..config import PassConfig, option
+from ..errors import ConfigError
+from ..modules.base import set_linear_weight
+from ..modules.modular import _NO_DENSE, full_rope_index, make_modular
+from ..registry import register_pass
+from ..solvers.modular import MLP_RIDGE, allocate_sparsity, cr_qk, nystrom_mlp, svd_vo
+from .base import Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("mlp", "qk", "vo")
+
+
+@dataclass
+class MoDeGPTConfig(PassConfig):
+    ratio: float = option(0.25, "fraction of the decoder layers' linear parameters removed", min=0.0, max=1.0, min_open=True, max_open=True)
+    allocate: str = option(
+        "global", "per-layer sparsity: from block-influence scores ('global') or the same in every layer ('uniform')",
+        choices=("global", "uniform"))
+    temperature: float = option(0.1, "global allocation: softmax temperature ε over the block-influence scores (smaller: more uneven)",
+                                min=0.0, min_open=True)
+    max_sparsity: float = option(0.8, "global allocation: the most any layer loses", min=0.0, max=1.0, min_open=True, max_open=True)
+    parts: str = option("mlp+qk+vo", "modules to reduce, '+'-separated: mlp (Nyström), qk (CR), vo (SVD)")
+    ridge: float = option(MLP_RIDGE, "MLP leverage-score ridge, times the mean diagonal of the correlation", min=0.0, min_open=True)
+    round_to: int = option(8, "round each layer's kept MLP width to a multiple of this", min=1)
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+
+
+@register_pass
+class MoDeGPTPass(Pass):
+    """MoDeGPT: Nyström MLP, CR query–key, SVD value–output, with a global sparsity allocation."""
+
+    name = "modegpt"
+    config_cls = MoDeGPTConfig
+    granularity = "model"
+    accepts_reason = "it reduces the inner widths of dense module pairs"
+
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        assert isinstance(config, MoDeGPTConfig)
+        self.cfg = config
+        self.parts = self._parse_parts(config.parts)
+        self._phi: list[float] = []
+        self._dims: dict[int, dict[str, int]] = {}
+        #: sizes a later pass of the recipe cannot take (from validation), by part
+        self._refused: dict[str, set[int]] = {p: set() for p in PARTS}
+        self._rounding_note: list[str] = []
+
+    @staticmethod
+    def _parse_parts(text: str) -> tuple[str, ...]:
+        parts = tuple(p.strip() for p in str(text).split("+") if p.strip())
+        bad = [p for p in parts if p not in PARTS]
+        if bad or not parts:
+            raise ConfigError(f"modegpt: parts={text!r}: each part must be one of {', '.join(PARTS)} ('+'-separated), e.g. parts=mlp+vo")
+        return tuple(p for p in PARTS if p in parts)
+
+    @classmethod
+    def dense_blocker(cls, config: PassConfig) -> str | None:
+        assert isinstance(config, MoDeGPTConfig)
+        parts = cls._parse_parts(config.parts)
+        if "qk" in parts or "vo" in parts:
+            return _NO_DENSE
+        if config.allocate != "uniform":
+            return ("a global allocation gives each layer its own MLP width, which a plain transformers config (one intermediate_size) "
+                    "cannot express; use modegpt:parts=mlp,allocate=uniform for a plain checkpoint")
+        return None
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        return Capabilities(requires_calibration=True, uses_layer_inputs=True)
+
+    # -- geometry and sizes ----------------------------------------------------------------------
+
+    def _geometry(self, model: nn.Module, adapter: ModelAdapter) -> _Geometry:
+        cfg = model.config
+        heads = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        layer = adapter.layers(model)[0]
+        return _Geometry(heads, kv, hd, int(cfg.hidden_size), layer.get_submodule(adapter.up_proj).out_features)
+
+    def _part_sparsity(self, g: _Geometry, phi: float) -> float:
+        """The sparsity of each reduced part that removes φ of the layer's linear parameters: φ itself
+        when every part is reduced, more when ``parts`` leaves some out (capped at max_sparsity)."""
+        qk = vo = (g.heads + g.kv_heads) * g.head_dim * g.hidden
+        sizes = {"mlp": 3 * g.hidden * g.intermediate, "qk": qk, "vo": vo}
+        scale = sum(sizes.values()) / sum(sizes[p] for p in self.parts)
+        return min(phi * scale, self.cfg.max_sparsity)
+
+    def _sizes(self, g: _Geometry, phi: float) -> dict[str, int]:
+        """Kept widths at layer sparsity φ: MLP channels, q/k width (even), v/o width; never zero,
+        and never a size a later pass of the recipe refused."""
+        keep = 1.0 - self._part_sparsity(g, phi)
+        r = self.cfg.round_to
+        inter = max(r, int(round(g.intermediate * keep / r)) * r) if g.intermediate >= r else g.intermediate
+        sizes = {
+            "mlp": min(inter, g.intermediate) if "mlp" in self.parts else g.intermediate,
+            "qk": max(2, 2 * int(round(g.head_dim / 2 * keep))) if "qk" in self.parts else g.head_dim,
+            "vo": max(1, int(round(g.head_dim * keep))) if "vo" in self.parts else g.head_dim,
+        }
+        for part, size in sizes.items():
+            if size in self._refused[part]:
+                step = 2 if part == "qk" else (r if part == "mlp" else 1)
+                full = g.intermediate if part == "mlp" else g.head_dim
+                ok = [s for s in range(step, full + 1, step) if s not in self._refused[part]] + [full]
+                sizes[part] = min(ok, key=lambda s: (abs(s - size), -s))
+        return sizes
+
+    @staticmethod
+    def _shapes_at(shapes: Shapes, adapter: ModelAdapter, g: _Geometry, sizes: dict[str, int], layer: int | None = None) -> Shapes:
+        """The targets' shapes with the given kept widths (every layer, or one)."""
+        inter, qk, vo = sizes["mlp"], sizes["qk"], sizes["vo"]
+        new = {
+            adapter.q_proj: lambda o, i: (g.heads * qk, i), adapter.k_proj: lambda o, i: (g.kv_heads * qk, i),
+            adapter.v_proj: lambda o, i: (g.kv_heads * vo, i), adapter.attn_output: lambda o, i: (o, g.heads * vo),
+            adapter.gate_proj: lambda o, i: (inter, i), adapter.up_proj: lambda o, i: (inter, i),
+            adapter.mlp_output: lambda o, i: (o, inter),
+        }
+        out = dict(shapes)
+        prefix = adapter.layers_path + "."
+        for name, (o, i) in shapes.items():
+            if layer is not None and not name.startswith(f"{prefix}{layer}."):
+                continue
+            f = new.get(layer_relative_name(name, adapter.layers_path))
+            if f is not None:
+                out[name] = f(o, i)
+        return out
+
+    # -- before any compute ----------------------------------------------------------------------
+
+    def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
+        missing = adapter.missing_modular_layout()
+        if missing:
+            raise ConfigError(
+                f"modegpt needs the attention and MLP pieces of the architecture, which adapter '{adapter.name}' does not describe "
+                f"(missing: {', '.join(missing)}); supported families: llama, mistral, qwen2, qwen3"
+            )
+        g = self._geometry(model, adapter)
+        cfg = model.config
+        if "qk" in self.parts:
+            if g.head_dim % 2:
+                raise ConfigError(f"modegpt: head dimension {g.head_dim} is odd, so the query/key width cannot keep whole rotary pairs; "
+                                  "use modegpt:parts=mlp+vo")
+            rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+            partial = float(getattr(cfg, "partial_rotary_factor", None) or (rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0))
+            if partial != 1.0:
+                raise ConfigError(f"modegpt: this model rotates only {partial:g} of each head (partial rotary embedding), which query/key "
+                                  "slicing does not handle; use modegpt:parts=mlp+vo")
+            attn = adapter.layers(model)[0].get_submodule(adapter.attention)
+            if getattr(attn, "q_norm", None) is not None:
+                raise ConfigError(f"modegpt: {cfg.model_type} normalizes each query/key head over its whole width (q_norm/k_norm), which "
+                                  "slicing head dimensions would change; use modegpt:parts=mlp+vo")
+        ours = {n for n in shapes if layer_relative_name(n, adapter.layers_path) in self._pair_names(adapter)}
+        for n in sorted(ours):
+            st = (stored or {}).get(n)
+            if st is not None and (st.by or st.shaped_by):
+                raise ConfigError(f"modegpt must come first: {st.by or st.shaped_by} already changed {n}, and modegpt reduces "
+                                  "dense module pairs of the source model; put modegpt before it")
+        return self._shapes_at(shapes, adapter, g, self._sizes(g, self.cfg.ratio))
+
+    def _pair_names(self, adapter: ModelAdapter) -> tuple[str, ...]:
+        names = {"mlp": (adapter.gate_proj, adapter.up_proj, adapter.mlp_output), "qk": (adapter.q_proj, adapter.k_proj),
+                 "vo": (adapter.v_proj, adapter.attn_output)}
+        return tuple(n for p in self.parts for n in names[p])
+
+    def selects(self, name: str, adapter: ModelAdapter) -> bool:
+        return layer_relative_name(name, adapter.layers_path) in self._pair_names(adapter)
+
+    def size_variants(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes) -> list[tuple[str, int, Shapes]]:
+        """Every width a non-uniform allocation may give one part, as (part, width, shapes with that
+        width in every layer): validation checks the later passes of the recipe on each, and the
+        allocation avoids the widths they refuse (:meth:`refuse_size`)."""
+        if self.cfg.allocate == "uniform":
+            return []
+        g = self._geometry(model, adapter)
+        full = {"mlp": g.intermediate, "qk": g.head_dim, "vo": g.head_dim}
+        step = {"mlp": self.cfg.round_to, "qk": 2, "vo": 1}
+        out = []
+        for part in self.parts:
+            for s in range(step[part], full[part] + 1, step[part]):
+                out.append((part, s, self._shapes_at(shapes, adapter, g, {**full, part: s})))
+        return out
+
+    def refuse_size(self, part: str, size: int) -> None:
+        self._refused[part].add(size)
+
+    # -- the lifecycle ---------------------------------------------------------------------------
+
+    def begin(self, ctx: ModelContext) -> None:
+        model, adapter = ctx.model, ctx.adapter
+        self._g = g = self._geometry(model, adapter)
+        n = len(adapter.layers(model))
+        c = self.cfg
+        if c.allocate == "uniform":
+            self._phi = [min(c.ratio, c.max_sparsity)] * n
+            self._influence: list[float] = []
+        else:
+            self._influence = ctx.block_influence()
+            self._phi = allocate_sparsity(self._influence, c.ratio, c.temperature, c.max_sparsity)
+        if c.ratio > c.max_sparsity:
+            logger.warning("modegpt: ratio %.3f is above max_sparsity %.3f: every layer is capped there and %.3f is removed",
+                           c.ratio, c.max_sparsity, c.max_sparsity)
+        self._dims = {i: self._sizes(g, phi) for i, phi in enumerate(self._phi)}
+        for i, d in self._dims.items():
+            logger.info("modegpt: layer %d sparsity %.3f: mlp %d/%d, qk %d/%d, vo %d/%d", i, self._phi[i], d["mlp"], g.intermediate,
+                        d["qk"], g.head_dim, d["vo"], g.head_dim)
+
+    def compress_layer(self, index: int, layer: nn.Module, ctx: LayerContext) -> dict[str, dict[str, Any]]:
+        a, g, dims = ctx.adapter, self._g, self._dims[index]
+        infos: dict[str, dict[str, Any]] = {}
+        base = {"sparsity": round(self._phi[index], 6)}
+        if self._influence:
+            base["influence"] = round(self._influence[index], 6)
+        with torch.no_grad():
+            attn = layer.get_submodule(a.attention)
+            q, k, v, o = (layer.get_submodule(n) for n in (a.q_proj, a.k_proj, a.v_proj, a.attn_output))
+            rope = full_rope_index(g.kv_heads, g.head_dim)
+            qk, vo = g.head_dim, g.head_dim
+            if dims["qk"] < g.head_dim or dims["vo"] < g.head_dim:
+                C = ctx.observe([a.q_proj], frozenset({"gram"})).linears[a.q_proj].gram
+                assert C is not None
+                if dims["qk"] < g.head_dim:
+                    rope = cr_qk(q.weight, k.weight, C, g.heads, g.kv_heads, g.head_dim, dims["qk"] // 2).to(q.weight.device)
+                    qk = dims["qk"]
+                    rep = g.heads // g.kv_heads
+                    q_rows = torch.cat([h * g.head_dim + rope[h // rep] for h in range(g.heads)])
+                    k_rows = torch.cat([j * g.head_dim + rope[j] for j in range(g.kv_heads)])
+                    for lin, rows in ((q, q_rows), (k, k_rows)):
+                        set_linear_weight(lin, lin.weight[rows], None if lin.bias is None else lin.bias[rows])
+                    infos[a.q_proj] = infos[a.k_proj] = {**base, "qk_dim": qk, "head_dim": g.head_dim}
+                if dims["vo"] < g.head_dim:
+                    vo = dims["vo"]
+                    W_v, W_o, T = svd_vo(v.weight, o.weight, C, g.heads, g.kv_heads, g.head_dim, vo)
+                    b_v = None if v.bias is None else torch.einsum("grh,gh->gr", T, v.bias.double().view(g.kv_heads, g.head_dim)).reshape(-1)
+                    set_linear_weight(v, W_v, b_v)
+                    set_linear_weight(o, W_o)
+                    infos[a.v_proj] = infos[a.attn_output] = {**base, "v_dim": vo, "head_dim": g.head_dim}
+                del C
+                make_modular(attn, qk, vo, rope.to(q.weight.device))
+            if dims["mlp"] < g.intermediate:
+                C = ctx.observe([a.mlp_output], frozenset({"gram"})).linears[a.mlp_output].gram
+                assert C is not None
+                gate, up, down = (layer.get_submodule(n) for n in (a.gate_proj, a.up_proj, a.mlp_output))
+                kept, W_down = nystrom_mlp(C, down.weight, dims["mlp"], self.cfg.ridge)
+                kept = kept.to(gate.weight.device)
+                for lin in (gate, up):
+                    set_linear_weight(lin, lin.weight[kept], None if lin.bias is None else lin.bias[kept])
+                set_linear_weight(down, W_down)
+                del C
+                for n in (a.gate_proj, a.up_proj, a.mlp_output):
+                    infos[n] = {**base, "intermediate": dims["mlp"], "intermediate_before": g.intermediate}
+        return infos
+
+    def finish(self, ctx: ModelContext) -> None:
+        widths = {d["mlp"] for d in self._dims.values()}
+        if len(widths) == 1:  # one MLP width in every layer: the config says it, so a plain checkpoint loads
+            ctx.model.config.intermediate_size = widths.pop()
+
+    # -- structure -------------------------------------------------------------------------------
+
+    def structure(self, model: nn.Module) -> dict[str, Any] | None:
+        if not self._dims:
+            return None
+        g = self._g
+        layers = {str(i): {"qk_dim": d["qk"], "v_dim": d["vo"], "intermediate": d["mlp"]} for i, d in self._dims.items()
+                  if (d["qk"], d["vo"], d["mlp"]) != (g.head_dim, g.head_dim, g.intermediate)}
+        return {"layers": layers, "head_dim": g.head_dim, "kv_heads": g.kv_heads}
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, adapter: ModelAdapter, structure: dict[str, Any], dtype: torch.dtype) -> None:
+        kv, hd = int(structure["kv_heads"]), int(structure["head_dim"])
+        layers = adapter.layers(model)
+        for i, d in structure.get("layers", {}).items():
+            layer = layers[int(i)]
+            if (int(d["qk_dim"]), int(d["v_dim"])) != (hd, hd):
+                # the weights' shapes (and rope_index's) come with the state dict
+                make_modular(layer.get_submodule(adapter.attention), int(d["qk_dim"]), int(d["v_dim"]),
+                             torch.zeros(kv, int(d["qk_dim"]), dtype=torch.long))
+
+    def notes(self, summary: dict[str, Any]) -> list[str]:
+        if not self._dims:
+            return []
+        g = self._g
+        mean = {p: sum(d[p] for d in self._dims.values()) / len(self._dims) for p in PARTS}
+        alloc = (f"global (block influence, temperature {self.cfg.temperature:g}, cap {self.cfg.max_sparsity:g}); layer sparsity "
+                 f"{min(self._phi):.3f}-{max(self._phi):.3f}" if self.cfg.allocate == "global" else "uniform")
+        return [
+            f"MoDeGPT: ratio {self.cfg.ratio:g} requested, allocation {alloc}. Mean kept widths: MLP {mean['mlp']:.1f}/{g.intermediate}, "
+            f"query/key {mean['qk']:.1f}/{g.head_dim}, value/output {mean['vo']:.1f}/{g.head_dim}. Decoder linear parameters removed: "
+            f"{summary['target_ratio']:.4f}; whole model: {summary['model_ratio']:.4f} ({summary['model_params_before']:,} -> "
+            f"{summary['model_params_after']:,})."
+        ]
+
+
+__all__ = ["MoDeGPTConfig", "MoDeGPTPass"]
