@@ -66,11 +66,12 @@ class ModularAttentionMixin:
         assert position_embeddings is not None
         cos, sin = position_embeddings  # (batch, seq, head_dim)
         idx = self.rope_index.to(cos.device)
-        # (batch, n_kv, seq, qk_dim): each group's kept dimensions with their original frequencies
-        cos_k = cos[..., idx].permute(0, 2, 1, 3).to(q.dtype)
-        sin_k = sin[..., idx].permute(0, 2, 1, 3).to(q.dtype)
         rep = q.shape[1] // k.shape[1]
-        cos_q, sin_q = cos_k.repeat_interleave(rep, dim=1), sin_k.repeat_interleave(rep, dim=1)
+        # (batch, heads, seq, qk_dim): each group's kept dimensions with their original frequencies
+        for_k, for_q = idx.view(-1), idx.repeat_interleave(rep, dim=0).view(-1)
+        n = cos.shape[:-1]
+        cos_k, sin_k = (t[..., for_k].view(*n, k.shape[1], -1).transpose(1, 2).to(q.dtype) for t in (cos, sin))
+        cos_q, sin_q = (t[..., for_q].view(*n, q.shape[1], -1).transpose(1, 2).to(q.dtype) for t in (cos, sin))
         q = q * cos_q + _rotate_half(q) * sin_q
         k = k * cos_k + _rotate_half(k) * sin_k
         if cache is not None:
