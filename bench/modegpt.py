@@ -3,11 +3,14 @@ SVD-LLM at the same total parameter count, with inference speed against dense.
 
     python bench/modegpt.py --model ../shared/models/smollm2-135m-instruct-q4_1-gguf --data-dir ../shared/data
 
+Phase 1 compresses and measures perplexity, saving each row's model; phase 2 (``--speed-only``, run
+with nothing else on the machine) measures tokens/s of each saved model against dense, back to back.
+
 Rows: dense; MoDeGPT (global allocation) and MoDeGPT (uniform) at ratio 0.1 / 0.2 / 0.25 / 0.3 of
 the decoder linear parameters removed; for each global row, SVD-LLM at the ratio that removes the
 same number of parameters, and SliceGPT at the smallest sparsity whose model is no larger (SliceGPT's
 shortcut matrices cost parameters, so it needs a larger sparsity for the same size). Every row gets
-prefill and decode tokens/s against dense, measured in this process (eval/speed.py protocol).
+prefill and decode tokens/s against dense (eval/speed.py protocol).
 """
 
 from __future__ import annotations
@@ -41,6 +44,69 @@ def slicegpt_sparsity_for(model, params_target: int, round_to: int = 8) -> float
     return None
 
 
+def _notes(data: dict) -> list[str]:  # type: ignore[type-arg]
+    return [
+        "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
+        "params: all parameters of the model (tied embedding/head once). params_removed: fraction of the dense model's parameters removed.",
+        "options ratio: MoDeGPT's fraction of the decoder linear parameters removed (requested; rounding of the kept widths moves it slightly).",
+        "prefill_vs_dense / decode_vs_dense: tokens/s of the row's model over the dense model's, measured back to back in one process "
+        f"with nothing else running (protocol.speed; dense tokens/s: {data.get('dense_speed', '')}).",
+        "SVD-LLM rows remove the same number of parameters as the MoDeGPT row named in options; SliceGPT rows take the smallest "
+        "sparsity whose model is no larger.",
+        "seconds_vs_forward: compression time over one dense forward of the calibration set, measured in the same run.",
+    ]
+
+
+TITLE = "MoDeGPT on SmolLM2-135M-Instruct, with SliceGPT and SVD-LLM at equal parameters"
+
+
+def measure_speed(out: Path, model_path: str, prompt: int, new: int) -> None:
+    """Phase 2: tokens/s of every saved row against dense, one model at a time, dense re-measured
+    between rows (the ratio uses the mean of the dense runs before and after)."""
+    import torch
+
+    from compress import load
+    from compress.eval.speed import generation_speed
+    from compress.models import load_model
+
+    from compress.eval.speed import protocol
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    data["protocol"]["speed"] = protocol(prompt, new, 3)
+    dense, _, _ = load_model(model_path, dtype="float32", device="cpu")
+
+    def speed(m):  # type: ignore[no-untyped-def]
+        r = generation_speed(m, prompt_len=prompt, new_tokens=new)
+        return r["prefill_tokens_per_s"], r["decode_tokens_per_s"]
+
+    before = speed(dense)
+    runs = [before]
+    for row in data["rows"]:
+        ckpt = row.get("checkpoint")
+        if not ckpt or not Path(ckpt).is_dir():
+            continue
+        m, _ = load(ckpt)
+        pre, dec = speed(m)
+        del m
+        after = speed(dense)
+        runs.append(after)
+        row["prefill_vs_dense"] = round(pre / ((before[0] + after[0]) / 2), 3)
+        row["decode_vs_dense"] = round(dec / ((before[1] + after[1]) / 2), 3)
+        before = after
+        print(row["method"], row["config"], row["prefill_vs_dense"], row["decode_vs_dense"], flush=True)
+    data["dense_speed"] = {"prefill_tokens_per_s": round(sum(r[0] for r in runs) / len(runs), 1),
+                           "decode_tokens_per_s": round(sum(r[1] for r in runs) / len(runs), 1), "threads": torch.get_num_threads()}
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    from common import Results
+
+    res = Results.__new__(Results)
+    res.path, res.data, res.columns = out, data, COLUMNS
+    res.write_markdown(TITLE, _notes(data))
+
+
+COLUMNS = ["method", "options", "ppl", "params", "params_removed", "prefill_vs_dense", "decode_vs_dense", "seconds", "seconds_vs_forward"]
+
+
 def main() -> None:
     ap = parser(__doc__, "modegpt", rows=False)
     ap.add_argument("--ratios", default="0.1,0.2,0.25,0.3")
@@ -48,29 +114,32 @@ def main() -> None:
     ap.add_argument("--match", default="0.1,0.2,0.25,0.3", help="global ratios that get equal-parameter SliceGPT and SVD-LLM rows")
     ap.add_argument("--options", default="", help="extra MoDeGPT options for every row, e.g. temperature=0.05")
     ap.add_argument("--variants", default="", help="extra MoDeGPT rows: option strings separated by ';'")
+    ap.add_argument("--checkpoints", default="/tmp/modegpt_bench", help="where phase 1 saves each row's model for the speed phase")
+    ap.add_argument("--speed-only", action="store_true", help="phase 2: measure tokens/s of the saved rows (run it with nothing else running)")
     ap.add_argument("--speed-prompt", type=int, default=256)
     ap.add_argument("--speed-new", type=int, default=32)
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args()
     protocol = protocol_for(args)
-    from compress.eval.speed import generation_speed, protocol as speed_protocol
+    from compress.eval.speed import protocol as speed_protocol
 
     protocol["speed"] = speed_protocol(args.speed_prompt, args.speed_new, 3)
-    cols = ["method", "options", "ppl", "params", "params_removed", "prefill_vs_dense", "decode_vs_dense", "seconds", "seconds_vs_forward"]
-    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols, append=args.append)
+    if args.speed_only:
+        measure_speed(Path(args.out), args.model, args.speed_prompt, args.speed_new)
+        return
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, COLUMNS, append=args.append)
     dense_params = bench.results.data["rows"][0]["params"]
+    from compress.checkpoint import save_checkpoint
 
-    def speed(m):  # type: ignore[no-untyped-def]
-        return generation_speed(m, prompt_len=args.speed_prompt, new_tokens=args.speed_new)
+    def keep(m):  # type: ignore[no-untyped-def]
+        d = Path(args.checkpoints) / f"row{len(bench.results.data['rows']):02d}"
+        if d.exists():
+            import shutil
 
-    base = speed(bench.model)
-    bench.results.data["dense_speed"] = {k: round(v, 1) for k, v in base.items() if k != "protocol"}
-
-    def extra(m):  # type: ignore[no-untyped-def]
-        s = speed(m)
-        return {"params_removed": round((dense_params - bench.count_parameters(m)) / dense_params, 4),
-                "prefill_vs_dense": round(s["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3),
-                "decode_vs_dense": round(s["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)}
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        save_checkpoint(m, bench.tok, d, {"recipe": []})
+        return {"params_removed": round((dense_params - bench.count_parameters(m)) / dense_params, 4), "checkpoint": str(d)}
 
     opts = f",{args.options}" if args.options else ""
     from torch import nn
@@ -81,33 +150,24 @@ def main() -> None:
     linear_params = sum(m.weight.numel() for m in layers.modules() if isinstance(m, nn.Linear))
     matched: list[tuple[float, int]] = []
     for r in (float(x) for x in args.ratios.split(",") if x):
-        row = bench.row("modegpt", [f"modegpt:ratio={r}{opts}"], {"options": f"ratio={r}{opts}"}, measure=extra)
+        row = bench.row("modegpt", [f"modegpt:ratio={r}{opts}"], {"options": f"ratio={r}{opts}"}, measure=keep)
         if "params" in row and str(r) in args.match.split(","):
             matched.append((r, row["params"]))
         if str(r) in args.uniform.split(","):
-            bench.row("modegpt", [f"modegpt:ratio={r},allocate=uniform{opts}"], {"options": f"ratio={r},allocate=uniform{opts}"}, measure=extra)
+            bench.row("modegpt", [f"modegpt:ratio={r},allocate=uniform{opts}"], {"options": f"ratio={r},allocate=uniform{opts}"}, measure=keep)
     for v in filter(None, args.variants.split(";")):
-        bench.row("modegpt", [f"modegpt:{v}"], {"options": v}, measure=extra)
+        bench.row("modegpt", [f"modegpt:{v}"], {"options": v}, measure=keep)
     for r, params in matched:
         ratio = round((dense_params - params) / linear_params, 4)
-        bench.row("svd-llm", [f"svd-llm:ratio={ratio}"], {"options": f"ratio={ratio} (= modegpt {r} parameters)"}, measure=extra)
+        bench.row("svd-llm", [f"svd-llm:ratio={ratio}"], {"options": f"ratio={ratio} (= modegpt {r} parameters)"}, measure=keep)
         sp = slicegpt_sparsity_for(bench.model, params)
         if sp is None:
             bench.results.add({"method": "slicegpt", "config": {"options": f"(= modegpt {r} parameters)"},
                                "error": "no SliceGPT sparsity makes the model this small"})
         else:
-            bench.row("slicegpt", [f"slicegpt:sparsity={sp}"], {"options": f"sparsity={sp} (<= modegpt {r} parameters)"}, measure=extra)
+            bench.row("slicegpt", [f"slicegpt:sparsity={sp}"], {"options": f"sparsity={sp} (<= modegpt {r} parameters)"}, measure=keep)
     bench.results.path.with_suffix(".json").write_text(json.dumps(bench.results.data, indent=2) + "\n")
-    bench.results.write_markdown("MoDeGPT on SmolLM2-135M-Instruct, with SliceGPT and SVD-LLM at equal parameters", [
-        "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
-        "params: all parameters of the model (tied embedding/head once). params_removed: fraction of the dense model's parameters removed.",
-        "options ratio: MoDeGPT's fraction of the decoder linear parameters removed (requested; rounding of the kept widths moves it slightly).",
-        "prefill_vs_dense / decode_vs_dense: tokens/s of the row's model over the dense model's, both measured in this run "
-        f"(dense: {bench.results.data['dense_speed']}; protocol in protocol.speed).",
-        "SVD-LLM rows remove the same number of parameters as the MoDeGPT row named in options; SliceGPT rows take the smallest "
-        "sparsity whose model is no larger.",
-        "seconds_vs_forward: compression time over one dense forward of the calibration set, measured in the same run.",
-    ])
+    bench.results.write_markdown(TITLE, _notes(bench.results.data))
 
 
 if __name__ == "__main__":
