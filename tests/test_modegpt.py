@@ -208,3 +208,19 @@ def test_a_ratio_above_the_cap_is_capped_and_said(calib_ids: torch.Tensor, caplo
 def test_compensation_with_nothing_to_compensate_is_refused(structural: str, calib_ids: torch.Tensor) -> None:
     with pytest.raises(ConfigError, match=rf"eora has nothing to work on after {structural.split(':')[0]}: .*put a quantization or pruning pass before eora"):
         compress(make_tiny("llama"), [structural, "eora:rank=2"], calib_ids)
+
+
+def test_knapsack_allocation_spends_the_budget_where_the_measured_error_is_lowest(calib_ids: torch.Tensor) -> None:
+    """Layer 0's MLP has half its channels dead (removing them costs nothing): the knapsack over the
+    measured errors removes more from layer 0 than from layer 1, within the parameter budget."""
+    model = make_tiny("llama")
+    dead = torch.arange(0, 64, 2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[dead] = 0
+        model.model.layers[0].mlp.up_proj.weight[dead] = 0
+    report = compress(model, ["modegpt:ratio=0.24,allocate=knapsack,parts=mlp"], calib_ids)
+    w0, w1 = (layer.mlp.down_proj.in_features for layer in model.model.layers)
+    assert w0 < w1 and w0 >= 32, (w0, w1)
+    removed = sum(r.params_before - r.params_after for r in report.records)
+    assert 0.24 * 2 * sum(PER_LAYER.values()) <= removed <= 0.3 * 2 * sum(PER_LAYER.values())
+    assert any("knapsack over measured relative errors" in n for n in report.notes)

@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..modules.base import set_linear_weight
 from ..modules.modular import _NO_DENSE, full_rope_index, make_modular
 from ..registry import register_pass
-from ..solvers.modular import MLP_RIDGE, allocate_sparsity, cr_qk, nystrom_mlp, svd_vo
+from ..solvers.modular import MLP_RIDGE, allocate_sparsity, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
 from .base import Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name
 
 logger = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ PARTS = ("mlp", "qk", "vo")
 class MoDeGPTConfig(PassConfig):
     ratio: float = option(0.25, "fraction of the decoder layers' linear parameters removed", min=0.0, max=1.0, min_open=True, max_open=True)
     allocate: str = option(
-        "global", "per-layer sparsity: from block-influence scores ('global') or the same in every layer ('uniform')",
-        choices=("global", "uniform"))
+        "global", "per-layer sparsity: from block-influence scores ('global'), the same in every layer ('uniform'), or a knapsack "
+        "over each layer's measured relative reconstruction errors ('knapsack')", choices=("global", "uniform", "knapsack"))
     temperature: float = option(0.1, "global allocation: softmax temperature ε over the block-influence scores (smaller: more uneven)",
                                 min=0.0, min_open=True)
     max_sparsity: float = option(0.8, "global allocation: the most any layer loses", min=0.0, max=1.0, min_open=True, max_open=True)
@@ -117,7 +117,50 @@ class MoDeGPTPass(Pass):
 
     @classmethod
     def capabilities(cls, config: PassConfig) -> Capabilities:
-        return Capabilities(requires_calibration=True, uses_layer_inputs=True)
+        assert isinstance(config, MoDeGPTConfig)
+        # the knapsack reads every layer's correlations (dense model) before the first layer is reduced
+        return Capabilities(requires_calibration=True, uses_layer_inputs=True,
+                            profile=frozenset({"gram"}) if config.allocate == "knapsack" else frozenset())
+
+    #: layer sparsities the knapsack chooses from
+    GRID = tuple(j / 20 for j in range(20))
+
+    def prepare(self, model: nn.Module, adapter: ModelAdapter) -> None:
+        self._g = self._geometry(model, adapter)
+        self._adapter = adapter
+        self._options: list[list[tuple[int, float]]] = []
+
+    def profile_layer(self, index: int, layer: nn.Module, stats: Any) -> None:
+        """Knapsack: each grid sparsity's kept parameters and summed relative errors of the layer's
+        three modules, from the dense layer's correlations."""
+        a, g = self._adapter, self._g
+        grid = [phi for phi in self.GRID if phi <= self.cfg.max_sparsity + 1e-12]
+        sizes = [self._sizes(g, phi) for phi in grid]
+        C_attn = stats.linears[a.q_proj].gram
+        q, k, v, o = (layer.get_submodule(n).weight.detach().cpu() for n in (a.q_proj, a.k_proj, a.v_proj, a.attn_output))
+        err = [0.0] * len(grid)
+        if "qk" in self.parts:
+            e = qk_errors(q, k, C_attn, g.heads, g.kv_heads, g.head_dim, [s["qk"] // 2 for s in sizes])
+            err = [x + y for x, y in zip(err, e)]
+        if "vo" in self.parts:
+            e = vo_errors(v, o, C_attn, g.heads, g.kv_heads, g.head_dim, [s["vo"] for s in sizes])
+            err = [x + y for x, y in zip(err, e)]
+        if "mlp" in self.parts:
+            down = layer.get_submodule(a.mlp_output).weight.detach().cpu()
+            e = nystrom_errors(stats.linears[a.mlp_output].gram, down, [s["mlp"] for s in sizes], self.cfg.ridge)
+            err = [x + y for x, y in zip(err, e)]
+        kept = [((g.heads + g.kv_heads) * (s["qk"] + s["vo"]) + 3 * s["mlp"]) * g.hidden for s in sizes]
+        self._options.append(list(zip(kept, err)))
+
+    def profile_done(self) -> None:
+        from ..solvers.allocate import knapsack
+
+        g = self._g
+        dense = ((g.heads + g.kv_heads) * 2 * g.head_dim + 3 * g.intermediate) * g.hidden
+        budget = (1.0 - min(self.cfg.ratio, self.cfg.max_sparsity)) * dense * len(self._options)
+        picks = knapsack(self._options, budget)
+        grid = [phi for phi in self.GRID if phi <= self.cfg.max_sparsity + 1e-12]
+        self._phi = [grid[j] for j in picks]
 
     # -- geometry and sizes ----------------------------------------------------------------------
 
@@ -241,9 +284,11 @@ class MoDeGPTPass(Pass):
         self._g = g = self._geometry(model, adapter)
         n = len(adapter.layers(model))
         c = self.cfg
+        self._influence: list[float] = []
         if c.allocate == "uniform":
             self._phi = [min(c.ratio, c.max_sparsity)] * n
-            self._influence: list[float] = []
+        elif c.allocate == "knapsack":
+            assert len(self._phi) == n, "the knapsack allocation needs the profile of every layer"
         else:
             self._influence = ctx.block_influence()
             self._phi = allocate_sparsity(self._influence, c.ratio, c.temperature, c.max_sparsity)
@@ -332,8 +377,10 @@ class MoDeGPTPass(Pass):
             return []
         g = self._g
         mean = {p: sum(d[p] for d in self._dims.values()) / len(self._dims) for p in PARTS}
-        alloc = (f"global (block influence, temperature {self.cfg.temperature:g}, cap {self.cfg.max_sparsity:g}); layer sparsity "
-                 f"{min(self._phi):.3f}-{max(self._phi):.3f}" if self.cfg.allocate == "global" else "uniform")
+        alloc = {"global": f"global (block influence, temperature {self.cfg.temperature:g}, cap {self.cfg.max_sparsity:g})",
+                 "knapsack": f"knapsack over measured relative errors (grid of {len(self.GRID)}, cap {self.cfg.max_sparsity:g})",
+                 "uniform": "uniform"}[self.cfg.allocate]
+        alloc += f"; layer sparsity {min(self._phi):.3f}-{max(self._phi):.3f}"
         return [
             f"MoDeGPT: ratio {self.cfg.ratio:g} requested, allocation {alloc}. Mean kept widths: MLP {mean['mlp']:.1f}/{g.intermediate}, "
             f"query/key {mean['qk']:.1f}/{g.head_dim}, value/output {mean['vo']:.1f}/{g.head_dim}. Decoder linear parameters removed: "

@@ -98,6 +98,55 @@ def svd_vo(
     return torch.cat(new_v, 0), torch.cat(new_o, 1), torch.stack(trans)
 
 
+def nystrom_errors(C: torch.Tensor, W_down: torch.Tensor, keeps: list[int], ridge: float = MLP_RIDGE) -> list[float]:
+    """Relative output error of the down projection ‖W_down (C − C_{:,S} C_SS⁻¹ C_{S,:}) W_downᵀ‖_tr /
+    tr(W_down C W_downᵀ) for each kept width (channels chosen by :func:`nystrom_mlp`'s scores)."""
+    C = C.to(SOLVE_DTYPE)
+    n = C.shape[0]
+    L, _ = cholesky_psd(C + (ridge * _mean_diag(C)) * torch.eye(n, dtype=SOLVE_DTYPE, device=C.device), "modegpt mlp")
+    order = torch.argsort(torch.cholesky_inverse(L).diagonal())
+    Wd = W_down.to(SOLVE_DTYPE)
+    B = Wd @ C  # (d, n)
+    total = float((B * Wd).sum())
+    out = []
+    for k in keeps:
+        S = torch.sort(order[:k]).values
+        C_SS = C[S][:, S]
+        L_S, _ = cholesky_psd(C_SS + (REFIT_RIDGE * _mean_diag(C_SS)) * torch.eye(k, dtype=SOLVE_DTYPE, device=C.device), "modegpt refit")
+        X = B[:, S]  # W_down C_{:,S}
+        explained = float((torch.cholesky_solve(X.T, L_S) * X.T).sum())  # tr(X C_SS⁻¹ Xᵀ)
+        out.append(max(total - explained, 0.0) / max(total, 1e-300))
+    return out
+
+
+def qk_errors(W_q: torch.Tensor, W_k: torch.Tensor, C: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, pairs: list[int]) -> list[float]:
+    """Share of the query–key score energy (the CR scores of :func:`cr_qk`) in the rotary pairs dropped,
+    for each number of pairs kept per group."""
+    half = head_dim // 2
+    eq = qk_energy(W_q, C).view(n_kv, n_heads // n_kv, head_dim)
+    ek = qk_energy(W_k, C).view(n_kv, 1, head_dim)
+    prod = eq * ek
+    score = torch.sort((prod[..., :half] + prod[..., half:]).sum(1), dim=1, descending=True).values  # (n_kv, half)
+    total = float(score.sum())
+    return [1.0 - float(score[:, :p].sum()) / max(total, 1e-300) for p in pairs]
+
+
+def vo_errors(W_v: torch.Tensor, W_o: torch.Tensor, C: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, ranks: list[int]) -> list[float]:
+    """Relative whitened error of :func:`svd_vo` for each rank: the dropped squared singular values."""
+    rep = n_heads // n_kv
+    L, _ = cholesky_psd(C, "modegpt value-output")
+    Wv = W_v.to(SOLVE_DTYPE).view(n_kv, head_dim, -1)
+    Wo = W_o.to(SOLVE_DTYPE)
+    sq = []
+    for g in range(n_kv):
+        O_stack = torch.cat([Wo[:, h * head_dim : (h + 1) * head_dim] for h in range(g * rep, (g + 1) * rep)], dim=0)
+        R = torch.linalg.qr(O_stack).R
+        sq.append(torch.linalg.svdvals(R @ Wv[g] @ L) ** 2)
+    s = torch.stack(sq)  # (n_kv, hd), descending per group
+    total = float(s.sum())
+    return [float(s[:, r:].sum()) / max(total, 1e-300) for r in ranks]
+
+
 def allocate_sparsity(influence: list[float], ratio: float, temperature: float, cap: float) -> list[float]:
     """Per-layer sparsity φ = L·ratio·softmax(−s/ε) (a layer that changes its input less loses more),
     capped at ``cap`` with the excess handed to the uncapped layers in proportion to their weights.
