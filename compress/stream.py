@@ -46,7 +46,7 @@ def stream_blocker(passes: list[Any]) -> str | None:
     """Why this recipe needs the whole model in memory (the first pass that does), or None."""
     for p in passes:
         if p.granularity == "model":
-            return f"{p.name} transforms the whole model (embeddings, head and every layer together)"
+            return f"{p.name} {p.whole_model_reason}"
         if p.global_prepare:
             return f"{p.name} reads every layer's weights before its first layer"
         if p.caps.profile:

@@ -198,6 +198,8 @@ class Pass:
     global_prepare: ClassVar[bool] = False
     #: why the result cannot be written as a plain transformers checkpoint (None: it can)
     dense_export_blocker: ClassVar[str | None] = None
+    #: a model-level pass: why it needs the whole model in memory (completes "<name> ...")
+    whole_model_reason: ClassVar[str] = "transforms the whole model (embeddings, head and every layer together)"
     #: a key under which manifests of an older format recorded this pass's structure
     legacy_manifest_key: ClassVar[str | None] = None
 

@@ -84,6 +84,7 @@ class MoDeGPTPass(Pass):
     config_cls = MoDeGPTConfig
     granularity = "model"
     accepts_reason = "it reduces the inner widths of dense module pairs"
+    whole_model_reason = "is a model-level pass (it sets every layer's sparsity from the whole model before the first layer)"
 
     def __init__(self, config: PassConfig) -> None:
         super().__init__(config)
