@@ -224,3 +224,4 @@ def test_knapsack_allocation_spends_the_budget_where_the_measured_error_is_lowes
     removed = sum(r.params_before - r.params_after for r in report.records)
     assert 0.24 * 2 * sum(PER_LAYER.values()) <= removed <= 0.3 * 2 * sum(PER_LAYER.values())
     assert any("knapsack over measured relative errors" in n for n in report.notes)
+
