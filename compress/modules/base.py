@@ -142,8 +142,9 @@ def cached_kernel_layout(module: nn.Module, buffers: tuple[str, ...], build: Cal
 def set_linear_weight(linear: nn.Module, W: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """Give a plain linear a new weight (of any shape; its feature counts follow) and, when given, a new bias."""
     assert isinstance(linear, nn.Linear)
-    linear.weight = nn.Parameter(W.to(linear.weight.dtype).contiguous(), requires_grad=False)
+    w = linear.weight
+    linear.weight = nn.Parameter(W.to(device=w.device, dtype=w.dtype).contiguous(), requires_grad=False)
     linear.out_features, linear.in_features = W.shape
     if bias is not None:
         assert linear.bias is not None
-        linear.bias = nn.Parameter(bias.to(linear.bias.dtype).contiguous(), requires_grad=False)
+        linear.bias = nn.Parameter(bias.to(device=w.device, dtype=linear.bias.dtype).contiguous(), requires_grad=False)
