@@ -378,6 +378,9 @@ class MoDeGPTPass(Pass):
             return []
         g = self._g
         mean = {p: sum(d[p] for d in self._dims.values()) / len(self._dims) for p in PARTS}
+        dense = ((g.heads + g.kv_heads) * 2 * g.head_dim + 3 * g.intermediate) * g.hidden
+        kept = sum(((g.heads + g.kv_heads) * (d["qk"] + d["vo"]) + 3 * d["mlp"]) * g.hidden for d in self._dims.values())
+        removed = 1 - kept / (dense * len(self._dims))
         alloc = {"global": f"global (block influence, temperature {self.cfg.temperature:g}, cap {self.cfg.max_sparsity:g})",
                  "knapsack": f"knapsack over measured relative errors (grid of {len(self.GRID)}, cap {self.cfg.max_sparsity:g})",
                  "uniform": "uniform"}[self.cfg.allocate]
@@ -385,7 +388,7 @@ class MoDeGPTPass(Pass):
         return [
             f"MoDeGPT: ratio {self.cfg.ratio:g} requested, allocation {alloc}. Mean kept widths: MLP {mean['mlp']:.1f}/{g.intermediate}, "
             f"query/key {mean['qk']:.1f}/{g.head_dim}, value/output {mean['vo']:.1f}/{g.head_dim}. Decoder linear parameters removed: "
-            f"{summary['target_ratio']:.4f}; whole model: {summary['model_ratio']:.4f} ({summary['model_params_before']:,} -> "
+            f"{removed:.4f} (of the layers it changed: {summary['target_ratio']:.4f}); whole model: {summary['model_ratio']:.4f} ({summary['model_params_before']:,} -> "
             f"{summary['model_params_after']:,})."
         ]
 
