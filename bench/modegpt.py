@@ -141,14 +141,19 @@ def main() -> None:
         save_checkpoint(m, bench.tok, d, {"recipe": []})
         return {"params_removed": round((dense_params - bench.count_parameters(m)) / dense_params, 4), "checkpoint": str(d)}
 
-    opts = f",{args.options}" if args.options else ""
     from torch import nn
 
     from compress.adapters import get_adapter
 
     layers = get_adapter(bench.model).layers(bench.model)
     linear_params = sum(m.weight.numel() for m in layers.modules() if isinstance(m, nn.Linear))
+    opts = f",{args.options}" if args.options else ""
     matched: list[tuple[float, int]] = []
+    for x in args.match.split(","):  # --append: global rows measured by an earlier run still get their matched rows
+        if x and x not in args.ratios.split(","):
+            prev = [r for r in bench.results.data["rows"] if r["method"] == "modegpt" and r.get("config", {}).get("options") == f"ratio={float(x)}{opts}"]
+            if prev and "params" in prev[-1]:
+                matched.append((float(x), prev[-1]["params"]))
     for r in (float(x) for x in args.ratios.split(",") if x):
         row = bench.row("modegpt", [f"modegpt:ratio={r}{opts}"], {"options": f"ratio={r}{opts}"}, measure=keep)
         if "params" in row and str(r) in args.match.split(","):
