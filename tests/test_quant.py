@@ -137,9 +137,26 @@ def test_bcq_from_uniform_is_exact(bits: int) -> None:
 
 def test_bcq_refinement_improves_on_greedy() -> None:
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
-    greedy = float((bcq_quantize(W, 3, 64, rounds=0).dequantize() - W).square().sum())
-    refined = float((bcq_quantize(W, 3, 64, rounds=15).dequantize() - W).square().sum())
+    greedy = float((bcq_quantize(W, 3, 64, rounds=0, init="greedy").dequantize() - W).square().sum())
+    refined = float((bcq_quantize(W, 3, 64, rounds=15, init="greedy").dequantize() - W).square().sum())
     assert refined < greedy
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_bcq_from_a_uniform_start_is_never_worse_than_rtn_in_the_weighted_error(bits: int, seed: int) -> None:
+    """The property BCQ must keep: a uniform grid is a special case of BCQ, so starting from RTN's codes
+    and keeping only the rounds that lower each group's weighted error can only match or beat RTN."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(48, 128, generator=g) * torch.rand(1, 128, generator=g) * 3  # uneven input scales
+    W[0, 5] = 25.0  # an outlier
+    h = torch.rand(128, generator=g) ** 4 * 100  # a few inputs carry most of the calibration energy
+    spec = QuantSpec(bits=bits, group_size=32)
+    rtn = quantize_rtn(W, spec, h).dequantize()
+    bcq = bcq_quantize(W, bits, 32, rounds=10, hdiag=h).dequantize()
+    werr = lambda A: ((A - W).square() * h).reshape(48, 4, 32).sum(-1)  # noqa: E731  per group
+    assert bool((werr(bcq) <= werr(rtn) * (1 + 1e-6) + 1e-9).all())
+    assert float(werr(bcq).sum()) < float(werr(rtn).sum())  # and the refinement does find something
 
 
 def test_bcq_layout_bits() -> None:

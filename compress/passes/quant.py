@@ -253,7 +253,10 @@ class GPTQPass(_QuantPass):
 class BCQConfig(PassConfig):
     bits: int = option(3, "binary planes per weight", min=1, max=4)
     group: int = option(128, "inputs per scale group (multiple of 8; 0 = whole row)", min=0)
-    rounds: int = option(15, "alternating refinement rounds after the greedy init", min=0)
+    rounds: int = option(15, "alternating refinement rounds after the start", min=0)
+    init: str = option("uniform", "start: round-to-nearest uniform codes converted exactly ('uniform'; never worse than RTN at the "
+                       "same bits and groups) or LUT-GEMM's greedy planes ('greedy')", choices=("uniform", "greedy"))
+    weighted: bool = option(True, "weight the error by the calibration inputs' energy diag(XᵀX) (needs calibration data)")
     targets: str = option("*", _TARGETS_HELP)
 
 
@@ -264,6 +267,11 @@ class BCQPass(Pass):
     name = "bcq"
     config_cls = BCQConfig
     accepts_reason = "it quantizes dense weights"
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        assert isinstance(config, BCQConfig)
+        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"})) if config.weighted else Capabilities()
 
     @classmethod
     def produces(cls, config: PassConfig) -> frozenset[str]:
@@ -299,10 +307,18 @@ class BCQPass(Pass):
         if why is not None:
             raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
         g = c.group or d_in
-        b = bcq_quantize(W, c.bits, g, c.rounds)
+        hdiag = stats.sq_sum if (c.weighted and stats is not None) else None
+        b = bcq_quantize(W, c.bits, g, c.rounds, hdiag=hdiag, init=c.init)
         new = BCQLinear.from_bcq(b, module.bias.data if module.bias is not None else None, like=W)
+        Wq = b.dequantize().to(W.device)
+        if hdiag is not None:  # the weighted error the solver minimized, relative to the weight's
+            hd = hdiag.to(W.device, torch.float64)
+            err = float((((W.double() - Wq.double()) ** 2) * hd).sum() / (W.double() ** 2 * hd).sum().clamp_min(1e-300)) ** 0.5
+        else:
+            err = relative_output_error(W, Wq, None)
         info = {
-            "bits": c.bits, "group": g, "error": relative_output_error(W, b.dequantize(), None),
-            "error_metric": "rel_weight_err", "bits_per_weight": new.storage_bits() / new.num_weights(),
+            "bits": c.bits, "group": g, "init": c.init, "error": err,
+            "error_metric": "rel_diagH_weighted_err" if hdiag is not None else "rel_weight_err",
+            "bits_per_weight": new.storage_bits() / new.num_weights(),
         }
         return PassResult(new, info)
