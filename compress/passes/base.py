@@ -156,6 +156,17 @@ class ModelContext(Protocol):
         """Replace the hidden states entering the next layer by ``fn(hidden)`` (e.g. a rotation)."""
 
 
+def require_layout(pass_name: str, adapter: "ModelAdapter", what: str, missing: list[str]) -> None:
+    """Refuse, in one line, an architecture whose adapter leaves the fields ``missing`` empty."""
+    if missing:
+        from ..adapters import supported_model_types
+
+        raise ConfigError(
+            f"{pass_name} needs the {what} of the architecture, which adapter '{adapter.name}' does not describe "
+            f"(missing: {', '.join(missing)}); supported families: {', '.join(supported_model_types())}"
+        )
+
+
 def dense_bits(d_out: int, d_in: int, dtype: torch.dtype) -> int:
     """Bits of a plain d_out × d_in weight in ``dtype``."""
     return d_out * d_in * 8 * torch.empty((), dtype=dtype).element_size()

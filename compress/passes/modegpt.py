@@ -46,7 +46,7 @@ from ..modules.base import set_linear_weight
 from ..modules.modular import _NO_DENSE, full_rope_index, make_modular
 from ..registry import register_pass
 from ..solvers.modular import MLP_RIDGE, allocate_sparsity, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
-from .base import Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name
+from .base import Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name, require_layout
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +223,7 @@ class MoDeGPTPass(Pass):
     # -- before any compute ----------------------------------------------------------------------
 
     def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
-        missing = adapter.missing_modular_layout()
-        if missing:
-            raise ConfigError(
-                f"modegpt needs the attention and MLP pieces of the architecture, which adapter '{adapter.name}' does not describe "
-                f"(missing: {', '.join(missing)}); supported families: llama, mistral, qwen2, qwen3"
-            )
+        require_layout(self.name, adapter, "attention and MLP pieces", adapter.missing_modular_layout())
         g = self._geometry(model, adapter)
         cfg = model.config
         if "qk" in self.parts:

@@ -54,7 +54,7 @@ from ..modules.base import set_linear_weight
 from ..modules.sliced import MixedHead, make_sliced, scale_norm_eps
 from ..registry import register_pass
 from ..solvers.rotate import joint_gram, kept_dim, net_removed, onto_row_space, principal_basis, rotate_inputs, rotate_outputs, scale_inputs
-from .base import LAYER_OUTPUT, Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name
+from .base import LAYER_OUTPUT, Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name, require_layout
 
 logger = logging.getLogger(__name__)
 
@@ -107,12 +107,7 @@ class SliceGPTPass(Pass):
     # -- before any compute ----------------------------------------------------------------------
 
     def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
-        missing = adapter.missing_residual_layout()
-        if missing:
-            raise ConfigError(
-                f"slicegpt needs the residual layout of the architecture, which adapter '{adapter.name}' does not describe "
-                f"(missing: {', '.join(missing)}); supported families: llama, mistral, qwen2, qwen3"
-            )
+        require_layout(self.name, adapter, "residual layout", adapter.missing_residual_layout())
         emb = model.get_submodule(adapter.embed)
         d = emb.weight.shape[1]
         d_new = self.kept_dim(d)
