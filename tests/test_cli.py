@@ -142,6 +142,7 @@ def test_modegpt_run_and_speed_against_the_source_model(tmp_path: Path) -> None:
     m["source"]["source"] = str(tmp_path / "gone")
     (out / "manifest.json").write_text(json.dumps(m))
     _assert_one_line_error(_run("eval", str(out), "--speed"), "which is not on this machine; pass --speed-baseline DIR")
+    _assert_one_line_error(_run("eval", str(out), "--speed", "--speed-new", "0"), "--speed-prompt and --speed-new must be positive")
     n = _run("eval", str(out), "--ppl", "wikitext2", "--seqlen", "128", "--max-windows", "1", "--speed", "--speed-baseline", "none",
              "--speed-prompt", "8", "--speed-new", "2")
     assert n.returncode == 0 and "speed_decode:" in n.stdout and "(dense" not in n.stdout, n.stderr

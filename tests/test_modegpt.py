@@ -225,3 +225,10 @@ def test_knapsack_allocation_spends_the_budget_where_the_measured_error_is_lowes
     assert 0.24 * 2 * sum(PER_LAYER.values()) <= removed <= 0.3 * 2 * sum(PER_LAYER.values())
     assert any("knapsack over measured relative errors" in n for n in report.notes)
 
+
+
+def test_round_to_sets_the_mlp_width_granularity(calib_ids: torch.Tensor) -> None:
+    model = make_tiny("llama")
+    compress(model, ["modegpt:ratio=0.3,parts=mlp,allocate=uniform,round_to=16"], calib_ids)
+    widths = {layer.mlp.down_proj.in_features for layer in model.model.layers}
+    assert widths == {32}, widths  # 64 × (1 − 0.45) = 35.2 → 32 with round_to 16 (40 with the default 8)

@@ -235,3 +235,11 @@ def test_gptq_export_refuses_other_layers(calib_ids: torch.Tensor, tmp_path: Pat
         compress(model, recipe, calib_ids)
         with pytest.raises(CompressError, match=match):
             export_gptq(model, None, tmp_path / "x")
+
+
+def test_bcq_weighted_needs_calibration_and_unweighted_is_data_free() -> None:
+    model = make_tiny("llama")
+    compress(model, ["bcq:bits=3,group=16,weighted=false"])  # no calibration data: data-free
+    assert isinstance(model.model.layers[0].mlp.down_proj, BCQLinear)
+    with pytest.raises(Exception, match="calibration"):
+        compress(make_tiny("llama"), ["bcq:bits=3,group=16"])
