@@ -23,7 +23,7 @@ _PASSES: dict[str, type["Pass"]] = {}
 _BY_CONFIG: dict[type["PassConfig"], type["Pass"]] = {}
 _PASS_MODULES = (
     "compress.passes.lowrank", "compress.passes.quant", "compress.passes.sparse", "compress.passes.compensate",
-    "compress.passes.slicegpt", "compress.passes.dictionary", "compress.passes.modegpt",
+    "compress.passes.slicegpt", "compress.passes.dictionary", "compress.passes.modegpt", "compress.passes.awq",
 )
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
 

@@ -45,7 +45,7 @@ STATE = "state.json"
 def stream_blocker(passes: list[Any]) -> str | None:
     """Why this recipe needs the whole model in memory (the first pass that does), or None."""
     for p in passes:
-        if p.granularity == "model":
+        if p.granularity == "model" and not p.layer_local:
             return f"{p.name} {p.whole_model_reason}"
         if p.global_prepare:
             return f"{p.name} reads every layer's weights before its first layer"

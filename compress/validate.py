@@ -113,6 +113,8 @@ def check_passes(model: nn.Module, adapter: "ModelAdapter", rec: "Recipe", passe
     from .pipeline.sequential import check_segments
 
     check_segments(passes)
+    for k, p in enumerate(passes):
+        p.bind_recipe(passes[:k], passes[k + 1:])
     shapes = linear_shapes(model, adapter)
     dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
     elt = dense_bits(1, 1, dtype)

@@ -137,3 +137,43 @@ def test_lq_decompose_stops_when_improvement_stalls() -> None:
     assert len(loose.errors) < len(full.errors)
     assert len(loose.errors) == 2  # the second alternation improves by less than half: stop there
     assert full.error <= loose.error
+
+
+def test_lqlora_budget_at_a_uniform_cost_selects_that_configuration_when_it_is_optimal() -> None:
+    """Identical matrices with identical input Grams, and a budget equal to one (bits, group)
+    configuration's cost everywhere: where that configuration lies on the convex frontier of
+    (cost, output error), the program must select it for every matrix."""
+    from types import SimpleNamespace
+
+    from compress.passes.compensate import LQLoRAConfig, LQLoRAPass
+    from compress.pipeline.stats import LayerStats
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(48, 64, generator=g)
+    X = torch.randn(512, 64, generator=g) * torch.linspace(0.2, 3.0, 64)
+    names = ["a", "b", "c", "d"]
+    layer = torch.nn.Module()
+    for n in names:
+        lin = torch.nn.Linear(64, 48, bias=False)
+        lin.weight.data.copy_(W)
+        layer.add_module(n, lin)
+    stats = LayerStats(frozenset({"gram"}))
+    for n in names:
+        stats.observe(n, X)
+    adapter = SimpleNamespace(layers_path="m", groups=lambda _layer: [names])
+    from compress.passes.compensate import _branch_cost, _q_bits
+
+    cost = _q_bits(48, 64, 3, 64, "nf") + _branch_cost(48, 64, 2, 0, 32)
+    p = LQLoRAPass(LQLoRAConfig(rank=2, budget=cost / (48 * 64)))
+    p.prepare(torch.nn.Module(), adapter)
+    p.profile_layer(0, layer, stats)
+    opts, errs, costs = p._options[0], p._errors[0], p._costs[0]
+    k = opts.index((3, 64))
+    # (3, 64) is on the lower convex frontier: no pair of options mixes to a lower error at its cost
+    for i in range(len(opts)):
+        for j in range(len(opts)):
+            if costs[i] < costs[k] < costs[j]:
+                t = (costs[k] - costs[i]) / (costs[j] - costs[i])
+                assert errs[k] < (1 - t) * errs[i] + t * errs[j]
+    p.profile_done()
+    assert set(p._choice.values()) == {(3, 64)} and len(p._choice) == 4

@@ -108,6 +108,9 @@ class Capabilities:
     #: loop (one forward per layer, handed to :meth:`Pass.profile_layer`): for choices that need the
     #: whole model's statistics at once (a global allocation, a dictionary shared across layers)
     profile: frozenset[str] = frozenset()
+    #: a per-linear pass observes every sub-group's inputs in one forward of the layer as the pass finds
+    #: it (False: each sub-group after the ones before it were compressed, one forward per sub-group)
+    observe_once: bool = False
 
 
 class LayerContext(Protocol):
@@ -211,6 +214,9 @@ class Pass:
     dense_export_blocker: ClassVar[str | None] = None
     #: a model-level pass: why it needs the whole model in memory (completes "<name> ...")
     whole_model_reason: ClassVar[str] = "transforms the whole model (embeddings, head and every layer together)"
+    #: a model-level pass whose work stays inside each decoder layer (no begin/finish on the
+    #: embeddings or head, no state across layers): a streamed run can take it
+    layer_local: ClassVar[bool] = False
     #: a key under which manifests of an older format recorded this pass's structure
     legacy_manifest_key: ClassVar[str | None] = None
 
@@ -249,6 +255,11 @@ class Pass:
         return str(getattr(self.config, "targets", "*"))
 
     # -- before any compute ----------------------------------------------------------------------
+
+    def bind_recipe(self, before: "list[Pass]", later: "list[Pass]") -> None:
+        """Before any check: the passes before and after this one in the recipe (a pass that
+        prepares weights for a later one takes that one's options here; :meth:`check` refuses a
+        recipe without it)."""
 
     def check(self, model: nn.Module, adapter: "ModelAdapter", shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
         """Refuse options that cannot work on these targets (one-line :class:`ConfigError` naming

@@ -11,7 +11,9 @@
   per matrix the (bits, group) configuration by an integer program under an average
   bits-per-weight budget that includes scales and the low-rank term. For the allocation the error of
   each configuration is estimated with one alternation (rank-r SVD of W, then quantization of the
-  remainder); the chosen configuration then runs the full alternation.
+  remainder) as an output error tr(Δ H Δᵀ) on the layer's calibration Gram H (gathered over the
+  model before the pass, one forward per layer); the chosen configuration then runs the full
+  alternation.
 
 Example recipe::
 
@@ -190,7 +192,6 @@ class LQLoRAPass(Pass):
 
     name = "lq-lora"
     config_cls = LQLoRAConfig
-    global_prepare = True
     accepts_reason = "it decomposes dense weights"
 
     def __init__(self, config: PassConfig) -> None:
@@ -202,7 +203,10 @@ class LQLoRAPass(Pass):
     @classmethod
     def capabilities(cls, config: PassConfig) -> Capabilities:
         assert isinstance(config, LQLoRAConfig)
-        return Capabilities(requires_calibration=config.data_aware, statistics=frozenset({"rms"}) if config.data_aware else frozenset())
+        # the budget's errors are output errors: every layer's input Gram of the model as it is before the pass
+        return Capabilities(requires_calibration=config.data_aware or config.budget is not None,
+                            statistics=frozenset({"rms"}) if config.data_aware else frozenset(),
+                            profile=frozenset({"gram"}) if config.budget is not None else frozenset())
 
     @classmethod
     def produces(cls, config: PassConfig) -> frozenset[str]:
@@ -220,43 +224,59 @@ class LQLoRAPass(Pass):
         return None if why is None else f"{why}; choose another group size"
 
     def prepare(self, model: nn.Module, adapter: Any) -> None:
+        self._adapter = adapter
+        self._names: list[str] = []
+        self._errors: list[list[float]] = []
+        self._costs: list[list[float]] = []
+        self._options: list[list[tuple[int, int]]] = []
+        self._total = 0
+
+    def profile_layer(self, index: int, layer: nn.Module, stats: Any) -> None:
+        """Budget mode: each (bits, group) option's output error tr(Δ H Δᵀ) on the calibration Gram H,
+        with Δ = W − L − Q(W − L) and L the rank-r SVD of W (one alternation)."""
         c = self.cfg
-        if c.budget is None:
-            return
-        names, errors, costs, options = [], [], [], []
-        total = 0
-        for full, mod in self.iter_targets(model, adapter):
-            W = mod.weight.data.float()
-            d_out, d_in = W.shape
-            U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-            L = ((U[:, : c.rank] * S[: c.rank]) @ Vh[: c.rank]).float()
-            branch = _branch_cost(d_out, d_in, c.rank, c.branch_bits, 8 * mod.weight.element_size())
-            opts, errs, cst = [], [], []
-            for b in _GRID_BITS:
-                for g in _GRID_GROUPS:
-                    if d_in % g:
-                        continue
-                    q = quantize_rtn(W - L, QuantSpec(bits=b, group_size=g, levels=c.levels)).dequantize()
-                    opts.append((b, g))
-                    errs.append(float((W - L - q).square().sum()))
-                    cst.append(_q_bits(d_out, d_in, b, g, c.levels) + branch)
-            if not opts:
-                raise ConfigError(f"{full}: no group size of {_GRID_GROUPS} divides its input dimension {d_in}")
-            names.append(full)
-            errors.append(errs)
-            costs.append(cst)
-            options.append(opts)
-            total += d_out * d_in
+        for group in self._adapter.groups(layer):
+            for n in group:
+                mod = layer.get_submodule(n)
+                if not self.targets(n, mod):
+                    continue
+                full = f"{self._adapter.layers_path}.{index}.{n}"
+                W = mod.weight.data.float().cpu()
+                d_out, d_in = W.shape
+                H = stats.linears[n].gram.float()
+                U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+                R = W - ((U[:, : c.rank] * S[: c.rank]) @ Vh[: c.rank]).float()
+                branch = _branch_cost(d_out, d_in, c.rank, c.branch_bits, 8 * mod.weight.element_size())
+                opts, errs, cst = [], [], []
+                for b in _GRID_BITS:
+                    for g in _GRID_GROUPS:
+                        if d_in % g:
+                            continue
+                        D = R - quantize_rtn(R, QuantSpec(bits=b, group_size=g, levels=c.levels)).dequantize()
+                        opts.append((b, g))
+                        errs.append(float(((D @ H) * D).sum()))
+                        cst.append(_q_bits(d_out, d_in, b, g, c.levels) + branch)
+                if not opts:
+                    raise ConfigError(f"{full}: no group size of {_GRID_GROUPS} divides its input dimension {d_in}")
+                self._names.append(full)
+                self._errors.append(errs)
+                self._costs.append(cst)
+                self._options.append(opts)
+                self._total += d_out * d_in
+
+    def profile_done(self) -> None:
+        c = self.cfg
+        assert c.budget is not None
         try:
-            picks = allocate(errors, costs, c.budget * total)
+            picks = allocate(self._errors, self._costs, c.budget * self._total)
         except ValueError:
-            minimum = sum(min(k) for k in costs) / total
+            minimum = sum(min(k) for k in self._costs) / self._total
             raise ConfigError(
                 f"lq-lora budget {c.budget} bits per weight is below the smallest reachable {minimum:.3f} at rank {c.rank} "
                 "(2-bit codes, scales and the low-rank term included); raise budget=, lower rank= or set branch_bits="
             ) from None
-        self._choice = {n: options[k][p] for k, (n, p) in enumerate(zip(names, picks))}
-        used = sum(costs[k][p] for k, p in enumerate(picks)) / total
+        self._choice = {n: self._options[k][p] for k, (n, p) in enumerate(zip(self._names, picks))}
+        used = sum(self._costs[k][p] for k, p in enumerate(picks)) / self._total
         logger.info("lq-lora budget %.3f bits/weight: allocation uses %.4f", c.budget, used)
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:

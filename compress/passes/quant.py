@@ -58,6 +58,8 @@ class RTNConfig(PassConfig):
     sym: bool = option(False, "symmetric quantization (no zero-point stored)")
     clip: bool = option(False, "search a range shrink per group minimizing the (diag-H weighted) error")
     targets: str = option("*", _TARGETS_HELP)
+    sequential: bool = option(True, "observe each sub-group's inputs after the sub-groups before it in the layer were quantized "
+                              "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it")
 
 
 @dataclass
@@ -216,7 +218,7 @@ class RTNPass(_QuantPass):
         needs = config.dim == "ada" or config.clip
         # AdaDim runs sub-blocks on the layer's inputs
         return Capabilities(requires_calibration=needs, statistics=frozenset({"gram"}) if needs else frozenset(),
-                            uses_layer_inputs=config.dim == "ada")
+                            uses_layer_inputs=config.dim == "ada", observe_once=not config.sequential)
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         hdiag = stats.gram.diagonal() if stats is not None and stats.gram is not None else None
@@ -233,7 +235,8 @@ class GPTQPass(_QuantPass):
     @classmethod
     def capabilities(cls, config: PassConfig) -> Capabilities:
         assert isinstance(config, GPTQConfig)
-        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), uses_layer_inputs=config.dim == "ada")
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), uses_layer_inputs=config.dim == "ada",
+                            observe_once=not config.sequential)
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         assert stats is not None and stats.gram is not None

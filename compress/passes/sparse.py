@@ -76,11 +76,16 @@ class MagnitudeConfig(_PruneOptions):
 class WandaConfig(_PruneOptions):
     """Options of Wanda."""
 
+    sequential: bool = option(True, "observe each sub-group's inputs after the sub-groups before it in the layer were pruned "
+                              "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it")
+
 
 @dataclass
 class SparseGPTConfig(_PruneOptions):
     damp: float = option(0.01, "damping added to diag(H), as a fraction of its mean", min=0.0, max=1.0)
     blocksize: int = option(128, "columns per mask-selection / lazy-update block", min=1)
+    sequential: bool = option(True, "observe each sub-group's inputs after the sub-groups before it in the layer were pruned "
+                              "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it")
 
 
 class _PrunePass(Pass):
@@ -164,7 +169,8 @@ class WandaPass(_PrunePass):
 
     @classmethod
     def capabilities(cls, config: PassConfig) -> Capabilities:
-        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"}))
+        assert isinstance(config, WandaConfig)
+        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"}), observe_once=not config.sequential)
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.sq_sum is not None
@@ -182,7 +188,8 @@ class SparseGPTPass(_PrunePass):
 
     @classmethod
     def capabilities(cls, config: PassConfig) -> Capabilities:
-        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}))
+        assert isinstance(config, SparseGPTConfig)
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), observe_once=not config.sequential)
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.gram is not None

@@ -1,0 +1,238 @@
+"""``awq``: activation-aware per-input-channel scales (Lin et al., arXiv 2306.00978), folded exactly
+into the norm or linear that produces each input, for the ``rtn`` or ``gptq`` pass that follows.
+
+Per decoder layer, four scale groups (from the adapter's layout):
+
+- attention norm → q/k/v, measured through the attention block;
+- v → o (query heads that share a key/value head share the scale of its channel, so grouped-query
+  attention is covered too), measured on o's output;
+- MLP norm → gate/up, measured through the MLP;
+- up → down, measured on down's output.
+
+For each group the pass tries the identity and ``grid`` exponents α (see
+:mod:`compress.solvers.awq`), each by quantizing the scaled weights round-to-nearest with the
+bits, group size and symmetry of the quantization pass that follows it in the recipe, and keeps the
+scale with the smallest squared error of the sub-block's output over the calibration set. The model
+computes the same function after the fold (to float rounding); the quantization pass then sees the
+scaled weights. A group whose linears the quantization pass does not target is left alone.
+
+Example::
+
+    compress run MODEL --pass awq --pass gptq:bits=4,group=128 --out out/awq-gptq
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.base import ModelAdapter
+from ..config import PassConfig, option
+from ..errors import ConfigError
+from ..registry import register_pass
+from ..solvers.awq import candidate_scales, fake_quantized, kv_expand, reduce_to, weight_column_mean
+from ..solvers.quant import QuantSpec
+from .base import Capabilities, LayerContext, Pass, matches, require_layout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AWQConfig(PassConfig):
+    grid: int = option(20, "exponents α = i/grid tried per scale group (plus the identity)", min=1)
+    duo: bool = option(True, "scales from activations and weights, x̄^α / w̄^(1−α) (false: x̄^α alone)")
+    vo: bool = option(True, "also scale the value → output projection pair")
+
+
+@dataclass(frozen=True)
+class _Group:
+    name: str
+    prev: str  # the module producing the input: a norm or a linear
+    linears: tuple[str, ...]
+    block: str  # whose output measures the error
+
+
+@register_pass
+class AWQPass(Pass):
+    """AWQ: searched per-input-channel scales folded into the preceding norm or linear."""
+
+    name = "awq"
+    config_cls = AWQConfig
+    granularity = "model"
+    accepts_reason = "it rescales dense weights before they are quantized"
+    #: the fold only touches one decoder layer at a time: a streamed run can take it
+    layer_local = True
+
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        assert isinstance(config, AWQConfig)
+        self.cfg = config
+        self._spec: QuantSpec | None = None
+        self._before: list[str] = []
+        self._later: list[str] = []
+        self._pattern = "*"
+        self._quantizer = ""
+
+    @classmethod
+    def capabilities(cls, config: PassConfig) -> Capabilities:
+        return Capabilities(requires_calibration=True, uses_layer_inputs=True)
+
+    # -- before any compute ----------------------------------------------------------------------
+
+    def bind_recipe(self, before: list[Pass], later: list[Pass]) -> None:
+        from .quant import RTNConfig
+
+        self._before = [p.name for p in before]
+        self._later = [p.name for p in later]
+        q = next((p for p in later if isinstance(p.config, RTNConfig)), None)
+        if q is None:
+            return
+        c = q.config
+        assert isinstance(c, RTNConfig)
+        self._spec = QuantSpec(bits=c.bits, group_size=c.group, sym=c.sym, dim=c.dim)
+        self._pattern = q.targets_pattern
+        self._quantizer = f"{q.name}:bits={c.bits},group={c.group}"
+
+    def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Any, stored: Any = None) -> Any:
+        missing = [n for n in ("attn_norm", "attn_inputs", "attn_output", "mlp_norm", "mlp_inputs", "mlp_output", "v_proj", "up_proj", "attention")
+                   if not getattr(adapter, n)]
+        require_layout(self.name, adapter, "norm → linear layout", missing)
+        if self._before:
+            raise ConfigError(f"awq searches its scales on the dense model, but {', '.join(self._before)} runs before it here: put awq first")
+        if self._spec is None:
+            after = ", ".join(self._later) or "nothing"
+            raise ConfigError(f"awq only rescales weights for the rtn or gptq pass that follows it, and {after} follows it here: "
+                              "add one after it, e.g. --pass awq --pass gptq:bits=4,group=128")
+        if self._spec.dim == "ic":
+            q = self._quantizer.split(":")[0]
+            raise ConfigError(f"awq's per-input-channel scales cancel out under {q}:dim=ic (each group lies inside one input "
+                              f"column); use {q}:dim=oc or dim=ada")
+        self._spec = QuantSpec(bits=self._spec.bits, group_size=self._spec.group_size, sym=self._spec.sym, dim="oc")
+        layer = adapter.layers(model)[0]
+        for g in self._groups(adapter, model):
+            mod = layer.get_submodule(g.prev)
+            if not isinstance(mod, nn.Linear) and not _scales_with_weight(mod):
+                raise ConfigError(f"awq cannot fold scales into {g.prev} ({type(mod).__name__}): its output is not proportional "
+                                  f"to its weight; run {self._quantizer} without awq")
+        return shapes
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    def _groups(self, adapter: ModelAdapter, model: nn.Module) -> list[_Group]:
+        a = adapter
+        groups = [
+            _Group("attn", a.attn_norm, tuple(a.attn_inputs), a.block_of(a.attn_inputs[0]) or a.attention),
+            _Group("vo", a.v_proj, (a.attn_output,), a.attn_output),
+            _Group("mlp", a.mlp_norm, tuple(a.mlp_inputs), a.block_of(a.mlp_inputs[0]) or a.mlp_output),
+            _Group("ud", a.up_proj, (a.mlp_output,), a.mlp_output),
+        ]
+        if not self.cfg.vo:
+            groups = [g for g in groups if g.name != "vo"]
+        return [g for g in groups if all(matches(n, self._pattern) for n in g.linears)]
+
+    def _kv_map(self, model: nn.Module, v: nn.Linear, o: nn.Linear) -> torch.Tensor | None:
+        """o's input channel → v's output channel (None when they are the same channels)."""
+        if v.out_features == o.in_features:
+            return None
+        cfg = model.config
+        heads = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        if heads * hd != o.in_features or kv * hd != v.out_features or heads % kv:
+            raise ConfigError(f"awq: cannot map the attention output's {o.in_features} inputs to the value projection's "
+                              f"{v.out_features} outputs; run with awq:vo=false")
+        return kv_expand(heads, kv, hd)
+
+    # -- per layer -------------------------------------------------------------------------------
+
+    def begin(self, ctx: Any) -> None:
+        self._model = ctx.model
+
+    def compress_layer(self, index: int, layer: nn.Module, ctx: LayerContext) -> dict[str, dict[str, Any]]:
+        assert self._spec is not None
+        adapter = ctx.adapter
+        groups = self._groups(adapter, self._model)
+        firsts = [g.linears[0] for g in groups]
+        stats = ctx.observe(firsts, frozenset({"abs_mean"}))
+        infos: dict[str, dict[str, Any]] = {}
+        for g in groups:
+            prev = layer.get_submodule(g.prev)
+            mods = [layer.get_submodule(n) for n in g.linears]
+            if not all(type(m) is nn.Linear for m in mods):
+                raise ConfigError(f"awq: {g.linears[0]} in layer {index} is no longer a plain linear; put awq first in the recipe")
+            x_mean = stats.linears[g.linears[0]].mean_abs.float()
+            W = torch.cat([m.weight.detach() for m in mods], dim=0)
+            w_mean = weight_column_mean(W, self._spec.group_size) if self.cfg.duo else None
+            expand = self._kv_map(self._model, prev, mods[0]) if g.name == "vo" else None
+            if expand is not None:  # one scale per value channel, shared by the query heads that read it
+                x_mean = reduce_to(x_mean, expand, prev.out_features)
+                w_mean = reduce_to(w_mean, expand, prev.out_features) if w_mean is not None else None
+            best: tuple[float, float | None, torch.Tensor] | None = None
+            plain = 0.0
+            for alpha, s in candidate_scales(x_mean, w_mean, self.cfg.grid):
+                s_in = s[expand] if expand is not None else s
+                trial = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), self._spec))
+                         for n, m in zip(g.linears, mods)}
+                err = ctx.block_error(g.block, trial)
+                if alpha is None:
+                    plain = err
+                if best is None or err < best[0]:
+                    best = (err, alpha, s)
+            assert best is not None
+            err, alpha, s = best
+            if alpha is not None:
+                _fold(prev, mods, s, expand)
+            info = {"awq_alpha": alpha, "awq_error_vs_plain": err / plain if plain > 0 else 1.0, "awq_for": self._quantizer}
+            for n in g.linears:
+                infos[n] = info
+        return infos
+
+
+def _with_weight(m: nn.Linear, W: torch.Tensor) -> nn.Linear:
+    """A linear like ``m`` (its bias shared) with weight ``W``."""
+    t = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+    t.weight = nn.Parameter(W, requires_grad=False)
+    t.bias = m.bias
+    return t
+
+
+def _scales_with_weight(norm: nn.Module) -> bool:
+    """Whether doubling the module's weight (and bias) doubles its output (an RMSNorm or LayerNorm
+    with an affine weight does; Gemma's 1 + weight does not)."""
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.is_meta:
+        return isinstance(w, torch.Tensor) and w.dim() == 1  # on the meta device: checked again when the layer is loaded
+    test = copy.deepcopy(norm).float()
+    x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = test(x)
+        test.weight.mul_(2)
+        if getattr(test, "bias", None) is not None:
+            test.bias.mul_(2)
+        y2 = test(x)
+    return bool(torch.allclose(y2, 2 * y, rtol=1e-4, atol=1e-5))
+
+
+@torch.no_grad()
+def _fold(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, expand: torch.Tensor | None) -> None:
+    """Divide what ``prev`` produces by s (a norm's weight, a linear's output rows) and multiply the
+    input columns of ``linears`` by s: the same function, scaled weights."""
+    if not isinstance(prev, nn.Linear) and not _scales_with_weight(prev):
+        raise ConfigError(f"awq cannot fold scales into a {type(prev).__name__}: its output is not proportional to its weight")
+    w = prev.weight
+    sd = s.to(w.device, torch.float64)
+    if isinstance(prev, nn.Linear):
+        w.copy_((w.double() / sd[:, None]).to(w.dtype))
+    else:
+        w.copy_((w.double() / sd).to(w.dtype))
+    b = getattr(prev, "bias", None)
+    if b is not None:
+        b.copy_((b.double() / sd).to(b.dtype))
+    s_in = sd[expand.to(w.device)] if expand is not None else sd
+    for m in linears:
+        m.weight.copy_((m.weight.double() * s_in[None, :]).to(m.weight.dtype))
