@@ -73,6 +73,9 @@ class Results:
 
     def add(self, row: dict[str, Any]) -> None:
         self.data["rows"].append(row)
+        self.save()
+
+    def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.with_suffix(".json").write_text(json.dumps(self.data, indent=2) + "\n")
 
@@ -132,9 +135,10 @@ class Bench:
         p = self.protocol["perplexity"]
         return perplexity(m, self.tok, p["dataset"], seqlen=p["seqlen"], max_windows=p["windows"], data_dir=self.data_dir)["value"]
 
-    def row(self, method: str, recipe: list[str], config: dict[str, Any], extra: Any = None, measure: Any = None) -> dict[str, Any]:
+    def row(self, method: str, recipe: list[str], config: dict[str, Any], extra: Any = None, measure: Any = None,
+            measure_ppl: bool = True) -> dict[str, Any]:
         """Compress a fresh copy with ``recipe``, measure it, add the row (``extra(report)`` and
-        ``measure(model)`` add fields)."""
+        ``measure(model)`` add fields; ``measure_ppl=False``: time and size only)."""
         from compress import compress
 
         m = self.copy(self.model)
@@ -149,10 +153,12 @@ class Bench:
         secs = time.perf_counter() - t0
         s = report.summary()
         row = {
-            "method": method, "config": config, "ppl": self.ppl(m), "params": self.count_parameters(m),
+            "method": method, "config": config, "ppl": self.ppl(m) if measure_ppl else None, "params": self.count_parameters(m),
             "target_ratio": round(s["target_ratio"], 4), "bits_per_weight": round(s["target_bits_per_weight"], 3),
             "seconds": round(secs, 1), "seconds_vs_forward": round(secs / self.t_forward, 2), "calib_forward_seconds": round(self.t_forward, 1),
         }
+        if not measure_ppl:
+            del row["ppl"]
         if extra is not None:
             row.update(extra(report))
         if measure is not None:

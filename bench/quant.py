@@ -2,7 +2,9 @@
 
     python bench/quant.py --model ../shared/models/smollm2-135m-instruct-q4_1-gguf --data-dir ../shared/data
 
-Rows: dense; RTN and GPTQ at 4, 3 (and GPTQ 2) bits, group 64, per-OC / per-IC / AdaDim; BCQ 3-bit.
+Rows: dense; GPTQ (its defaults, and the ablations of activation order and one forward per layer)
+and RTN at 3 and 4 bits, group 64, per-OC / per-IC / AdaDim; BCQ 3-bit at group 64 and at the bits
+of GPTQ 3-bit g48; AWQ before RTN and GPTQ at W4 g128 and W3 g64; GPTQ 2-bit.
 bits_per_weight counts the packed codes, float16 scales and packed zero-points of the decoder
 linears per original weight. Note: this model's weights come from a Q4_1 GGUF (4-bit grid, blocks of
 32 along the input dimension), which flatters 4-bit per-OC rows; the 3- and 2-bit rows count.
@@ -16,21 +18,44 @@ from typing import Any
 
 from common import Bench, parser, protocol_for, select
 
-# the 3-bit rows first: they are the ones that count on this model
-ROWS = [
-    ("rtn", "bits=3,group=64,dim=oc"),
-    ("rtn", "bits=3,group=64,dim=ic"),
-    ("gptq", "bits=3,group=64,dim=oc"),
-    ("gptq", "bits=3,group=64,dim=ic"),
-    ("gptq", "bits=3,group=64,dim=ada"),
-    ("rtn", "bits=3,group=64,dim=ada"),
-    ("bcq", "bits=3,group=64"),
-    ("gptq", "bits=4,group=64,dim=oc"),
-    ("rtn", "bits=4,group=64,dim=oc"),
-    ("gptq", "bits=2,group=64,dim=oc"),
-    ("rtn", "bits=4,group=64,dim=ic"),
-    ("gptq", "bits=2,group=64,dim=ic"),
+# the 3-bit rows first: they are the ones that count on this model. (method, options, recipe): a
+# recipe of None is the pass alone with those options
+ROWS: list[tuple[str, str, list[str] | None]] = [
+    ("gptq", "bits=3,group=64", None),  # the defaults
+    ("gptq", "bits=4,group=64", None),
+    ("rtn", "bits=3,group=64", None),
+    ("rtn", "bits=4,group=64", None),
+    ("gptq", "bits=3,group=64,actorder=false", None),  # the defaults before 2026-12-03
+    ("gptq", "bits=3,group=64,dim=ic", None),
+    ("gptq", "bits=3,group=64,dim=ada", None),
+    ("rtn", "bits=3,group=64,dim=ic", None),
+    ("bcq", "bits=3,group=64", None),
+    ("bcq", "bits=3,group=192", None),  # 3.42 bits/weight: against gptq 3-bit g48 (3.40)
+    ("gptq", "bits=3,group=48", None),
+    ("rtn", "bits=4,group=128", None),
+    ("awq+rtn", "bits=4,group=128", ["awq", "rtn:bits=4,group=128"]),
+    ("gptq", "bits=4,group=128", None),
+    ("awq+gptq", "bits=4,group=128", ["awq", "gptq:bits=4,group=128"]),
+    ("awq+gptq", "bits=3,group=64", ["awq", "gptq:bits=3,group=64"]),
+    ("gptq", "bits=3,group=64,sequential=false", None),
+    ("rtn", "bits=3,group=64,dim=ada", None),
+    ("gptq", "bits=2,group=64", None),
 ]
+
+
+def _defaults(recipe: list[str]) -> dict[str, Any]:
+    """The options each pass of the recipe takes from its defaults (a test ties them to this file)."""
+    from dataclasses import fields
+
+    from compress.registry import get_pass
+
+    out: dict[str, Any] = {}
+    for spec in recipe:
+        name, _, given = spec.partition(":")
+        keys = {kv.split("=")[0] for kv in given.split(",") if kv}
+        cls = get_pass(name).config_cls
+        out[name] = {f.name: getattr(cls(), f.name) for f in fields(cls) if f.name not in keys and f.name != "targets"}
+    return out
 
 
 def _dims(report: Any) -> dict[str, Any]:
@@ -45,8 +70,9 @@ def main() -> None:
     cols = ["method", "options", "ppl", "bits_per_weight", "dims", "seconds", "seconds_vs_forward"]
     bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols, append=args.append)
     rows = select(ROWS, args.only)
-    for method, options in rows:
-        bench.row(method, [f"{method}:{options}"], {"options": options}, extra=_dims)
+    for method, options, recipe in rows:
+        recipe = recipe or [f"{method}:{options}"]
+        bench.row(method, recipe, {"options": options, "recipe": recipe, "defaults": _defaults(recipe)}, extra=_dims)
     bench.results.write_markdown("Quantization on SmolLM2-135M-Instruct", [
         "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
         "bits_per_weight: stored bits of the decoder linears (codes + float16 scales + zero-points) per weight.",

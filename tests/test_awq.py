@@ -94,3 +94,22 @@ def test_awq_streams() -> None:
     from compress.stream import stream_blocker
 
     assert stream_blocker([AWQPass(AWQConfig()), RTNPass(RTNConfig())]) is None
+
+
+def test_awq_streamed_writes_the_bytes_of_a_whole_model_run(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from compress.api import run
+    from compress.calib.data import CalibConfig
+
+    from .conftest import STORIES
+    from .test_stream import TEXT, make_model
+
+    if not STORIES.is_dir():
+        pytest.skip("needs ../shared/models/stories260k (its tokenizer)")
+    src = make_model(tmp_path / "m", layers=2)
+    (tmp_path / "calib.txt").write_text(TEXT)
+    calib = CalibConfig(source=str(tmp_path / "calib.txt"), samples=4, seqlen=32, batch_size=2)
+    recipe = ["awq:grid=4", "rtn:bits=4,group=16"]
+    a = run(src, recipe, tmp_path / "a", calib=calib, stream="on")
+    run(src, recipe, tmp_path / "b", calib=calib, stream="off")
+    assert a.model["streamed"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -345,6 +345,33 @@ def test_sequential_groups_see_compressed_inputs(calib_ids: torch.Tensor) -> Non
     assert g1 is not None and g2 is not None and not torch.allclose(g1, g2)
 
 
+@pytest.mark.parametrize("sequential", [True, False])
+def test_one_forward_per_layer_observes_every_group_on_the_layer_as_found(sequential: bool, calib_ids: torch.Tensor,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """gptq:sequential=false takes o_proj's statistics from the same forward as q/k/v's (the layer
+    before the pass), sequential=true after q/k/v were quantized."""
+    from compress.passes.quant import GPTQPass
+    from compress.pipeline.capture import capture_layer0_inputs
+    from compress.pipeline.layer import observe
+
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    inputs = capture_layer0_inputs(model, adapter, calib_ids, 4, torch.device("cpu"))
+    dense = observe(adapter.layers(model)[0], ["self_attn.o_proj"], frozenset({"gram"}), inputs, torch.device("cpu"))
+    seen: dict[str, torch.Tensor] = {}
+    original = GPTQPass.quantize
+
+    def spy(self, name, W, spec, stats):  # type: ignore[no-untyped-def]
+        seen.setdefault(name, stats.gram.clone())
+        return original(self, name, W, spec, stats)
+
+    monkeypatch.setattr(GPTQPass, "quantize", spy)
+    compress(model, [f"gptq:bits=3,group=16,sequential={str(sequential).lower()}"], calib_ids)
+    g_dense = dense.linears["self_attn.o_proj"].gram
+    g_run = seen["model.layers.0.self_attn.o_proj"]
+    assert torch.allclose(g_run, g_dense, rtol=1e-6, atol=1e-6) is (not sequential)
+
+
 def test_targets_option_limits_compression(calib_ids: torch.Tensor) -> None:
     model = make_tiny("mistral")
     report = compress(model, ["svd:ratio=0.3,targets=mlp.*"], None)
