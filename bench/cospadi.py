@@ -31,7 +31,7 @@ def rows(ksvd_iters: int) -> list[tuple[str, str]]:
         ("cospadi-cf-share2", f"cospadi:ratio=0.2,{CF},share=2"),
         ("svd-llm", "svd-llm:ratio=0.3"),
         ("cospadi-cf", f"cospadi:ratio=0.3,{CF}"),
-        ("cospadi-cf+gptq4", f"cospadi:ratio=0.2,{CF}|gptq:bits=4,group=64"),
+        ("cospadi-cf+gptq4", f"cospadi:ratio=0.2,{CF}|gptq:bits=4,group=64,actorder=false,clip=false,sequential=true"),
         ("cospadi-ksvd", f"cospadi:ratio=0.2,{k}"),
         ("svd-llm", "svd-llm:ratio=0.1"),
         ("cospadi-cf", f"cospadi:ratio=0.1,{CF}"),

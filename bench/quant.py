@@ -25,10 +25,10 @@ ROWS: list[tuple[str, str, list[str] | None]] = [
     ("gptq", "bits=4,group=64", None),
     ("rtn", "bits=3,group=64", None),
     ("rtn", "bits=4,group=64", None),
-    ("gptq", "bits=3,group=64,actorder=false", None),  # the defaults before 2026-12-03
+    ("gptq", "bits=3,group=64,actorder=false,clip=false,sequential=true", None),  # the defaults before 2026-12-03
+    ("gptq", "bits=3,group=64,clip=false", None),  # activation order alone
     ("gptq", "bits=3,group=64,dim=ic", None),
     ("gptq", "bits=3,group=64,dim=ada", None),
-    ("rtn", "bits=3,group=64,dim=ic", None),
     ("bcq", "bits=3,group=64", None),
     ("bcq", "bits=3,group=192", None),  # 3.42 bits/weight: against gptq 3-bit g48 (3.40)
     ("gptq", "bits=3,group=48", None),
@@ -37,8 +37,7 @@ ROWS: list[tuple[str, str, list[str] | None]] = [
     ("gptq", "bits=4,group=128", None),
     ("awq+gptq", "bits=4,group=128", ["awq", "gptq:bits=4,group=128"]),
     ("awq+gptq", "bits=3,group=64", ["awq", "gptq:bits=3,group=64"]),
-    ("gptq", "bits=3,group=64,sequential=false", None),
-    ("rtn", "bits=3,group=64,dim=ada", None),
+    ("rtn", "bits=3,group=64,dim=ic", None),
     ("gptq", "bits=2,group=64", None),
 ]
 

@@ -139,7 +139,7 @@ def _ppl(out: Path) -> float:
 def cmd_dp(a: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="dp-", dir=a.work))
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads_per_rank)}
-    base = ["run", a.model, "--pass", "gptq:bits=4,group=64", "--data-dir", a.data_dir, "--ppl", "wikitext2", "--max-windows", "16",
+    base = ["run", a.model, "--pass", "gptq:bits=4,group=64,actorder=false,clip=false,sequential=true", "--data-dir", a.data_dir, "--ppl", "wikitext2", "--max-windows", "16",
             "--device", "cpu", "-q", "--overwrite"]
     rows = []
     doc = _load()

@@ -13,7 +13,8 @@ dense. The time is the wall time of the compression call alone (``compress(...)`
 perplexity code (the WikiText-2 token ids are computed here and handed over).
 
 Rows: a dense calibration forward (the time unit); GPTQ W4 g128 and W4 g64 asymmetric, ours with
-its defaults (one forward per sub-group) and with ``sequential=false`` (one forward per layer),
+``sequential=false`` (every sub-group's statistics from one forward of the layer) and
+``sequential=true`` (one forward per sub-group, each after the ones before it were quantized),
 llm-compressor's GPTQModifier with its defaults; svd-llm 0.2 and sparsegpt 2:4 (time only).
 """
 
@@ -66,10 +67,10 @@ print("RESULT " + json.dumps({"seconds": seconds, "ppl": math.exp(nll / n), "ver
 '''
 
 OURS = [
-    ("gptq", "bits=4,group=128"),
     ("gptq", "bits=4,group=128,sequential=false"),
-    ("gptq", "bits=4,group=64"),
+    ("gptq", "bits=4,group=128,sequential=true"),
     ("gptq", "bits=4,group=64,sequential=false"),
+    ("gptq", "bits=4,group=64,sequential=true"),
 ]
 TIME_ONLY = [("svd-llm", "ratio=0.2"), ("sparsegpt", "pattern=2:4")]
 
@@ -87,6 +88,7 @@ def main() -> None:
     ap = parser(__doc__, "speed", rows=False)
     ap.add_argument("--lc-python", required=True, help="the interpreter of an environment with llmcompressor 0.14 installed")
     ap.add_argument("--gguf", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="GGUF file inside --model (empty: a plain checkpoint)")
+    ap.add_argument("--groups", default="128,64", help="GPTQ W4 group sizes to compare, comma-separated")
     args = ap.parse_args()
     protocol = protocol_for(args)
     protocol["timing"] = ("wall time of the compression call alone, each job alone on the machine, "
@@ -99,7 +101,8 @@ def main() -> None:
     torch.save(_wikitext_ids(bench.tok, args.data_dir), tmp / "ppl.pt")
     (tmp / "lc.py").write_text(LC_SCRIPT)
     lc: dict[str, float] = {}
-    for group in (128, 64):
+    groups = [int(g) for g in args.groups.split(",")]
+    for group in groups:
         cmd = [args.lc_python, str(tmp / "lc.py"), args.model, args.gguf, "4", str(group), str(torch.get_num_threads()),
                str(tmp / "calib.pt"), str(tmp / "ppl.pt"), str(p["seqlen"]), str(p["windows"])]
         t0 = time.perf_counter()
@@ -116,9 +119,9 @@ def main() -> None:
                "process_seconds": round(time.perf_counter() - t0, 1)}
         bench.results.add(row)
         print(row, flush=True)
-    for method, options in OURS:
+    for method, options in [(m, o) for m, o in OURS if int(o.split("group=")[1].split(",")[0]) in groups]:
         row = bench.row(method, [f"{method}:{options}"], {"options": options})
-        base = lc.get(options.replace(",sequential=false", ""))
+        base = lc.get(options.rsplit(",", 1)[0])
         if base and "seconds" in row:
             row["vs_llm_compressor"] = round(row["seconds"] / base, 3)
             bench.results.save()
@@ -130,7 +133,7 @@ def main() -> None:
         "vs_llm_compressor: our time over llm-compressor's for the same bits and group (lower is faster).",
         "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens, the same code and token ids for both tools.",
         "sequential=false: every sub-group's statistics from one forward of the layer (llm-compressor's scheme); "
-        "default: each sub-group observed after the ones before it were quantized.",
+        "sequential=true: each sub-group observed after the ones before it were quantized.",
     ])
 
 

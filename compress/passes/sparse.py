@@ -76,7 +76,7 @@ class MagnitudeConfig(_PruneOptions):
 class WandaConfig(_PruneOptions):
     """Options of Wanda."""
 
-    sequential: bool = option(True, "observe each sub-group's inputs after the sub-groups before it in the layer were pruned "
+    sequential: bool = option(False, "observe each sub-group's inputs after the sub-groups before it in the layer were pruned "
                               "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it")
 
 
