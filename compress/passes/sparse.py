@@ -84,7 +84,7 @@ class WandaConfig(_PruneOptions):
 class SparseGPTConfig(_PruneOptions):
     damp: float = option(0.01, "damping added to diag(H), as a fraction of its mean", min=0.0, max=1.0)
     blocksize: int = option(128, "columns per mask-selection / lazy-update block", min=1)
-    sequential: bool = option(True, "observe each sub-group's inputs after the sub-groups before it in the layer were pruned "
+    sequential: bool = option(False, "observe each sub-group's inputs after the sub-groups before it in the layer were pruned "
                               "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it")
 
 
