@@ -15,7 +15,8 @@ perplexity code (the WikiText-2 token ids are computed here and handed over).
 Rows: a dense calibration forward (the time unit); GPTQ W4 g128 and W4 g64 asymmetric, ours with
 ``sequential=false`` (every sub-group's statistics from one forward of the layer) and
 ``sequential=true`` (one forward per sub-group, each after the ones before it were quantized),
-llm-compressor's GPTQModifier with its defaults; svd-llm 0.2 and sparsegpt 2:4 (time only).
+llm-compressor's GPTQModifier with its defaults; with ``--time-only``, svd-llm 0.2 and sparsegpt 2:4
+(time only).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ OURS = [
     ("gptq", "bits=4,group=64,sequential=false"),
     ("gptq", "bits=4,group=64,sequential=true"),
 ]
-TIME_ONLY = [("svd-llm", "ratio=0.2"), ("sparsegpt", "pattern=2:4")]
+TIME_ONLY = [("svd-llm", "ratio=0.2"), ("sparsegpt", "pattern=2:4")]  # with --time-only
 
 
 def _wikitext_ids(tok: Any, data_dir: str) -> torch.Tensor:
@@ -89,6 +90,7 @@ def main() -> None:
     ap.add_argument("--lc-python", required=True, help="the interpreter of an environment with llmcompressor 0.14 installed")
     ap.add_argument("--gguf", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="GGUF file inside --model (empty: a plain checkpoint)")
     ap.add_argument("--groups", default="128,64", help="GPTQ W4 group sizes to compare, comma-separated")
+    ap.add_argument("--time-only", action="store_true", help="also time svd-llm 0.2 and sparsegpt 2:4 (no perplexity)")
     args = ap.parse_args()
     protocol = protocol_for(args)
     protocol["timing"] = ("wall time of the compression call alone, each job alone on the machine, "
@@ -125,7 +127,7 @@ def main() -> None:
         if base and "seconds" in row:
             row["vs_llm_compressor"] = round(row["seconds"] / base, 3)
             bench.results.save()
-    for method, options in TIME_ONLY:
+    for method, options in TIME_ONLY if args.time_only else []:
         bench.row(method, [f"{method}:{options}"], {"options": options}, measure_ppl=False)
     bench.results.write_markdown("Compression speed against llm-compressor on SmolLM2-135M-Instruct", [
         "seconds: wall time of the compression call (ours: `compress(...)`; llm-compressor: `oneshot(...)`), calibration included.",

@@ -5,9 +5,9 @@ Per decoder layer, four scale groups (from the adapter's layout):
 
 - attention norm → q/k/v, measured through the attention block;
 - v → o (query heads that share a key/value head share the scale of its channel, so grouped-query
-  attention is covered too), measured on o's output;
+  attention is covered too), measured on o's output (through o's input Gram: ‖X(W − Ŵ)ᵀ‖² = tr(ΔHΔᵀ));
 - MLP norm → gate/up, measured through the MLP;
-- up → down, measured on down's output.
+- up → down, measured on down's output (through down's input Gram).
 
 For each group the pass tries the identity and ``grid`` exponents α (see
 :mod:`compress.solvers.awq`), each by quantizing the scaled weights round-to-nearest with the
@@ -47,6 +47,8 @@ class AWQConfig(PassConfig):
     grid: int = option(20, "exponents α = i/grid tried per scale group (plus the identity)", min=1)
     duo: bool = option(True, "scales from activations and weights, x̄^α / w̄^(1−α) (false: x̄^α alone)")
     vo: bool = option(True, "also scale the value → output projection pair")
+    samples: int = option(0, "calibration sequences the scale search runs the attention and MLP blocks on (0 = all; the "
+                          "channel magnitudes always use all); fewer is proportionally faster", min=0)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,9 @@ class AWQPass(Pass):
         adapter = ctx.adapter
         groups = self._groups(adapter, self._model)
         firsts = [g.linears[0] for g in groups]
-        stats = ctx.observe(firsts, frozenset({"abs_mean"}))
+        # a group measured on one linear's own output (o, down) needs only that input's Gram:
+        # ‖X(W − Ŵ)ᵀ‖² = tr(ΔHΔᵀ), far cheaper per candidate than re-running the linear on every token
+        stats = ctx.observe(firsts, frozenset({"abs_mean", "gram"}))
         infos: dict[str, dict[str, Any]] = {}
         for g in groups:
             prev = layer.get_submodule(g.prev)
@@ -174,11 +178,17 @@ class AWQPass(Pass):
                 w_mean = reduce_to(w_mean, expand, prev.out_features) if w_mean is not None else None
             best: tuple[float, float | None, torch.Tensor] | None = None
             plain = 0.0
+            own = g.linears == (g.block,)
+            H = stats.linears[g.linears[0]].gram.to(W.device, torch.float32) if own else None
             for alpha, s in candidate_scales(x_mean, w_mean, self.cfg.grid):
                 s_in = s[expand] if expand is not None else s
-                trial = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), self._spec))
-                         for n, m in zip(g.linears, mods)}
-                err = ctx.block_error(g.block, trial)
+                if H is not None:
+                    D = mods[0].weight.detach().float() - fake_quantized(mods[0].weight.detach(), s_in.to(W.device), self._spec).float()
+                    err = float(((D @ H) * D).sum())
+                else:
+                    trial = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), self._spec))
+                             for n, m in zip(g.linears, mods)}
+                    err = ctx.block_error(g.block, trial, samples=self.cfg.samples or None)
                 if alpha is None:
                     plain = err
                 if best is None or err < best[0]:

@@ -125,8 +125,9 @@ class LayerContext(Protocol):
         """Statistics of the inputs of the submodules ``names`` (relative to the layer; LAYER_OUTPUT
         for the layer's output) over the calibration set, the layer as it is now."""
 
-    def block_error(self, block: str, replace: dict[str, nn.Module]) -> float:
-        """Σ‖out − ref‖² of sub-block ``block`` with the linears in ``replace`` swapped in."""
+    def block_error(self, block: str, replace: dict[str, nn.Module], samples: int | None = None) -> float:
+        """Σ‖out − ref‖² of sub-block ``block`` with the linears in ``replace`` swapped in (over the
+        calibration batches holding the first ``samples`` sequences; None: all)."""
 
     def map_outputs(self, fn: Any) -> None:
         """Declare that the layer's outputs are now ``fn(h)`` of the outputs seen by the last

@@ -123,22 +123,35 @@ class LayerState:
             self._block_inputs[block] = captured
         return self._block_inputs[block]
 
-    def _block_outputs(self, block: str) -> list[torch.Tensor]:
+    def _block_outputs(self, block: str, k: int | None = None) -> list[torch.Tensor]:
         mod = self.layer.get_submodule(block)
-        return [run_layer(mod, b, self.device) for b in self.block_inputs(block)]
+        return [run_layer(mod, b, self.device) for b in self.block_inputs(block)[:k]]
 
-    def block_error(self, block: str, replace: dict[str, nn.Module]) -> float:
-        if block not in self._block_ref:
-            self._block_ref[block] = self._block_outputs(block)
+    def _batches_for(self, samples: int | None) -> int | None:
+        """How many leading calibration batches hold ``samples`` sequences (None: all)."""
+        if not samples:
+            return None
+        n = 0
+        for k, b in enumerate(self.inputs, 1):
+            n += hidden_of(b).shape[0]
+            if n >= samples:
+                return k
+        return None
+
+    def block_error(self, block: str, replace: dict[str, nn.Module], samples: int | None = None) -> float:
+        k = self._batches_for(samples)
+        key = block if k is None else f"{block}[:{k}]"
+        if key not in self._block_ref:
+            self._block_ref[key] = self._block_outputs(block, k)
         originals = {n: self.layer.get_submodule(n) for n in replace}
         for n, m in replace.items():
             set_submodule(self.layer, n, m)
         try:
-            outs = self._block_outputs(block)
+            outs = self._block_outputs(block, k)
         finally:
             for n, m in originals.items():
                 set_submodule(self.layer, n, m)
-        return float(sum(((o.float() - r.float()) ** 2).sum() for o, r in zip(outs, self._block_ref[block])))
+        return float(sum(((o.float() - r.float()) ** 2).sum() for o, r in zip(outs, self._block_ref[key])))
 
 
 class ModelState:
