@@ -3,7 +3,8 @@
 Capture the inputs of decoder layer 0 (every positional and keyword argument); model-level passes
 ``begin``; then for each layer: move it to the compute device, run every pass on it in recipe order
 (a model-level pass through ``compress_layer``; a per-linear pass per sequential sub-group of
-linears: observe the group's inputs through hooks, then apply), re-run the compressed layer to
+linears: observe the group's inputs through hooks, then apply; with ``observe_once`` every
+sub-group's inputs come from one forward of the layer as the pass finds it), re-run the compressed layer to
 produce the next layer's inputs (errors propagate as in GPTQ), and move the layer back; model-level
 passes ``finish``. One decoder layer and one batch of activations are on the device at a time;
 activations live on the CPU between layers.
