@@ -121,6 +121,8 @@ class AWQPass(Pass):
             if not isinstance(mod, nn.Linear) and not _scales_with_weight(mod):
                 raise ConfigError(f"awq cannot fold scales into {g.prev} ({type(mod).__name__}): its output is not proportional "
                                   f"to its weight; run {self._quantizer} without awq")
+            if g.name == "vo":  # the head layout, before the first layer rather than inside it
+                self._kv_map(model, mod, layer.get_submodule(g.linears[0]))
         return shapes
 
     # -- layout ----------------------------------------------------------------------------------
