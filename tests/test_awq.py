@@ -113,3 +113,21 @@ def test_awq_streamed_writes_the_bytes_of_a_whole_model_run(tmp_path) -> None:  
     run(src, recipe, tmp_path / "b", calib=calib, stream="off")
     assert a.model["streamed"]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_awq_samples_limits_the_block_search_to_the_first_batches(calib_ids: torch.Tensor) -> None:
+    """samples=k measures the candidates on the calibration batches holding the first k sequences."""
+    from compress.pipeline.capture import capture_layer0_inputs
+    from compress.pipeline.layer import LayerState
+
+    model = make_tiny("llama")
+    a = get_adapter(model)
+    inputs = capture_layer0_inputs(model, a, calib_ids, 2, torch.device("cpu"))
+    st = LayerState(a.layers(model)[0], 0, inputs, torch.device("cpu"), a)
+    assert st._batches_for(None) is None and st._batches_for(3) == 2 and st._batches_for(10**6) is None
+    other = torch.nn.Linear(32, 64, bias=False)
+    full = st.block_error("mlp", {"mlp.up_proj": other})
+    part = st.block_error("mlp", {"mlp.up_proj": other}, samples=2)
+    assert 0 < part < full
+    report = compress(make_tiny("llama"), ["awq:grid=2,samples=2", "rtn:bits=4,group=16"], calib_ids)
+    assert all(r.info["awq_error_vs_plain"] <= 1.0 + 1e-12 for r in report.records if r.pass_name == "awq")
