@@ -1,14 +1,19 @@
 """compress: post-training compression of Hugging Face causal LMs.
 
-``from compress import compress, load``. Heavy or optional packages (transformers, lm-eval, CUDA
-extensions) are imported only when a function needs them.
+``from compress import compress, load``. Importing the package registers its checkpoint format with
+transformers (when transformers is first imported), so ``AutoModelForCausalLM.from_pretrained`` opens
+compressed checkpoints. Heavy or optional packages (transformers, lm-eval, CUDA extensions) are
+imported only when a function needs them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .hf_format import install as _install_format
 from .version import __version__
+
+_install_format()  # AutoModelForCausalLM.from_pretrained opens compress checkpoints (registered when transformers loads)
 
 __all__ = ["__version__", "compress", "load", "run", "evaluate", "sweep", "CalibConfig", "EvalSpec", "CompressError"]
 

@@ -132,9 +132,10 @@ def compress(
 
 def load(directory: str | Path, *, device: str | torch.device = "cpu", **kwargs: Any) -> tuple[nn.Module, Any]:
     """Load a compressed checkpoint (or any model :func:`load_model` reads) → (model, tokenizer)."""
-    from .checkpoint import MANIFEST, load_checkpoint
+    from .checkpoint import load_checkpoint
+    from .hf_format import is_compress_checkpoint
 
-    if (Path(directory) / MANIFEST).is_file():
+    if is_compress_checkpoint(directory):
         return load_checkpoint(directory, device=device, trust_remote_code=kwargs.get("trust_remote_code", False))
     model, tokenizer, _ = load_model(directory, device=device, **kwargs)
     return model, tokenizer

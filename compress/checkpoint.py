@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CompressError
-from .modules import MODULE_TYPES, CompressedLinear
+from .hf_format import quantization_config, write_quantization_config
+from .modules import CompressedLinear
 from .version import FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
@@ -74,7 +75,7 @@ def _apply_umask(root: Path) -> None:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop tensors that share storage with an earlier one (tied weights); return (tensors, alias → kept name)."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -120,16 +121,6 @@ def write_weights(state: dict[str, torch.Tensor], directory: Path, shard_bytes: 
     return files
 
 
-def _read_weights(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        p = directory / f
-        if not p.is_file():
-            raise CompressError(f"checkpoint '{directory}' is incomplete: weight file '{f}' is missing")
-        state.update(load_file(str(p)))
-    return state
-
-
 def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The outermost compressed modules of ``model`` by name (registered CompressedLinear types); a
     module nested in another (the base of a LoRALinear) is described by its parent's spec."""
@@ -159,7 +150,7 @@ def save_checkpoint(
 ) -> None:
     """Write the compressed model into ``directory`` (which must exist and be empty)."""
     write_config_and_tokenizer(model, tokenizer, directory)
-    state, aliases = _dedupe(model.state_dict())
+    state, aliases = dedupe(model.state_dict())
     files = write_weights(state, directory)
     write_manifest(model, directory, manifest, files, aliases, recipe_yaml)
 
@@ -187,6 +178,8 @@ def write_manifest(
         "modules": modules,
     }
     (directory / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str) + "\n")
+    if (directory / "config.json").is_file():  # from_pretrained rebuilds the model from this entry
+        write_quantization_config(directory, quantization_config(modules, structure, aliases))
     if recipe_yaml is not None:
         (directory / "recipe.yaml").write_text(recipe_yaml)
 
@@ -210,42 +203,54 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def load_checkpoint(
     directory: str | Path, *, device: str | torch.device = "cpu", trust_remote_code: bool = False
 ) -> tuple[nn.Module, Any]:
-    """Rebuild a compressed model with its compressed modules and load its weights exactly."""
+    """Open a compressed checkpoint with transformers' ``from_pretrained`` (the format is registered as a
+    quantization method), strictly: a weight the checkpoint lacks or does not expect is an error here,
+    where plain ``from_pretrained`` would initialize it and warn."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .hf_format import QUANT_METHOD, register
+
+    register()
     d = Path(directory)
-    manifest = read_manifest(d)
-    dtype = getattr(torch, manifest.get("dtype", "float32"))
+    manifest = read_manifest(d) if (d / MANIFEST).is_file() else None
     try:
         config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise CompressError(f"checkpoint '{d}' is incomplete: cannot read config.json ({str(e).splitlines()[0][:120]})") from None
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    rebuild_structure(model, manifest, dtype)
-    for name, entry in manifest.get("modules", {}).items():
-        cls = MODULE_TYPES.get(entry["type"])
-        if cls is None:
-            raise CompressError(
-                f"checkpoint '{d}' uses module type '{entry['type']}' unknown to this version; upgrade compress"
-            )
-        _set_submodule(model, name, cls.from_spec(entry["spec"], dtype=dtype))  # type: ignore[attr-defined]
-    state = _read_weights(d, manifest["weights"]["files"])
-    tied = manifest["weights"].get("tied", {})
-    _resize_to(model, state)
-    _retie(model, tied)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
+    entry = getattr(config, "quantization_config", None)
+    if entry is not None and not isinstance(entry, dict):
+        entry = entry.to_dict()
+    if not entry or entry.get("quant_method") != QUANT_METHOD:
+        if manifest is None:
+            raise CompressError(f"'{d}' is not a compressed checkpoint (no {MANIFEST}, no compress quantization_config); run 'compress run' to make one")
+        # written before config.json carried the entry (format 2 of 2026-12-03 and older): the manifest has it
+        config.quantization_config = quantization_config(manifest.get("modules", {}), manifest_structure(manifest),
+                                                         manifest.get("weights", {}).get("tied", {}))
+    for f in (manifest or {}).get("weights", {}).get("files", []):
+        if not (d / f).is_file():
+            raise CompressError(f"checkpoint '{d}' is incomplete: weight file '{f}' is missing")
+    dtype: Any = getattr(torch, manifest["dtype"]) if manifest and "dtype" in manifest else "auto"
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the mismatch is reported below, in one line
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            d, config=config, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+    except OSError as e:
+        raise CompressError(f"checkpoint '{d}' cannot be read ({str(e).splitlines()[0][:160]})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
+    mismatched = [k for k, *_ in info.get("mismatched_keys", [])]
+    if missing or unexpected or mismatched:
         raise CompressError(
-            f"checkpoint '{d}' does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            f"checkpoint '{d}' does not match its description (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {mismatched[:3]})"
         )
     model.to(device)
     model.eval()
@@ -261,15 +266,23 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
     return dict(getattr(getattr(model, "config", None), STRUCTURE_ATTR, None) or {})
 
 
-def rebuild_structure(model: nn.Module, manifest: dict[str, Any], dtype: torch.dtype) -> None:
-    """Let each pass that added structure rebuild it on a freshly built model, before the weights load."""
-    from .adapters import get_adapter
-    from .registry import all_passes, get_pass
+def manifest_structure(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The structure a manifest records (pass name → description); older formats kept a pass's
+    structure under its own key."""
+    from .registry import all_passes
 
     structure = dict(manifest.get("structure", {}))
-    for name, cls in all_passes().items():  # manifests of older formats kept a pass's structure under its own key
+    for name, cls in all_passes().items():
         if cls.legacy_manifest_key and cls.legacy_manifest_key in manifest and name not in structure:
             structure[name] = manifest[cls.legacy_manifest_key]
+    return structure
+
+
+def rebuild_structure(model: nn.Module, structure: dict[str, Any], dtype: torch.dtype) -> None:
+    """Let each pass that added structure rebuild it on a freshly built model, before the weights load."""
+    from .adapters import get_adapter
+    from .registry import get_pass
+
     if not structure:
         return
     adapter = get_adapter(model)
@@ -279,28 +292,31 @@ def rebuild_structure(model: nn.Module, manifest: dict[str, Any], dtype: torch.d
         except CompressError:
             raise CompressError(f"the checkpoint's structure was made by pass '{name}', unknown to this version; upgrade compress") from None
         cls.rebuild(model, adapter, desc, dtype)
-    setattr(model.config, STRUCTURE_ATTR, structure)
+    setattr(model.config, STRUCTURE_ATTR, dict(structure))
 
 
-def _resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def resize_to(model: nn.Module, shapes: dict[str, tuple[int, ...]], device: torch.device | str = "cpu") -> None:
     """Reshape parameters and buffers whose saved shape differs (sliced models store smaller matrices)."""
-    for name, t in state.items():
+    for name, shape in shapes.items():
         owner, _, attr = name.rpartition(".")
-        mod = model.get_submodule(owner) if owner else model
+        try:
+            mod = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            continue  # not a tensor of this model: the loader reports it
         cur = getattr(mod, attr, None)
-        if not isinstance(cur, torch.Tensor) or tuple(cur.shape) == tuple(t.shape):
+        if not isinstance(cur, torch.Tensor) or tuple(cur.shape) == tuple(shape):
             continue
         if attr in mod._parameters:
-            mod._parameters[attr] = nn.Parameter(torch.empty(t.shape, dtype=cur.dtype), requires_grad=cur.requires_grad)
+            mod._parameters[attr] = nn.Parameter(torch.empty(shape, dtype=cur.dtype, device=device), requires_grad=cur.requires_grad)
         else:
-            mod._buffers[attr] = torch.empty(t.shape, dtype=cur.dtype)
+            mod._buffers[attr] = torch.empty(shape, dtype=cur.dtype, device=device)
         if isinstance(mod, nn.Linear) and attr == "weight":
-            mod.out_features, mod.in_features = t.shape
+            mod.out_features, mod.in_features = shape
         if isinstance(mod, nn.Embedding) and attr == "weight":
-            mod.embedding_dim = t.shape[1]
+            mod.embedding_dim = shape[1]
 
 
-def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+def retie(model: nn.Module, tied: dict[str, str]) -> None:
     """Make each alias the very same parameter (or buffer) as its source (tied embeddings, a
     dictionary shared across layers)."""
     for alias, src in tied.items():
@@ -344,5 +360,5 @@ def export_dense(model: nn.Module, tokenizer: Any, directory: Path) -> None:
         raise CompressError(f"no dense export: {blocker}; load the checkpoint with compress.load(dir)")
     directory.mkdir(parents=True, exist_ok=True)
     write_config_and_tokenizer(model, tokenizer, directory)
-    state, _ = _dedupe(dense_state_dict(model))  # a tied head is re-tied by transformers on load
+    state, _ = dedupe(dense_state_dict(model))  # a tied head is re-tied by transformers on load
     write_weights(state, directory)

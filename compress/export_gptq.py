@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import _dedupe, write_weights
+from .checkpoint import dedupe, write_weights
 from .errors import CompressError
 from .modules import CompressedLinear
 from .modules.quant import QuantLinear
@@ -107,7 +107,7 @@ def export_gptq(model: nn.Module, tokenizer: Any, directory: Path, layers_path: 
     for name, m in quantized.items():
         for k, v in gptq_tensors(m).items():
             state[f"{name}.{k}"] = v
-    state, _ = _dedupe(state)
+    state, _ = dedupe(state)
     write_weights(state, directory)
     config = model.config.to_dict()
     config["quantization_config"] = quant_config

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import SHARD_BYTES, _dedupe, compressed_modules, write_weights
+from .checkpoint import SHARD_BYTES, dedupe, compressed_modules, write_weights
 from .errors import CannotStream, CompressError
 from .modules import MODULE_TYPES
 from .records import ModuleRecord
@@ -300,7 +300,7 @@ class Progress:
         from .pipeline.distributed import barrier
 
         if self.is_main:
-            kept, aliases = _dedupe(state)
+            kept, aliases = dedupe(state)
             nbytes = sum(t.numel() * t.element_size() for t in kept.values())
             self._write(self.layer_file(i), lambda p: save_file(kept, str(p), metadata={"format": "pt"}), nbytes + remaining_bytes)
             self._write(self.dir / f"layer-{i:05d}.json", lambda p: p.write_text(json.dumps({**meta, "tied": aliases}, default=str)), remaining_bytes)
@@ -414,7 +414,7 @@ def write_streamed_weights(model: nn.Module, layers_path: str, progress: Progres
     ``model.safetensors`` (as an in-memory model is written) when the whole fits one shard, else the
     rest plus one shard per layer (hard links to the progress files, no copy) and the index."""
     rest = {k: v for k, v in model.state_dict().items() if not k.startswith(layers_path + ".")}
-    kept, aliases = _dedupe(rest)
+    kept, aliases = dedupe(rest)
     for i in range(n_layers):
         aliases.update(progress.layer_meta(i).get("tied", {}))
     layer_bytes = sum(progress.layer_file(i).stat().st_size for i in range(n_layers))
