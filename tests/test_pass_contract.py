@@ -165,18 +165,20 @@ PROBE = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(7
 
 
 def _round_trips(model: torch.nn.Module, report: object, logits: torch.Tensor, tmp_path: Path) -> None:
-    """save -> load is bit-exact; the dense export (where the model has a plain equivalent) loads with
-    stock transformers to the same function."""
+    """save -> load is bit-exact, through compress.load and through plain transformers
+    ``from_pretrained``; the dense export (where the model has a plain equivalent) loads with stock
+    transformers to the same function."""
+    from transformers import AutoModelForCausalLM
+
     save_checkpoint(model, None, tmp_path, {"recipe": report.recipe})  # type: ignore[attr-defined]
     reloaded, _ = load(tmp_path)
     assert torch.equal(_logits(reloaded, PROBE), logits)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), PROBE), logits)
     from compress.checkpoint import dense_export_blocker
 
     if dense_export_blocker(model) is not None:
         return
     export_dense(model, None, tmp_path / "dense")
-    from transformers import AutoModelForCausalLM
-
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
     assert torch.allclose(_logits(plain, PROBE), logits, atol=1e-4, rtol=1e-4)
 
