@@ -231,7 +231,7 @@ def eval_cmd(
 ) -> None:
     """Measure perplexity (papers' token-level protocol), lm-eval tasks and inference speed of a (compressed) model."""
     from .. import api
-    from ..checkpoint import MANIFEST
+    from ..hf_format import is_compress_checkpoint
     from ..models import resolve_device
     from ..report import merge_metrics, write_report
 
@@ -266,7 +266,7 @@ def eval_cmd(
         del base
     for r in results:
         out_console.print(_metric_line(r), markup=False, highlight=False)
-    target = out if out is not None else (Path(model) if (Path(model) / MANIFEST).is_file() else None)
+    target = out if out is not None else (Path(model) if is_compress_checkpoint(model) else None)
     if target is not None:
         target.mkdir(parents=True, exist_ok=True)
         existing = target / "report.json"
@@ -274,6 +274,15 @@ def eval_cmd(
         write_report(merge_metrics(data, results), target)
     if json_out is not None:
         json_out.write_text(json.dumps({"model": model, "metrics": results}, indent=2, default=str) + "\n")
+
+
+@app.command("lm-eval", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def lm_eval_cmd(ctx: typer.Context) -> None:
+    """lm-eval's own CLI, arguments passed through unchanged, with compress checkpoints readable by
+    --model hf --model_args pretrained=OUT (the local task directory is added as --include_path)."""
+    from ..eval.lm_eval_cli import main as lm_eval_main
+
+    lm_eval_main(list(ctx.args))
 
 
 @app.command()
