@@ -132,7 +132,13 @@ def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def write_config_and_tokenizer(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    """config.json without a quantization_config (a model opened from a checkpoint carries this format's
+    entry; the checkpoint writer adds the current one, the plain exports none), generation config, tokenizer."""
     model.config.save_pretrained(directory)
+    p = directory / "config.json"
+    config = json.loads(p.read_text())
+    if config.pop("quantization_config", None) is not None:
+        p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         with contextlib.suppress(Exception):  # some configs carry no generation settings

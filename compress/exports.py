@@ -114,11 +114,45 @@ def _peft_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: 
     export_peft(model, directory, source)
 
 
+def _ct_recipe(passes: list["PassSpec"]) -> str | None:
+    from .passes.base import LINEAR, Pass
+    from .registry import get_pass
+
+    kinds = final_module_types(passes)
+    if "QuantLinear" not in kinds or kinds - {"QuantLinear", LINEAR}:
+        other = sorted(kinds - {"QuantLinear", LINEAR}) or ["no quantized"]
+        return (f"--export compressed-tensors holds rtn/gptq-quantized (and plain) linears; this recipe leaves {', '.join(other)} "
+                "modules; drop --export compressed-tensors or quantize last")
+    for s in passes:
+        if get_pass(s.name).rebuild.__func__ is not Pass.rebuild.__func__:  # type: ignore[attr-defined]
+            return (f"--export compressed-tensors needs the model's own architecture; {s.name} changes it "
+                    "(its checkpoint opens with from_pretrained after import compress)")
+        if getattr(s.config, "dim", "oc") != "oc":
+            return f"--export compressed-tensors holds per-output-channel groups only; {s.name}:dim={s.config.dim} can produce per-IC layers; use dim=oc"  # type: ignore[attr-defined]
+        if getattr(s.config, "levels", "uniform") != "uniform":
+            return f"--export compressed-tensors holds uniform integer levels only; {s.name} uses levels={s.config.levels}"  # type: ignore[attr-defined]
+    return None
+
+
+def _ct_model(model: nn.Module, layers_path: str) -> None:
+    from .export_ct import check_ct_exportable
+
+    check_ct_exportable(model)
+
+
+def _ct_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: str, source: str) -> None:
+    from .export_ct import export_compressed_tensors
+
+    export_compressed_tensors(model, tokenizer, directory)
+
+
 EXPORTS: dict[str, ExportFormat] = {
     f.name: f for f in (
         ExportFormat("dense", "plain HF checkpoint, factors multiplied out (from_pretrained without this library)",
                      _dense_recipe, _dense_model, _dense_write),
         ExportFormat("gptq", "GPTQ format (packed int32 qweight/qzeros, fp16 scales) for GPTQ kernels", _gptq_recipe, _gptq_model, _gptq_write),
+        ExportFormat("compressed-tensors", "compressed-tensors pack-quantized (llm-compressor's format; vLLM, transformers)",
+                     _ct_recipe, _ct_model, _ct_write),
         ExportFormat("peft", "the low-rank branches of eora/lq-lora as a PEFT LoRA adapter", _peft_recipe, _peft_model, _peft_write),
     )
 }
