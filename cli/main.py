@@ -372,20 +372,21 @@ def sweep(
 def export(
     checkpoint: Path = typer.Argument(..., help="compressed checkpoint directory"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory of the export"),
-    format: str = typer.Option("dense", "--format", help="dense (multiplied out, loadable by from_pretrained), gptq, or peft"),
+    format: str = typer.Option("dense", "--format", help="dense (multiplied out, loadable by from_pretrained), gptq, compressed-tensors, or peft"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Export a compressed checkpoint to another format."""
     from .. import api
     from ..adapters import get_adapter
-    from ..checkpoint import atomic_directory, read_manifest
+    from ..checkpoint import MANIFEST, atomic_directory, read_manifest
     from ..exports import get_export
     from ..validate import check_output_dir
 
     _setup_logging(False)
     ex = get_export(format)
     check_output_dir(out, overwrite)
-    source = str(read_manifest(checkpoint).get("source", {}).get("source") or checkpoint)
+    manifest = read_manifest(checkpoint) if (Path(checkpoint) / MANIFEST).is_file() else {}  # save_pretrained writes none
+    source = str(manifest.get("source", {}).get("source") or checkpoint)
     m, tok = api.load(checkpoint)
     layers_path = get_adapter(m).layers_path
     ex.check_model(m, layers_path)

@@ -12,6 +12,7 @@ here too, so that module files do not import each other.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -103,12 +104,22 @@ def is_compressed(module: nn.Module) -> bool:
     return isinstance(module, CompressedLinear)
 
 
+#: environment variable: "0" turns the CPU dense-weight cache off (memory stays compressed, each
+#: forward dequantizes again)
+DENSE_CACHE_ENV = "COMPRESS_DENSE_CACHE"
+
+
+def dense_cache_enabled() -> bool:
+    return os.environ.get(DENSE_CACHE_ENV, "1") != "0"
+
+
 def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Tensor:
     """The module's dequantized weight; on the CPU it is kept between calls (evaluation re-runs every
-    layer many times) and rebuilt whenever a storage buffer was replaced or modified in place. On
+    layer many times; built at the layer's first forward, never at load) and rebuilt whenever a
+    storage buffer was replaced or modified in place; ``COMPRESS_DENSE_CACHE=0`` turns it off. On
     accelerators it is rebuilt each call, so the packed form stays the only copy in device memory."""
     tensors = [getattr(module, b) for b in buffers]
-    if tensors[0].device.type != "cpu":
+    if tensors[0].device.type != "cpu" or not dense_cache_enabled():
         return module.dense_weight()  # type: ignore[operator]
     key = tuple((t.data_ptr(), t._version) for t in tensors)
     cache = module.__dict__.get("_dense_cache")
