@@ -243,3 +243,27 @@ def test_bcq_weighted_needs_calibration_and_unweighted_is_data_free() -> None:
     assert isinstance(model.model.layers[0].mlp.down_proj, BCQLinear)
     with pytest.raises(Exception, match="calibration"):
         compress(make_tiny("llama"), ["bcq:bits=3,group=16"])
+
+
+def test_static_group_sweep_matches_the_general_sweep_and_reuses_equal_factors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inlined sweep for fixed group parameters gives the general sweep's codes; an equal Gram
+    (q/k/v read the same input) is factored once."""
+    from compress.solvers import gptq as G
+
+    torch.manual_seed(3)
+    W = torch.randn(40, 96)
+    X = torch.randn(500, 96) * torch.rand(96) * 3
+    H = X.T @ X
+    for spec in (QuantSpec(bits=3, group_size=32, clip=True), QuantSpec(bits=4, group_size=0, sym=True)):
+        fast, lf = G.gptq_quantize(W, H, spec, actorder=True, blocksize=32)
+        general, lg = G.gptq_quantize(W, H, spec, actorder=True, blocksize=32, keep=torch.ones_like(W, dtype=torch.bool))
+        assert torch.equal(fast.q, general.q) and torch.equal(fast.scales, general.scales)
+        assert lf == pytest.approx(lg, rel=1e-5)
+    calls = []
+    real = G._factor
+    monkeypatch.setattr(G, "_factor", lambda *a: calls.append(1) or real(*a))
+    cache = G.FactorCache()
+    a, _ = G.gptq_quantize(W, H, QuantSpec(bits=4, group_size=32), actorder=True, cache=cache)
+    b, _ = G.gptq_quantize(W[:20], H.clone(), QuantSpec(bits=4, group_size=32), actorder=True, cache=cache)
+    G.gptq_quantize(W, H * 2, QuantSpec(bits=4, group_size=32), actorder=True, cache=cache)
+    assert len(calls) == 2 and torch.equal(a.q[:20], b.q)

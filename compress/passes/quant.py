@@ -38,7 +38,7 @@ from ..modules.dictionary import DictLinear, QuantDictLinear
 from ..modules.quant import QuantLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
-from ..solvers.gptq import gptq_quantize
+from ..solvers.gptq import FactorCache, gptq_quantize
 from ..solvers.lowrank import relative_output_error
 from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
 from .base import LINEAR, Capabilities, Pass, PassResult, Stored, layer_relative_name, meta_storage_bits
@@ -236,6 +236,10 @@ class GPTQPass(_QuantPass):
     name = "gptq"
     config_cls = GPTQConfig
 
+    def __init__(self, config: PassConfig) -> None:
+        super().__init__(config)
+        self._factors = FactorCache()  # q/k/v (and gate/up) have equal Grams: factor once
+
     @classmethod
     def capabilities(cls, config: PassConfig) -> Capabilities:
         assert isinstance(config, GPTQConfig)
@@ -251,7 +255,7 @@ class GPTQPass(_QuantPass):
         keep = ~zeros if float(zeros.float().mean()) >= PRUNED_FRACTION else None
         qz, _ = gptq_quantize(
             W, stats.gram, spec, blocksize=c.blocksize, damp=c.damp, actorder=c.actorder,
-            static_groups=c.static_groups, keep=keep, name=name,
+            static_groups=c.static_groups, keep=keep, name=name, cache=self._factors,
         )
         return qz
 

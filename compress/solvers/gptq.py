@@ -17,6 +17,59 @@ from .obs import SWEEP_DTYPE, Block, inverse_hessian_cholesky, obs_sweep
 from .quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize_rows, qparams_clipped, quantize_rows
 
 
+class FactorCache:
+    """The last inverse-Hessian factor, reused when the next linear has the same Gram (q/k/v and
+    gate/up read the same input, so their sums are equal): one factorization instead of three."""
+
+    def __init__(self) -> None:
+        self._key: tuple[torch.Tensor, bool, float] | None = None
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, H: torch.Tensor, actorder: bool, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._key
+        if k is not None and self._value is not None and k[1] == actorder and k[2] == damp and k[0].shape == H.shape and torch.equal(k[0], H):
+            return self._value
+        value = _factor(H, actorder, damp, name)
+        self._key, self._value = (H, actorder, damp), value
+        return value
+
+
+def _factor(H: torch.Tensor, actorder: bool, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sweep order of the columns, upper Cholesky factor of the damped H⁻¹ in that order)."""
+    d_in = H.shape[0]
+    perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(d_in)
+    U = inverse_hessian_cholesky(H[perm][:, perm] if actorder else H, damp, name)[0].to(SWEEP_DTYPE)
+    return perm, U
+
+
+def _static_sweep(Wp: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, maxq: int,
+                  blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OBS sweep for quantization parameters fixed up front (per column, in sweep order):
+    :func:`~compress.solvers.obs.obs_sweep` with the column step inlined (the per-column Python work is
+    most of a GPTQ solve). Returns (codes, per-column loss), the same numbers as the general sweep."""
+    W = Wp.clone()
+    d_out, n = W.shape
+    codes = torch.empty_like(W)
+    losses = torch.empty(n, dtype=W.dtype)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        S1, Z1 = S[:, i1:i2], Z[:, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / S1[:, i]) + Z1[:, i], 0, maxq)
+            codes[:, i1 + i] = q
+            err = (w - (q - Z1[:, i]) * S1[:, i]) / U1[i, i]
+            Err1[:, i] = err
+            W1[:, i:] -= err[:, None] @ U1[i, i:][None, :]
+        d = U1.diagonal()
+        losses[i1:i2] = (Err1 * d).square().sum(0) / d.square()
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return codes, losses
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -28,16 +81,17 @@ def gptq_quantize(
     static_groups: bool = False,
     keep: torch.Tensor | None = None,
     name: str = "",
+    cache: FactorCache | None = None,
 ) -> tuple[Quantized, float]:
     """Quantize W (d_out, d_in) given H = XᵀX (d_in, d_in). Returns the codes and the OBS loss.
 
     ``keep`` (bool, like W): weights outside it are pruned and stay exactly 0 (code = zero-point);
-    their error is fed forward like any other, as in SparseGPT's joint sparsify-and-quantize."""
+    their error is fed forward like any other, as in SparseGPT's joint sparsify-and-quantize.
+    ``cache`` reuses the factorization of an equal H (linears reading the same input)."""
     d_out, d_in = W.shape
     g, n_groups = spec.groups(d_out, d_in)
     W = W.to(SWEEP_DTYPE)
-    perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(d_in)
-    U = inverse_hessian_cholesky(H[perm][:, perm] if actorder else H, damp, name)[0].to(SWEEP_DTYPE)
+    perm, U = cache.get(H, actorder, damp, name) if cache is not None else _factor(H, actorder, damp, name)
     hdiag = H.diagonal().to(SWEEP_DTYPE)
     channels = d_out if spec.dim == "oc" else d_in
     scales = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)
@@ -50,6 +104,12 @@ def gptq_quantize(
             w8 = hdiag[k * g : (k + 1) * g][None, :].expand(d_out, -1)
             scales[:, k], zeros[:, k] = qparams_clipped(block, spec, w8)
     Wp = W[:, perm]
+    if static and keep is None:
+        cols = perm // g
+        codes_p, losses = _static_sweep(Wp, U, scales[:, cols], zeros[:, cols], spec.maxq, blocksize)
+        codes[:, perm] = codes_p
+        q = Quantized(q=codes.to(torch.uint8), scales=scales.to(SCALE_DTYPE), zeros=zeros.to(torch.uint8), spec=spec)
+        return q, float(losses.sum())
 
     def column(j: int, w: torch.Tensor, block: Block) -> torch.Tensor:
         col = int(perm[j])  # original input index
