@@ -8,7 +8,9 @@ Per quantized linear (d_out × d_in, b bits, group g, n = d_in/g groups):
 - ``qzeros`` int32 (n, d_out·b/32): the zero-points minus one (the v1 convention), packed the same
   way along the output dimension for each group.
 - ``scales`` float16 (n, d_out); ``g_idx`` int32 (d_in,) = j // g; ``bias`` float16 if present.
-W[:, j] = scales[g_idx[j]] · (q[j] − (zeros[g_idx[j]] + 1) + 1)… i.e. (q − zero)·scale.
+W[:, j] = scales[g_idx[j]] · (q[j] − (stored_zero[g_idx[j]] + 1)), i.e. (q − zero)·scale. A zero-point
+of 0 would be stored as −1, which readers turn back into 2^b, not 0 (they add 1 without wrapping, or
+word-wise with a carry): such layers are refused.
 Everything else is written in float16. ``quantize_config.json`` and ``config.json``'s
 ``quantization_config`` describe bits, group size, symmetry and desc_act = false (codes are stored in
 the original column order; activation-order runs use static groups, so g_idx stays j // g).
@@ -71,6 +73,11 @@ def check_gptq_exportable(model: nn.Module, layers_path: str) -> dict[str, Any]:
                 continue
             if (m.in_features * s.bits) % 32 or (m.out_features * s.bits) % 32:
                 bad.append(f"{name} (dimensions not packable into 32-bit words)")
+                continue
+            if not s.sym and bool((m.zeros() == 0).any()):
+                # v1 stores zero − 1; readers add 1 back word-wise (0x11111111 for 4 bits), so a stored
+                # −1 wraps to 2^b − 1 and carries into the neighbouring zero-point
+                bad.append(f"{name} (a zero-point of 0, which the v1 layout cannot store: quantize with sym=true, or use --export compressed-tensors)")
                 continue
             settings.add((s.bits, s.group_size or m.in_features, s.sym))
         elif isinstance(m, nn.Linear):
