@@ -177,3 +177,38 @@ def test_lqlora_budget_at_a_uniform_cost_selects_that_configuration_when_it_is_o
                 assert errs[k] < (1 - t) * errs[i] + t * errs[j]
     p.profile_done()
     assert set(p._choice.values()) == {(3, 64)} and len(p._choice) == 4
+
+
+@pytest.mark.parametrize("objective", ["relative", "output"])
+def test_lqlora_budget_relative_objective_ignores_the_scale_of_a_layers_activations(objective: str) -> None:
+    """Multiplying one matrix's inputs by 30 (an outlier-heavy layer) leaves the relative objective's
+    allocation unchanged; the absolute output error moves bits to that matrix."""
+    from types import SimpleNamespace
+
+    from compress.passes.compensate import LQLoRAConfig, LQLoRAPass
+    from compress.pipeline.stats import LayerStats
+
+    names = ["a", "b", "c", "d"]
+
+    def allocation(scale: float) -> dict[str, tuple[int, int]]:
+        g = torch.Generator().manual_seed(5)
+        layer = torch.nn.Module()
+        stats = LayerStats(frozenset({"gram"}))
+        for n in names:
+            lin = torch.nn.Linear(64, 48, bias=False)
+            lin.weight.data.copy_(torch.randn(48, 64, generator=g))
+            layer.add_module(n, lin)
+            X = torch.randn(256, 64, generator=g) * torch.linspace(0.2, 3.0, 64)
+            stats.observe(n, X * (scale if n == "a" else 1.0))
+            stats.reset_sharing()
+        p = LQLoRAPass(LQLoRAConfig(rank=2, budget=6.5, objective=objective))
+        p.prepare(torch.nn.Module(), SimpleNamespace(layers_path="m", groups=lambda _layer: [names]))
+        p.profile_layer(0, layer, stats)
+        p.profile_done()
+        return {k.split(".")[-1]: v for k, v in p._choice.items()}
+
+    base, scaled = allocation(1.0), allocation(30.0)
+    if objective == "relative":
+        assert scaled == base
+    else:
+        assert scaled["a"][0] > base["a"][0]

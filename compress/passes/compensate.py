@@ -173,6 +173,8 @@ class LQLoRAConfig(PassConfig):
     tol: float = option(1e-4, "stop when an alternation improves the reconstruction error by less than this (relative)", min=0.0)
     budget: float | None = option(None, "average bits per weight including scales and the low-rank term; chooses (bits, group) "
                                   "per matrix by an integer program", min=0.0, min_open=True)
+    objective: str = option("relative", "budget's error per matrix: its output error tr(ΔHΔᵀ) relative to its output energy "
+                            "tr(WHWᵀ) ('relative'), or absolute ('output')", choices=("relative", "output"))
     data_aware: bool = option(False, "weight the decomposition by each input channel's activation RMS (calibration Gram diagonal)")
     branch_bits: int = option(0, "store L1 and L2 quantized to this many bits per row (0 = the model's dtype)", choices=(0, 4, 8))
     targets: str = option("*", _TARGETS_HELP)
@@ -233,7 +235,8 @@ class LQLoRAPass(Pass):
 
     def profile_layer(self, index: int, layer: nn.Module, stats: Any) -> None:
         """Budget mode: each (bits, group) option's output error tr(Δ H Δᵀ) on the calibration Gram H,
-        with Δ = W − L − Q(W − L) and L the rank-r SVD of W (one alternation)."""
+        with Δ = W − L − Q(W − L) and L the rank-r SVD of W (one alternation); divided by the matrix's
+        output energy tr(W H Wᵀ) with ``objective=relative``."""
         c = self.cfg
         for group in self._adapter.groups(layer):
             for n in group:
@@ -246,6 +249,9 @@ class LQLoRAPass(Pass):
                 H = stats.linears[n].gram.float()
                 U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
                 R = W - ((U[:, : c.rank] * S[: c.rank]) @ Vh[: c.rank]).float()
+                # absolute output errors are dominated by the few matrices with the largest activations
+                # (measured: at 4.02 bits they sent both first layers to 2-bit codes); relative ones are not
+                energy = max(float(((W @ H) * W).sum()), 1e-30) if c.objective == "relative" else 1.0
                 branch = _branch_cost(d_out, d_in, c.rank, c.branch_bits, 8 * mod.weight.element_size())
                 opts, errs, cst = [], [], []
                 for b in _GRID_BITS:
@@ -254,7 +260,7 @@ class LQLoRAPass(Pass):
                             continue
                         D = R - quantize_rtn(R, QuantSpec(bits=b, group_size=g, levels=c.levels)).dequantize()
                         opts.append((b, g))
-                        errs.append(float(((D @ H) * D).sum()))
+                        errs.append(float(((D @ H) * D).sum()) / energy)
                         cst.append(_q_bits(d_out, d_in, b, g, c.levels) + branch)
                 if not opts:
                     raise ConfigError(f"{full}: no group size of {_GRID_GROUPS} divides its input dimension {d_in}")
