@@ -16,7 +16,6 @@ from compress.errors import ConfigError
 from compress.modules import DictLinear
 from compress.solvers.allocate import knapsack
 from compress.solvers.dictionary import (
-    closed_form,
     decode_coefficients,
     dict_shape,
     encode_coefficients,

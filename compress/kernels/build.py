@@ -78,7 +78,7 @@ _status: BuildStatus | None = None
 
 def load(verbose: bool = False) -> Any:
     """The compiled extension, or None (see :func:`status` for why)."""
-    global _module, _status
+    global _status
     with _lock:
         if _status is not None:
             return _module

@@ -4,8 +4,8 @@ floor (bytes it must read ÷ the device-to-device copy bandwidth measured in the
 end-to-end decode of a randomly initialised Llama-2-7B-shaped model, fp16 vs every linear in BCQ
 3-bit (milliseconds per token).
 
-    python bench/kernels.py                    # on the GPU machine; writes bench/results/kernels.{json,md}
-    python bench/kernels.py --dry-run          # anywhere: tiny shapes through the reference paths (checks the script)
+    python bench/kernel_bench.py                    # on the GPU machine; writes bench/results/kernels.{json,md}
+    python bench/kernel_bench.py --dry-run          # anywhere: tiny shapes through the reference paths (checks the script)
 
 Timing: CUDA events, warm-up first, median of --reps runs, weights rotated among enough copies to
 exceed the L2 cache, activations drawn fresh (never zeros).
