@@ -26,12 +26,15 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("gptq+eora", [GPTQ, "eora:rank=64,branch_bits=8"], "rank=64"),
     ("gptq+svd-comp", [GPTQ, "eora:rank=32,variant=svd,branch_bits=8"], "rank=32 (ablation: plain SVD of the error)"),
     ("lq-lora", ["lq-lora:bits=3,group=64,rank=32,branch_bits=8"], "bits=3,group=64,rank=32,nf"),
-    ("lq-lora", ["lq-lora:budget=3.5,rank=32,branch_bits=8,objective=output"], "budget=3.5,rank=32,nf,objective=output"),
+    ("lq-lora", ["lq-lora:budget=3.5,rank=32,branch_bits=8,objective=output,rank_choice=false"], "budget=3.5,rank=32,nf,rank_choice=false,objective=output"),
     ("gptq+act-comp", [GPTQ, "eora:rank=32,variant=act,branch_bits=8"], "rank=32 (ablation: diagonal activation scaling)"),
-    ("lq-lora", ["lq-lora:budget=2.75,rank=32,branch_bits=8"], "budget=2.75,rank=32,nf (the issue's budget)"),
-    ("lq-lora", ["lq-lora:budget=4.02,rank=32,branch_bits=8,objective=output"], "budget=4.02,rank=32,nf,objective=output (the uniform row's bits)"),
-    ("lq-lora", ["lq-lora:budget=4.02,rank=32,branch_bits=8"], "budget=4.02,rank=32,nf,objective=relative (the uniform row's bits)"),
-    ("lq-lora", ["lq-lora:budget=3.5,rank=32,branch_bits=8"], "budget=3.5,rank=32,nf,objective=relative"),
+    ("lq-lora", ["lq-lora:budget=2.75,rank=32,branch_bits=8,rank_choice=false"], "budget=2.75,rank=32,nf (the issue's budget)"),
+    ("lq-lora", ["lq-lora:budget=4.02,rank=32,branch_bits=8,objective=output,rank_choice=false"],
+     "budget=4.02,rank=32,nf,rank_choice=false,objective=output (the uniform row's bits)"),
+    ("lq-lora", ["lq-lora:budget=4.02,rank=32,branch_bits=8,rank_choice=false"], "budget=4.02,rank=32,nf,rank_choice=false,objective=relative (the uniform row's bits)"),
+    ("lq-lora", ["lq-lora:budget=3.5,rank=32,branch_bits=8,rank_choice=false"], "budget=3.5,rank=32,nf,rank_choice=false,objective=relative"),
+    ("lq-lora", ["lq-lora:budget=4.02,rank=32,branch_bits=8"], "budget=4.02,rank=32,nf,rank_choice=true,objective=relative (defaults)"),
+    ("lq-lora", ["lq-lora:budget=3.5,rank=32,branch_bits=8"], "budget=3.5,rank=32,nf,rank_choice=true,objective=relative (defaults)"),
 ]
 
 

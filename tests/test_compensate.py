@@ -11,7 +11,7 @@ import torch
 
 from compress import compress, load
 from compress.errors import ConfigError
-from compress.modules import LoRALinear
+from compress.modules import LoRALinear, QuantLinear
 from compress.solvers.eora import compensate
 from compress.solvers.lqlora import allocate, lq_decompose
 from compress.solvers.quant import QuantSpec, quantize_rtn
@@ -120,10 +120,23 @@ def test_lqlora_budget_counts_what_is_stored(calib_ids, branch_bits):
     report = compress(model, [f"lq-lora:rank=4,budget=12,branch_bits={branch_bits}"], calib_ids)
     s = report.summary()
     assert s["target_bits_per_weight"] <= 12.0 + 1e-9
-    mods = [m for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    mods = [model.get_submodule(r.name) for r in report.records if r.pass_name == "lq-lora"]
     assert mods and sum(storage_bits(m) for m in mods) / sum(m.num_weights() for m in mods) == pytest.approx(s["target_bits_per_weight"], rel=1e-6)
     if branch_bits:
-        assert not isinstance(mods[0].lora_A, torch.nn.Linear)
+        assert not isinstance(next(m for m in mods if isinstance(m, LoRALinear)).lora_A, torch.nn.Linear)
+
+
+def test_lqlora_budget_drops_the_low_rank_term_where_codes_buy_more(calib_ids):
+    """A budget below what 2-bit codes plus a rank-8 term cost on every matrix: with rank_choice
+    (the default) the program gives some matrices no low-rank term and meets the budget; without
+    it the budget is refused up front, naming the fix."""
+    model = make_tiny("llama")
+    report = compress(model, ["lq-lora:rank=8,budget=4"], calib_ids)
+    ranks = [r.info["rank"] for r in report.records if r.pass_name == "lq-lora"]
+    assert 0 in ranks and report.summary()["target_bits_per_weight"] <= 4.0 + 1e-9
+    assert any(isinstance(m, QuantLinear) for n, m in model.named_modules() if "layers" in n)
+    with pytest.raises(ConfigError, match="below the smallest reachable .*rank_choice=true"):
+        compress(make_tiny("llama"), ["lq-lora:rank=8,budget=4,rank_choice=false"], calib_ids)
 
 
 def test_lq_decompose_stops_when_improvement_stalls() -> None:
@@ -164,11 +177,11 @@ def test_lqlora_budget_at_a_uniform_cost_selects_that_configuration_when_it_is_o
     from compress.passes.compensate import _branch_cost, _q_bits
 
     cost = _q_bits(48, 64, 3, 64, "nf") + _branch_cost(48, 64, 2, 0, 32)
-    p = LQLoRAPass(LQLoRAConfig(rank=2, budget=cost / (48 * 64)))
+    p = LQLoRAPass(LQLoRAConfig(rank=2, budget=cost / (48 * 64), rank_choice=False))
     p.prepare(torch.nn.Module(), adapter)
     p.profile_layer(0, layer, stats)
     opts, errs, costs = p._options[0], p._errors[0], p._costs[0]
-    k = opts.index((3, 64))
+    k = opts.index((3, 64, 2))
     # (3, 64) is on the lower convex frontier: no pair of options mixes to a lower error at its cost
     for i in range(len(opts)):
         for j in range(len(opts)):
@@ -176,7 +189,7 @@ def test_lqlora_budget_at_a_uniform_cost_selects_that_configuration_when_it_is_o
                 t = (costs[k] - costs[i]) / (costs[j] - costs[i])
                 assert errs[k] < (1 - t) * errs[i] + t * errs[j]
     p.profile_done()
-    assert set(p._choice.values()) == {(3, 64)} and len(p._choice) == 4
+    assert set(p._choice.values()) == {(3, 64, 2)} and len(p._choice) == 4
 
 
 @pytest.mark.parametrize("objective", ["relative", "output"])
@@ -190,7 +203,7 @@ def test_lqlora_budget_relative_objective_ignores_the_scale_of_a_layers_activati
 
     names = ["a", "b", "c", "d"]
 
-    def allocation(scale: float) -> dict[str, tuple[int, int]]:
+    def allocation(scale: float) -> dict[str, tuple[int, int, int]]:
         g = torch.Generator().manual_seed(5)
         layer = torch.nn.Module()
         stats = LayerStats(frozenset({"gram"}))

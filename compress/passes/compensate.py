@@ -173,6 +173,8 @@ class LQLoRAConfig(PassConfig):
     tol: float = option(1e-4, "stop when an alternation improves the reconstruction error by less than this (relative)", min=0.0)
     budget: float | None = option(None, "average bits per weight including scales and the low-rank term; chooses (bits, group) "
                                   "per matrix by an integer program", min=0.0, min_open=True)
+    rank_choice: bool = option(True, "budget=: a matrix may also go without the low-rank term (rank 0) where those bits buy more "
+                               "as codes; false keeps rank r on every matrix (the paper's setting, branches to fine-tune)")
     objective: str = option("relative", "budget's error per matrix: its output error tr(ΔHΔᵀ) relative to its output energy "
                             "tr(WHWᵀ) ('relative'), or absolute ('output')", choices=("relative", "output"))
     data_aware: bool = option(False, "weight the decomposition by each input channel's activation RMS (calibration Gram diagonal)")
@@ -200,7 +202,7 @@ class LQLoRAPass(Pass):
         super().__init__(config)
         assert isinstance(config, LQLoRAConfig)
         self.cfg = config
-        self._choice: dict[str, tuple[int, int]] = {}
+        self._choice: dict[str, tuple[int, int, int]] = {}
 
     @classmethod
     def capabilities(cls, config: PassConfig) -> Capabilities:
@@ -212,7 +214,8 @@ class LQLoRAPass(Pass):
 
     @classmethod
     def produces(cls, config: PassConfig) -> frozenset[str]:
-        return frozenset({"LoRALinear"})
+        assert isinstance(config, LQLoRAConfig)
+        return frozenset({"LoRALinear", "QuantLinear"}) if config.budget is not None and config.rank_choice else frozenset({"LoRALinear"})
 
     def check_shape(self, d_out: int, d_in: int) -> str | None:
         c = self.cfg
@@ -230,13 +233,14 @@ class LQLoRAPass(Pass):
         self._names: list[str] = []
         self._errors: list[list[float]] = []
         self._costs: list[list[float]] = []
-        self._options: list[list[tuple[int, int]]] = []
+        self._options: list[list[tuple[int, int, int]]] = []
         self._total = 0
 
     def profile_layer(self, index: int, layer: nn.Module, stats: Any) -> None:
-        """Budget mode: each (bits, group) option's output error tr(Δ H Δᵀ) on the calibration Gram H,
-        with Δ = W − L − Q(W − L) and L the rank-r SVD of W (one alternation); divided by the matrix's
-        output energy tr(W H Wᵀ) with ``objective=relative``."""
+        """Budget mode: each (bits, group, rank) option's output error tr(Δ H Δᵀ) on the calibration
+        Gram H, with Δ = W − L − Q(W − L) and L the rank-r SVD of W (one alternation; r is the
+        configured rank, or 0 with ``rank_choice``); divided by the matrix's output energy tr(W H Wᵀ)
+        with ``objective=relative``."""
         c = self.cfg
         for group in self._adapter.groups(layer):
             for n in group:
@@ -248,20 +252,21 @@ class LQLoRAPass(Pass):
                 d_out, d_in = W.shape
                 H = stats.linears[n].gram.float()
                 U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-                R = W - ((U[:, : c.rank] * S[: c.rank]) @ Vh[: c.rank]).float()
                 # absolute output errors are dominated by the few matrices with the largest activations
                 # (measured: at 4.02 bits they sent both first layers to 2-bit codes); relative ones are not
                 energy = max(float(((W @ H) * W).sum()), 1e-30) if c.objective == "relative" else 1.0
-                branch = _branch_cost(d_out, d_in, c.rank, c.branch_bits, 8 * mod.weight.element_size())
                 opts, errs, cst = [], [], []
-                for b in _GRID_BITS:
-                    for g in _GRID_GROUPS:
-                        if d_in % g:
-                            continue
-                        D = R - quantize_rtn(R, QuantSpec(bits=b, group_size=g, levels=c.levels)).dequantize()
-                        opts.append((b, g))
-                        errs.append(float(((D @ H) * D).sum()) / energy)
-                        cst.append(_q_bits(d_out, d_in, b, g, c.levels) + branch)
+                for r in ((c.rank, 0) if c.rank_choice else (c.rank,)):
+                    R = W - ((U[:, :r] * S[:r]) @ Vh[:r]).float() if r else W
+                    branch = _branch_cost(d_out, d_in, r, c.branch_bits, 8 * mod.weight.element_size()) if r else 0
+                    for b in _GRID_BITS:
+                        for g in _GRID_GROUPS:
+                            if d_in % g:
+                                continue
+                            D = R - quantize_rtn(R, QuantSpec(bits=b, group_size=g, levels=c.levels)).dequantize()
+                            opts.append((b, g, r))
+                            errs.append(float(((D @ H) * D).sum()) / energy)
+                            cst.append(_q_bits(d_out, d_in, b, g, c.levels) + branch)
                 if not opts:
                     raise ConfigError(f"{full}: no group size of {_GRID_GROUPS} divides its input dimension {d_in}")
                 self._names.append(full)
@@ -277,36 +282,45 @@ class LQLoRAPass(Pass):
             picks = allocate(self._errors, self._costs, c.budget * self._total)
         except ValueError:
             minimum = sum(min(k) for k in self._costs) / self._total
+            what = ("2-bit codes and scales, no low-rank term" if c.rank_choice
+                    else f"2-bit codes, scales and the rank-{c.rank} term; lower rank=, set branch_bits= or rank_choice=true")
             raise ConfigError(
-                f"lq-lora budget {c.budget} bits per weight is below the smallest reachable {minimum:.3f} at rank {c.rank} "
-                "(2-bit codes, scales and the low-rank term included); raise budget=, lower rank= or set branch_bits="
+                f"lq-lora budget {c.budget} bits per weight is below the smallest reachable {minimum:.3f} ({what}); raise budget="
             ) from None
         self._choice = {n: self._options[k][p] for k, (n, p) in enumerate(zip(self._names, picks))}
         used = sum(self._costs[k][p] for k, p in enumerate(picks)) / self._total
-        logger.info("lq-lora budget %.3f bits/weight: allocation uses %.4f", c.budget, used)
+        dropped = sum(1 for o in self._choice.values() if o[2] == 0)
+        logger.info("lq-lora budget %.3f bits/weight: allocation uses %.4f (%d of %d matrices without the low-rank term)",
+                    c.budget, used, dropped, len(self._choice))
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
         assert isinstance(module, nn.Linear)
         c = self.cfg
         W = module.weight.data
         d_out, d_in = W.shape
-        bits, group = self._choice.get(name, (c.bits, c.group))
+        bits, group, rank = self._choice.get(name, (c.bits, c.group, c.rank))
         spec = QuantSpec(bits=bits, group_size=group, levels=c.levels)
         why = group_error_check(spec, d_out, d_in)
         if why is not None:
             raise ConfigError(f"{name} ({d_out}x{d_in}): {why}; choose another group size")
+        bias = module.bias.data if module.bias is not None else None
+        if rank == 0:  # budget mode chose codes over the low-rank term for this matrix
+            q = QuantLinear.from_quantized(quantize_rtn(W.float(), spec), bias, like=W)
+            info = {"bits": bits, "group": group, "rank": 0, "levels": c.levels,
+                    "error": relative_output_error(W, q.dense_weight().detach(), None), "error_metric": "rel_weight_err",
+                    "bits_per_weight": q.storage_bits() / q.num_weights()}
+            return PassResult(q, info)
         if c.rank >= min(d_out, d_in):
             raise ConfigError(f"{name} ({d_out}x{d_in}): lq-lora rank {c.rank} must be below {min(d_out, d_in)}")
         col_w = None
         if c.data_aware:
             assert stats is not None
             col_w = stats.rms_value
-        res = lq_decompose(W, c.rank, spec, iters=c.iters, tol=c.tol, col_weight=col_w)
-        bias = module.bias.data if module.bias is not None else None
+        res = lq_decompose(W, rank, spec, iters=c.iters, tol=c.tol, col_weight=col_w)
         base = QuantLinear.from_quantized(res.q, bias, like=W)
         lora = LoRALinear(base, _factor(res.L2, W, c.branch_bits), _factor(res.L1, W, c.branch_bits))
         info = {
-            "bits": bits, "group": group, "rank": c.rank, "levels": c.levels, "iterations": len(res.errors),
+            "bits": bits, "group": group, "rank": rank, "levels": c.levels, "iterations": len(res.errors),
             "errors": [round(e, 6) for e in res.errors],
             "error": relative_output_error(W, lora.dense_weight().detach(), None), "error_metric": "rel_weight_err",
             "bits_per_weight": lora.storage_bits() / lora.num_weights(),
