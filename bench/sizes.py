@@ -9,9 +9,12 @@ writes its checkpoint, then opens it in a fresh process with ``AutoModelForCausa
 - disk_bytes: the checkpoint's weight files (model*.safetensors);
 - tensor_bytes (by module type): bytes of the parameters and buffers the loaded model holds at rest,
   every shared tensor counted once;
-- rss_load_mb: the process's resident memory added by from_pretrained;
+- rss_load_mb: the process's resident memory added by from_pretrained (transformers maps the
+  safetensors file, so pages count only once they are touched);
 - rss_forward_mb / rss_forward_nocache_mb: resident memory added after one 512-token forward with
-  the CPU dense-weight cache on (the default) and off (COMPRESS_DENSE_CACHE=0).
+  the CPU dense-weight cache forced on (COMPRESS_DENSE_CACHE=1) and off (=0, which is also what a
+  model opened with from_pretrained does by default: the cache lives only inside compress's own
+  calibration and evaluation loops).
 No perplexity here (the other benchmark files have it for the same configurations).
 """
 
@@ -102,9 +105,11 @@ def main() -> None:
     bench.results.write_markdown("Checkpoint size on disk and in memory (SmolLM2-135M-Instruct)", [
         "disk_bytes: model*.safetensors of the compress checkpoint. tensor_bytes: parameters and buffers of the model "
         "opened with plain from_pretrained (after import compress), shared tensors once.",
-        "rss_*_mb: resident memory added in a fresh process by from_pretrained, then after one 512-token forward with the "
-        "CPU dense-weight cache on (default) and off (COMPRESS_DENSE_CACHE=0). Only QuantLinear keeps a cache (its "
-        "dequantized weight, built at its first CPU forward); on CUDA it is never kept.",
+        "rss_*_mb: resident memory added in a fresh process by from_pretrained (the file is memory-mapped: pages count "
+        "once touched, so rss_load is small for every row), then after one 512-token forward with the CPU dense-weight "
+        "cache forced on (COMPRESS_DENSE_CACHE=1) and off (=0; also the default outside compress's own calibration and "
+        "evaluation loops). Only QuantLinear keeps a cache (its dequantized weight, built at its first CPU forward "
+        "inside such a loop, dropped when the loop returns); on CUDA it is never kept.",
         "The dense row is the unchanged model written the same way (fp32, tied embeddings stored once). The dense row's "
         "ppl comes from the Bench's protocol run; compressed rows carry no ppl here.",
         "tensor_bytes_by_type is in sizes.json.",

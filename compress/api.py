@@ -19,6 +19,7 @@ from .checkpoint import STRUCTURE_ATTR, model_structure
 from .errors import CompressError
 from .models import count_parameters, load_model, open_streamed, resolve_device, storage_bytes, weights_fingerprint
 from .pipeline import distributed
+from .modules.base import dense_cache
 from .pipeline.sequential import run_sequential
 from .recipe import as_recipe
 from .registry import get_pass
@@ -96,10 +97,11 @@ def compress(
             calib_info = {**calib_info, "processes": d.world}
     params_before, bytes_before = count_parameters(model), storage_bytes(model)
     t0 = time.perf_counter()
-    result = run_sequential(
-        model, adapter, passes, ids, device=dev, batch_size=batch_size, on_layer=on_layer, stats_provider=stats_provider,
-        extra_ids=extra_ids, stream=stream,
-    )
+    with dense_cache(model):  # propagation forwards re-run each compressed layer once per batch
+        result = run_sequential(
+            model, adapter, passes, ids, device=dev, batch_size=batch_size, on_layer=on_layer, stats_provider=stats_provider,
+            extra_ids=extra_ids, stream=stream,
+        )
     timings["compress"] = time.perf_counter() - t0
     structure = model_structure(model)
     for p in passes:
@@ -223,9 +225,15 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Perplexity on each dataset in ``spec.ppl`` and lm-eval on ``spec.tasks``; each metric
     carries its protocol. Keyword arguments build the spec when none is given."""
+    spec = spec or EvalSpec(**{k: tuple(v) if k in ("ppl", "tasks") else v for k, v in kwargs.items()})
+    with dense_cache(model):  # every window and task request re-runs each layer; dropped on return
+        return _evaluate(model, tokenizer, spec, data_dir, lm_factory, on_window)
+
+
+def _evaluate(model: nn.Module, tokenizer: Any, spec: EvalSpec, data_dir: str | Path | None, lm_factory: Any,
+              on_window: Callable[[int, int], None] | None) -> list[dict[str, Any]]:
     from .eval.perplexity import perplexity
 
-    spec = spec or EvalSpec(**{k: tuple(v) if k in ("ppl", "tasks") else v for k, v in kwargs.items()})
     out: list[dict[str, Any]] = []
     for name in spec.ppl:
         r = perplexity(

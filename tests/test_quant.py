@@ -269,3 +269,33 @@ def test_static_group_sweep_matches_the_general_sweep_and_reuses_equal_factors(m
     b, _ = G.gptq_quantize(W[:20], H.clone(), QuantSpec(bits=4, group_size=32), actorder=True, cache=cache)
     G.gptq_quantize(W, H * 2, QuantSpec(bits=4, group_size=32), actorder=True, cache=cache)
     assert len(calls) == 2 and torch.equal(a.q[:20], b.q)
+
+
+@pytest.mark.parametrize("env", [None, "0", "1"])
+def test_dense_weight_cache_lives_only_inside_compress_loops(env: str | None, calib_ids: torch.Tensor,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A QuantLinear keeps its dequantized weight only inside compress's own loops (calibration,
+    evaluation) and drops it when they return; COMPRESS_DENSE_CACHE=0 never keeps it, =1 always."""
+    from compress.api import evaluate
+    from compress.modules.base import dense_cache
+
+    if env is None:
+        monkeypatch.delenv("COMPRESS_DENSE_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("COMPRESS_DENSE_CACHE", env)
+
+    def cached(m: torch.nn.Module) -> int:
+        return sum("_dense_cache" in q.__dict__ for q in m.modules() if isinstance(q, QuantLinear))
+
+    model = make_tiny("llama")
+    compress(model, ["rtn:bits=4,group=16"], calib_ids)
+    ids = calib_ids[:1, :16]
+    with torch.no_grad():
+        assert env == "1" or cached(model) == 0  # whatever compress's loop built is gone
+        with dense_cache(model):
+            ref = model(input_ids=ids).logits
+            assert cached(model) == (0 if env == "0" else 14)
+        assert cached(model) == (14 if env == "1" else 0)
+        assert torch.equal(model(input_ids=ids).logits, ref)  # with or without the cache, the same numbers
+    evaluate(model, None, ppl=(), tasks=())
+    assert cached(model) == (14 if env == "1" else 0)

@@ -13,7 +13,8 @@ here too, so that module files do not import each other.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, ClassVar
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -104,20 +105,40 @@ def is_compressed(module: nn.Module) -> bool:
     return isinstance(module, CompressedLinear)
 
 
-#: environment variable: "0" turns the CPU dense-weight cache off (memory stays compressed, each
-#: forward dequantizes again)
+#: environment variable: "1" keeps the CPU dense-weight cache everywhere, "0" nowhere; unset, it is
+#: kept only inside :func:`dense_cache` scopes (compress's own calibration and evaluation loops)
 DENSE_CACHE_ENV = "COMPRESS_DENSE_CACHE"
+_cache_scopes = 0
 
 
 def dense_cache_enabled() -> bool:
-    return os.environ.get(DENSE_CACHE_ENV, "1") != "0"
+    forced = os.environ.get(DENSE_CACHE_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _cache_scopes > 0
+
+
+@contextmanager
+def dense_cache(root: nn.Module) -> Iterator[None]:
+    """Within this scope compressed modules on the CPU keep their dequantized weight between
+    forwards (a loop that re-runs every layer many times: calibration, perplexity, lm-eval tasks);
+    leaving the outermost scope drops every cache under ``root``, so a model handed back to the
+    caller holds only its compressed tensors (unless ``COMPRESS_DENSE_CACHE=1``)."""
+    global _cache_scopes
+    _cache_scopes += 1
+    try:
+        yield
+    finally:
+        _cache_scopes -= 1
+        if _cache_scopes == 0 and os.environ.get(DENSE_CACHE_ENV) != "1":
+            drop_caches(root)
 
 
 def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Tensor:
-    """The module's dequantized weight; on the CPU it is kept between calls (evaluation re-runs every
-    layer many times; built at the layer's first forward, never at load) and rebuilt whenever a
-    storage buffer was replaced or modified in place; ``COMPRESS_DENSE_CACHE=0`` turns it off. On
-    accelerators it is rebuilt each call, so the packed form stays the only copy in device memory."""
+    """The module's dequantized weight. On the CPU, inside a :func:`dense_cache` scope (or with
+    ``COMPRESS_DENSE_CACHE=1``), it is kept between calls (built at the layer's first forward, never
+    at load) and rebuilt whenever a storage buffer was replaced or modified in place; elsewhere, and
+    always on accelerators, it is rebuilt each call, so the packed form stays the only copy."""
     tensors = [getattr(module, b) for b in buffers]
     if tensors[0].device.type != "cpu" or not dense_cache_enabled():
         return module.dense_weight()  # type: ignore[operator]
