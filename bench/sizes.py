@@ -90,11 +90,34 @@ def measure(model: Any, tok: Any) -> dict[str, Any]:
     }
 
 
+NOTES = [
+    "disk_bytes: model*.safetensors of the compress checkpoint. tensor_bytes: parameters and buffers of the model "
+    "opened with plain from_pretrained (after import compress), shared tensors once.",
+    "rss_*_mb: resident memory added in a fresh process by from_pretrained (the file is memory-mapped: pages count "
+    "once touched, so rss_load is small for every row), then after one 512-token forward with the CPU dense-weight "
+    "cache forced on (COMPRESS_DENSE_CACHE=1) and off (=0; also the default outside compress's own calibration and "
+    "evaluation loops). Only QuantLinear keeps a cache (its dequantized weight, built at its first CPU forward "
+    "inside such a loop, dropped when the loop returns); on CUDA it is never kept.",
+    "The dense row is the unchanged model written the same way (fp32, tied embeddings stored once). The dense row's "
+    "ppl comes from the Bench's protocol run; compressed rows carry no ppl here.",
+    "by_type_mb: tensor_bytes by the module type that holds them (MiB); the embedding is tied to the LM head and stored once.",
+]
+
+
+def write(results: Any) -> None:
+    for r in results.data["rows"]:
+        if "tensor_bytes_by_type" in r:
+            r["by_type_mb"] = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in r["tensor_bytes_by_type"].items() if v >= 2**20)
+    results.save()
+    results.write_markdown("Checkpoint size on disk and in memory (SmolLM2-135M-Instruct)", NOTES)
+
+
 def main() -> None:
     ap = parser(__doc__, "sizes", rows=False)
     args = ap.parse_args()
     protocol = protocol_for(args)
-    cols = ["method", "params", "bits_per_weight", "disk_bytes", "tensor_bytes", "rss_load_mb", "rss_forward_mb", "rss_forward_nocache_mb"]
+    cols = ["method", "params", "bits_per_weight", "disk_bytes", "tensor_bytes", "by_type_mb", "rss_load_mb", "rss_forward_mb",
+            "rss_forward_nocache_mb"]
     bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols)
     dense = bench.results.data["rows"][0]
     dense.update(measure(bench.model, bench.tok))
@@ -102,18 +125,7 @@ def main() -> None:
     print(dense, flush=True)
     for method, recipe in ROWS:
         bench.row(method, recipe, {"recipe": recipe}, measure=lambda m: measure(m, bench.tok), measure_ppl=False)
-    bench.results.write_markdown("Checkpoint size on disk and in memory (SmolLM2-135M-Instruct)", [
-        "disk_bytes: model*.safetensors of the compress checkpoint. tensor_bytes: parameters and buffers of the model "
-        "opened with plain from_pretrained (after import compress), shared tensors once.",
-        "rss_*_mb: resident memory added in a fresh process by from_pretrained (the file is memory-mapped: pages count "
-        "once touched, so rss_load is small for every row), then after one 512-token forward with the CPU dense-weight "
-        "cache forced on (COMPRESS_DENSE_CACHE=1) and off (=0; also the default outside compress's own calibration and "
-        "evaluation loops). Only QuantLinear keeps a cache (its dequantized weight, built at its first CPU forward "
-        "inside such a loop, dropped when the loop returns); on CUDA it is never kept.",
-        "The dense row is the unchanged model written the same way (fp32, tied embeddings stored once). The dense row's "
-        "ppl comes from the Bench's protocol run; compressed rows carry no ppl here.",
-        "tensor_bytes_by_type is in sizes.json.",
-    ])
+    write(bench.results)
 
 
 if __name__ == "__main__":
