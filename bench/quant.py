@@ -37,6 +37,7 @@ ROWS: list[tuple[str, str, list[str] | None]] = [
     ("bcq", "bits=3,group=64", None),
     ("bcq", "bits=3,group=192", None),  # 3.42 bits/weight: against gptq 3-bit g48 (3.40)
     ("gptq", "bits=3,group=48", None),
+    ("gptq", "bits=3,group=64,propagate=dense", None),  # one forward per layer (next layer on dense outputs)
 ]
 
 

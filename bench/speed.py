@@ -14,7 +14,8 @@ perplexity code (the WikiText-2 token ids are computed here and handed over).
 
 Rows: a dense calibration forward (the time unit); GPTQ W4 g128 and W4 g64 asymmetric, ours with
 ``sequential=false`` (every sub-group's statistics from one forward of the layer) and
-``sequential=true`` (one forward per sub-group, each after the ones before it were quantized),
+``sequential=true`` (one forward per sub-group, each after the ones before it were quantized) and
+``propagate=dense`` (the next layer calibrated on the dense layer's outputs: one forward per layer),
 llm-compressor's GPTQModifier with its defaults; with ``--time-only``, svd-llm 0.2 and sparsegpt 2:4
 (time only).
 """
@@ -71,6 +72,7 @@ OURS = [
     ("gptq", "bits=4,group=128,sequential=true"),
     ("gptq", "bits=4,group=64,sequential=false"),
     ("gptq", "bits=4,group=64,sequential=true"),
+    ("gptq", "bits=4,group=64,propagate=dense"),
 ]
 TIME_ONLY = [("svd-llm", "ratio=0.2"), ("sparsegpt", "pattern=2:4")]  # with --time-only
 
@@ -135,6 +137,8 @@ def main() -> None:
         "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens, the same code and token ids for both tools.",
         "sequential=false: every sub-group's statistics from one forward of the layer (llm-compressor's scheme); "
         "sequential=true: each sub-group observed after the ones before it were quantized.",
+        "propagate=dense: the next layer's inputs are the dense layer's outputs from the statistics forward (one forward per "
+        "layer instead of two; later layers do not see earlier layers' errors).",
     ])
 
 

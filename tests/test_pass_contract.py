@@ -374,6 +374,46 @@ def test_one_forward_per_layer_observes_every_group_on_the_layer_as_found(sequen
     assert torch.allclose(g_run, g_dense, rtol=1e-6, atol=1e-6) is (not sequential)
 
 
+@pytest.mark.parametrize("propagate", ["compressed", "dense"])
+def test_propagate_dense_calibrates_each_layer_on_the_dense_models_inputs_in_one_forward(
+        propagate: str, calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gptq:propagate=dense hands layer 1 the dense layer 0's outputs (its q_proj Gram is the dense
+    model's) and runs every decoder layer once per batch; the default runs it twice (statistics, then
+    the quantized layer's outputs), and layer 1 sees layer 0's error."""
+    from compress.passes.quant import GPTQPass
+    from compress.pipeline.capture import capture_layer0_inputs, run_layer, with_hidden
+    from compress.pipeline.layer import observe
+
+    model = make_tiny("llama")
+    adapter = get_adapter(model)
+    cpu = torch.device("cpu")
+    inputs = capture_layer0_inputs(model, adapter, calib_ids, 4, cpu)
+    layers = adapter.layers(model)
+    with torch.no_grad():
+        nxt = [with_hidden(b, run_layer(layers[0], b, cpu)) for b in inputs]
+    dense1 = observe(layers[1], ["self_attn.q_proj"], frozenset({"gram"}), nxt, cpu)
+    seen: dict[str, torch.Tensor] = {}
+    original = GPTQPass.quantize
+
+    def spy(self, name, W, spec, stats):  # type: ignore[no-untyped-def]
+        seen.setdefault(name, stats.gram.clone())
+        return original(self, name, W, spec, stats)
+
+    calls = [0, 0]
+    for k in range(2):
+        layers[k].register_forward_pre_hook(lambda *_a, k=k: calls.__setitem__(k, calls[k] + 1))
+    monkeypatch.setattr(GPTQPass, "quantize", spy)
+    compress(model, [f"gptq:bits=3,group=16,propagate={propagate}"], calib_ids)
+    same = torch.allclose(seen["model.layers.1.self_attn.q_proj"], dense1.linears["self_attn.q_proj"].gram, rtol=1e-6, atol=1e-6)
+    assert same is (propagate == "dense")
+    # per batch: the last layer runs once (statistics; nothing after it to propagate to); layer 0
+    # once to capture its inputs, once for statistics, and once more for its quantized outputs
+    # unless they are propagated dense
+    assert calls[0] == calls[1] * (2 if propagate == "dense" else 3)
+    with pytest.raises(ConfigError, match="propagate=dense .* needs sequential=false"):
+        compress(make_tiny("llama"), ["gptq:propagate=dense,sequential=true"], calib_ids)
+
+
 def test_targets_option_limits_compression(calib_ids: torch.Tensor) -> None:
     model = make_tiny("mistral")
     report = compress(model, ["svd:ratio=0.3,targets=mlp.*"], None)

@@ -111,6 +111,10 @@ class Capabilities:
     #: a per-linear pass observes every sub-group's inputs in one forward of the layer as the pass finds
     #: it (False: each sub-group after the ones before it were compressed, one forward per sub-group)
     observe_once: bool = False
+    #: with ``observe_once``: the next layer's calibration inputs are this layer's outputs from that
+    #: one forward (before the pass changed it) instead of from one more forward of the compressed
+    #: layer; a later layer then does not see the earlier layers' errors
+    propagate_dense: bool = False
 
 
 class LayerContext(Protocol):

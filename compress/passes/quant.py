@@ -68,10 +68,19 @@ class GPTQConfig(RTNConfig):
     clip: bool = option(True, "search a range shrink per group minimizing the diag(H)-weighted error (SmolLM2 W3 g64 with "
                         "activation order: 35.2 vs 42.6 without, bench/results/quant.md)")
     damp: float = option(0.01, "damping added to diag(H), as a fraction of its mean", min=0.0, max=1.0)
+    propagate: str = option("compressed", "the next layer's calibration inputs: this layer's outputs after quantization (one more "
+                            "forward per layer; later layers see earlier errors) or before it ('dense': from the statistics forward, "
+                            "one forward per layer)", choices=("compressed", "dense"))
     blocksize: int = option(128, "columns per lazy-update block", min=1)
     actorder: bool = option(True, "quantize columns in order of decreasing diag(H), group parameters from the original weights "
                             "(static groups); SmolLM2 W3 g64: 42.6 vs 59.8 without (bench/results/quant.md)")
     static_groups: bool = option(False, "compute per-OC group parameters from the original weights up front")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.propagate == "dense" and self.sequential:
+            raise ConfigError(f"pass '{self.pass_name}': propagate=dense takes the layer's outputs from its one statistics forward; "
+                              "it needs sequential=false")
 
 
 class _QuantPass(Pass):
@@ -244,7 +253,7 @@ class GPTQPass(_QuantPass):
     def capabilities(cls, config: PassConfig) -> Capabilities:
         assert isinstance(config, GPTQConfig)
         return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), uses_layer_inputs=config.dim == "ada",
-                            observe_once=not config.sequential)
+                            observe_once=not config.sequential, propagate_dense=config.propagate == "dense")
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         assert stats is not None and stats.gram is not None

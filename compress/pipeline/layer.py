@@ -22,11 +22,11 @@ def observe(
 ) -> LayerStats:
     """Run the calibration batches through ``layer`` with hooks on the inputs of ``names``
     (``LAYER_OUTPUT``: the layer's own output); stop each forward as soon as every hooked point has
-    been seen. With ``LAYER_OUTPUT`` observed, the layer's outputs are appended to ``outputs``
-    (on the CPU) when a list is given."""
+    been seen. When a list ``outputs`` is given, every forward runs to the end and the layer's
+    outputs are appended to it (on the CPU)."""
     stats = LayerStats(kinds)
     inner = [n for n in names if n != LAYER_OUTPUT]
-    want_output = LAYER_OUTPUT in names
+    want_output = LAYER_OUTPUT in names or outputs is not None
     seen: set[str] = set()
 
     def make_hook(name: str) -> Callable[..., None]:
@@ -40,7 +40,8 @@ def observe(
 
     def output_hook(_mod: nn.Module, _args: Any, out: Any) -> None:
         h = (out[0] if isinstance(out, (tuple, list)) else out).detach()
-        stats.observe(LAYER_OUTPUT, h)
+        if LAYER_OUTPUT in names:
+            stats.observe(LAYER_OUTPUT, h)
         if outputs is not None:
             outputs.append(h.to("cpu"))
 

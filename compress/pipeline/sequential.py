@@ -219,12 +219,16 @@ def _run_segment(
 
             originals = snapshot()
             main = inputs_by.get(None, [])
+            dense_out: list[torch.Tensor] | None = None  # the layer's outputs before the passes (propagate_dense)
             for p in passes:
                 once: LayerStats | None = None  # every sub-group's statistics from one forward (observe_once)
                 if p.granularity == "linear" and p.caps.observe_once and p.caps.requires_calibration and (
                         stats_provider is None or p.caps.calib_source is not None):
                     every = [n for g in groups for n in g if p.targets(n, layer.get_submodule(n))]
-                    once = observe(layer, every, p.caps.statistics, inputs_by[p.caps.calib_source], device) if every else None
+                    grab = p.caps.propagate_dense and p.caps.calib_source is None and dense_out is None and known is None
+                    outs: list[torch.Tensor] | None = [] if grab else None
+                    once = observe(layer, every, p.caps.statistics, inputs_by[p.caps.calib_source], device, outs) if every else None
+                    dense_out = outs if grab and every else dense_out
                     if once is not None and d is not None:
                         once = reduce_stats(once, d)
                 if p.granularity == "model":
@@ -270,6 +274,8 @@ def _run_segment(
                         ))
                     del stats, context
             del originals
+            if known is None and dense_out is not None:
+                known = {None: dense_out}
             return known
 
         seconds = layer_loop(adapter, model, inputs_by, device, body, on_layer, stream)
