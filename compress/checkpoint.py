@@ -33,11 +33,11 @@ from torch import nn
 from .errors import CompressError
 from .hf_format import quantization_config, write_quantization_config
 from .modules import CompressedLinear
+from .model_tensors import STRUCTURE_ATTR, dedupe  # noqa: F401  (STRUCTURE_ATTR re-exported)
 from .version import FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
 #: attribute of the model's config holding the structure passes added (pass name → description)
-STRUCTURE_ATTR = "compress_structure"
 SHARD_BYTES = 2 * 1024**3
 _FORMAT = "compress-checkpoint"
 
@@ -73,23 +73,6 @@ def _apply_umask(root: Path) -> None:
         os.chmod(dirpath, 0o777 & ~mask)
         for f in files:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
-
-
-def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier one (tied weights); return (tensors, alias → kept name)."""
-    kept: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_ptr: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    # the input embedding is kept over a tied output head
-    for name in sorted(state, key=lambda n: ("lm_head" in n, n)):
-        t = state[name]
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and key in by_ptr:
-            aliases[name] = by_ptr[key]
-            continue
-        by_ptr[key] = name
-        kept[name] = t.detach().to("cpu").contiguous()
-    return kept, aliases
 
 
 def write_weights(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int | None = None) -> list[str]:
@@ -282,58 +265,6 @@ def manifest_structure(manifest: dict[str, Any]) -> dict[str, Any]:
         if cls.legacy_manifest_key and cls.legacy_manifest_key in manifest and name not in structure:
             structure[name] = manifest[cls.legacy_manifest_key]
     return structure
-
-
-def rebuild_structure(model: nn.Module, structure: dict[str, Any], dtype: torch.dtype) -> None:
-    """Let each pass that added structure rebuild it on a freshly built model, before the weights load."""
-    from .adapters import get_adapter
-    from .registry import get_pass
-
-    if not structure:
-        return
-    adapter = get_adapter(model)
-    for name, desc in structure.items():
-        try:
-            cls = get_pass(name)
-        except CompressError:
-            raise CompressError(f"the checkpoint's structure was made by pass '{name}', unknown to this version; upgrade compress") from None
-        cls.rebuild(model, adapter, desc, dtype)
-    setattr(model.config, STRUCTURE_ATTR, dict(structure))
-
-
-def resize_to(model: nn.Module, shapes: dict[str, tuple[int, ...]], device: torch.device | str = "cpu") -> None:
-    """Reshape parameters and buffers whose saved shape differs (sliced models store smaller matrices)."""
-    for name, shape in shapes.items():
-        owner, _, attr = name.rpartition(".")
-        try:
-            mod = model.get_submodule(owner) if owner else model
-        except AttributeError:
-            continue  # not a tensor of this model: the loader reports it
-        cur = getattr(mod, attr, None)
-        if not isinstance(cur, torch.Tensor) or tuple(cur.shape) == tuple(shape):
-            continue
-        if attr in mod._parameters:
-            mod._parameters[attr] = nn.Parameter(torch.empty(shape, dtype=cur.dtype, device=device), requires_grad=cur.requires_grad)
-        else:
-            mod._buffers[attr] = torch.empty(shape, dtype=cur.dtype, device=device)
-        if isinstance(mod, nn.Linear) and attr == "weight":
-            mod.out_features, mod.in_features = shape
-        if isinstance(mod, nn.Embedding) and attr == "weight":
-            mod.embedding_dim = shape[1]
-
-
-def retie(model: nn.Module, tied: dict[str, str]) -> None:
-    """Make each alias the very same parameter (or buffer) as its source (tied embeddings, a
-    dictionary shared across layers)."""
-    for alias, src in tied.items():
-        owner, _, attr = alias.rpartition(".")
-        s_owner, _, s_attr = src.rpartition(".")
-        src_param = getattr(model.get_submodule(s_owner) if s_owner else model, s_attr)
-        mod = model.get_submodule(owner) if owner else model
-        if isinstance(src_param, nn.Parameter) and attr in mod._parameters:
-            mod._parameters[attr] = src_param
-        elif isinstance(src_param, torch.Tensor) and attr in mod._buffers:
-            mod._buffers[attr] = src_param
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -130,7 +130,7 @@ def _define() -> tuple[type, type]:
 
         def get_state_dict_and_metadata(self, model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             # tensors written once (safetensors holds no aliases); the tied ones are in the config's entry
-            from .checkpoint import dedupe
+            from .model_tensors import dedupe
 
             return dedupe(model.state_dict())[0], {}
 
@@ -208,7 +208,7 @@ def prepare_model(model: Any, entry: dict[str, Any], dtype: Any, files: list[str
     shapes and tied aliases, so that its state dict names and shapes match the checkpoint's."""
     import torch
 
-    from .checkpoint import rebuild_structure, resize_to
+    from .model_tensors import rebuild_structure, resize_to
     from .modules import MODULE_TYPES
     from .pipeline.capture import set_submodule
 
@@ -233,7 +233,7 @@ def prepare_model(model: Any, entry: dict[str, Any], dtype: Any, files: list[str
 def finish_model(model: Any, entry: dict[str, Any]) -> None:
     """After the weights loaded: tie the buffer aliases :func:`prepare_model` set aside, and make them part
     of the state dict again."""
-    from .checkpoint import retie
+    from .model_tensors import retie
     from .modules.base import drop_caches
 
     tied = entry.get("tied") or {}

@@ -163,7 +163,7 @@ class TestRun:
         (["gptq:bits=4,group=0,dim=ic"], ("gptq",), "per-output-channel groups only"),
         (["slicegpt:sparsity=0.25"], ("dense",), "--export dense is not possible after slicegpt"),
         (["gptq:bits=4,group=0"], ("peft",), "--export peft needs low-rank branches"),
-        (["svd:ratio=0.2"], ("onnx",), "unknown export format 'onnx'; available: dense, gptq, peft"),
+        (["svd:ratio=0.2"], ("onnx",), "unknown export format 'onnx'; available: dense, gptq, compressed-tensors, peft"),
     ])
     def test_exports_the_recipe_cannot_produce_are_refused_before_loading(
         self, recipe: list[str], export: tuple[str, ...], match: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
