@@ -77,10 +77,9 @@ def _gptq_recipe(passes: list["PassSpec"]) -> str | None:
         return (f"--export gptq needs every decoder linear quantized by rtn or gptq (dim=oc); this recipe leaves {', '.join(other)} "
                 "modules; drop --export gptq or quantize last")
     for s in passes:
-        if getattr(s.config, "dim", "oc") != "oc":
-            return f"--export gptq holds per-output-channel groups only; {s.name}:dim={s.config.dim} can produce per-IC layers; use dim=oc"  # type: ignore[attr-defined]
-        if getattr(s.config, "levels", "uniform") != "uniform":
-            return f"--export gptq holds uniform levels only; {s.name} uses levels={s.config.levels}"  # type: ignore[attr-defined]
+        why = _uniform_oc_reason("gptq", s)
+        if why:
+            return why
     return None
 
 
@@ -127,10 +126,18 @@ def _ct_recipe(passes: list["PassSpec"]) -> str | None:
         if get_pass(s.name).rebuild.__func__ is not Pass.rebuild.__func__:  # type: ignore[attr-defined]
             return (f"--export compressed-tensors needs the model's own architecture; {s.name} changes it "
                     "(its checkpoint opens with from_pretrained after import compress)")
-        if getattr(s.config, "dim", "oc") != "oc":
-            return f"--export compressed-tensors holds per-output-channel groups only; {s.name}:dim={s.config.dim} can produce per-IC layers; use dim=oc"  # type: ignore[attr-defined]
-        if getattr(s.config, "levels", "uniform") != "uniform":
-            return f"--export compressed-tensors holds uniform integer levels only; {s.name} uses levels={s.config.levels}"  # type: ignore[attr-defined]
+        why = _uniform_oc_reason("compressed-tensors", s)
+        if why:
+            return why
+    return None
+
+
+def _uniform_oc_reason(fmt: str, s: Any) -> str | None:
+    """Why pass ``s`` can produce layers a per-output-channel uniform-integer format cannot hold."""
+    if getattr(s.config, "dim", "oc") != "oc":
+        return f"--export {fmt} holds per-output-channel groups only; {s.name}:dim={s.config.dim} can produce per-IC layers; use dim=oc"
+    if getattr(s.config, "levels", "uniform") != "uniform":
+        return f"--export {fmt} holds uniform integer levels only; {s.name} uses levels={s.config.levels}"
     return None
 
 
