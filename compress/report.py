@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fsutil import atomic_text
 from .records import ModuleRecord
 
 RATIO_DEFINITION = (
@@ -158,9 +158,7 @@ def write_report(data: dict[str, Any], directory: str | Path) -> None:
     """Write report.json and report.md (each replaced atomically)."""
     d = Path(directory)
     for name, text in (("report.json", json.dumps(data, indent=2, default=str) + "\n"), ("report.md", render_markdown(data))):
-        tmp = d / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, d / name)
+        atomic_text(d / name, text, unique=False)
 
 
 def merge_metrics(data: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .fsutil import atomic_write
 from .pipeline.stats import LayerStats, LinearStats
 
 CACHE_ENV = "COMPRESS_CACHE_DIR"
@@ -59,9 +60,8 @@ class StatsCache:
                     tensors[alias] = t.contiguous()
                     stored.append((alias, t))
                 meta[name][k] = alias
-        tmp = self._path(i).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"kinds": json.dumps(sorted(stats.kinds)), "linears": json.dumps(meta)})
-        os.replace(tmp, self._path(i))
+        metadata = {"kinds": json.dumps(sorted(stats.kinds)), "linears": json.dumps(meta)}
+        atomic_write(self._path(i), lambda tmp: save_file(tensors, str(tmp), metadata=metadata), unique=False)
 
     def load_layer(self, i: int) -> LayerStats:
         if self._loaded is not None and self._loaded[0] == i:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import CompressError
+from ..fsutil import first_directory
 
 TASKS_DIR_ENV = "COMPRESS_TASKS_DIR"
 PLACEHOLDER = "__DATA_DIR__"
@@ -64,16 +65,13 @@ def render_tasks_dir(tasks_dir: Path, data_dir: Path | None = None, cache: Path 
             key.update(p.name.encode() + str(p.stat().st_mtime_ns).encode())
     root = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "compress" / "lm_eval_tasks"
     out = root / key.hexdigest()[:16]
-    if out.is_dir():
-        return out
-    tmp = root / (out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(tasks_dir, tmp)
-    for p in tmp.rglob("*"):
-        if p.is_file() and (p.suffix == ".yaml" or p.name.endswith("_yaml")):
-            p.write_text(p.read_text().replace(PLACEHOLDER, str(data)))
-    os.replace(tmp, out)
-    return out
+    def build(tmp: Path) -> None:
+        shutil.copytree(tasks_dir, tmp, dirs_exist_ok=True)
+        for p in tmp.rglob("*"):
+            if p.is_file() and (p.suffix == ".yaml" or p.name.endswith("_yaml")):
+                p.write_text(p.read_text().replace(PLACEHOLDER, str(data)))
+
+    return first_directory(out, build)
 
 
 def resolve_task_names(requested: list[str], available: set[str], prefer_offline: bool = False) -> dict[str, str]:
