@@ -37,6 +37,9 @@ GROUP = 128
 L2_ROTATE_BYTES = 256 << 20
 
 
+#: the kernel preference the op timings run with (the script sets "cuda" on a GPU)
+PREFERENCE = ["auto"]
+
 def _timer(dev: str) -> Callable[[Callable[[], Any], int], float]:
     """Median seconds of fn over reps runs (CUDA events on GPU, perf_counter elsewhere)."""
     def run(fn: Callable[[], Any], reps: int) -> float:
@@ -116,7 +119,7 @@ def bench_shapes(dev: str, shapes: list[tuple[int, int]], batches: list[int], re
             t_dense = timer(lambda: F.linear(x(), dense_w()), reps)
             row: dict[str, Any] = {"N": n, "K": k, "batch": b, "cublas_fp16_us": t_dense * 1e6,
                                    "cublas_floor_us": (n * k * 2 + act) / bw * 1e6}
-            t24 = timer(lambda: ops.sparse24_linear(x(), *s24()[:2], None), reps)
+            t24 = timer(lambda: ops.sparse24_linear(x(), *s24()[:2], None, PREFERENCE[0]), reps)
             row.update(ours_24_us=t24 * 1e6, ours_24_floor_us=(n * k + n * k // 8 + act) / bw * 1e6, ours_24_speedup=t_dense / t24)
             try:
                 if dev != "cuda" or s24()[2] is None:
@@ -129,7 +132,7 @@ def bench_shapes(dev: str, shapes: list[tuple[int, int]], batches: list[int], re
                 if b > ops.LUT_MAX_TOKENS:
                     row[f"lut{q}_us"] = None
                     continue
-                tq = timer(lambda q=q: ops.bcq_linear(x(), *luts[q](), k, None), reps)
+                tq = timer(lambda q=q: ops.bcq_linear(x(), *luts[q](), k, None, PREFERENCE[0]), reps)
                 floor = (n * k * q // 8 + q * n * (k // GROUP) * 2 + n * (k // GROUP) * 4 + act) / bw
                 row.update({f"lut{q}_us": tq * 1e6, f"lut{q}_floor_us": floor * 1e6, f"lut{q}_speedup": t_dense / tq,
                             f"lut{q}_floor_speedup": t_dense / floor})
@@ -218,15 +221,14 @@ def main() -> None:
     else:
         if dev != "cuda":
             raise SystemExit("no CUDA device: run on the GPU machine, or use --dry-run to check the script")
-        ops.set_preference("cuda")
+        PREFERENCE[0] = "cuda"  # a kernel that cannot run is an error, not a silent fallback
         shapes, batches, reps = SHAPES, BATCHES, args.reps
     timer = _timer(dev)
     bw = copy_bandwidth(dev, timer, (1 << 30) if dev == "cuda" else (64 << 20))
     dev_name = torch.cuda.get_device_name(0) if dev == "cuda" else "CPU (dry run: reference paths, timings meaningless)"
     print(f"{dev_name}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     rows = bench_shapes(dev, shapes, batches, reps, bw)
-    with ops.preference("auto"):
-        e2e = end_to_end(dev, args.dry_run, args.tokens if not args.dry_run else 4)
+    e2e = end_to_end(dev, args.dry_run, args.tokens if not args.dry_run else 4)  # the modules' own preference: auto
     print(json.dumps(e2e), flush=True)
     out = Path(args.out) if not args.dry_run else Path("/tmp/kernels_dry")
     out.parent.mkdir(parents=True, exist_ok=True)

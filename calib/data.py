@@ -22,12 +22,13 @@ import glob
 import gzip
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import Options, option
 from ..errors import CompressError
 
 DATA_DIR_ENV = "COMPRESS_DATA_DIR"
@@ -36,35 +37,19 @@ _SPLIT_ALIASES = {"validation": "valid", "val": "valid", "dev": "valid"}
 
 
 @dataclass
-class CalibConfig:
+class CalibConfig(Options):
     """Calibration settings: source, number of sequences, their length, seed, forward batch size."""
 
-    source: str = "c4"
-    samples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    split: str = "train"
-
-    def __post_init__(self) -> None:
-        for k in ("samples", "seqlen", "batch_size"):
-            if int(getattr(self, k)) < 1:
-                raise CompressError(f"calibration {k} must be a positive integer, got {getattr(self, k)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    source: str = option("c4", "calibration text: c4, wikitext2, ptb or a path to a .txt/.jsonl/.parquet file", flag="--calib")
+    samples: int = option(32, "calibration sequences", min=1, flag="--calib-samples")
+    seqlen: int = option(512, "tokens per calibration sequence", min=1, flag="--calib-seqlen")
+    seed: int = option(0, "calibration sampling seed", flag="--seed")
+    batch_size: int = option(8, "calibration forward batch size", min=1, flag="--batch-size")
+    split: str = option("train", "split of a named source", flag="--calib-split")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CalibConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise CompressError(f"unknown calibration key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-        types = {"samples": int, "seqlen": int, "seed": int, "batch_size": int, "source": str, "split": str}
-        try:
-            return cls(**{k: types[k](v) for k, v in d.items()})
-        except (TypeError, ValueError) as e:
-            raise CompressError(f"invalid calibration setting: {e}") from None
+    def unknown_message(cls, unknown: list[str], what: str) -> str:
+        return f"{what + ': ' if what else ''}unknown calibration key(s) {', '.join(unknown)}; allowed: {', '.join(f.name for f in cls.fields())}"
 
 
 def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
@@ -186,9 +171,10 @@ def join_documents(source: str, docs: list[str]) -> str:
     return (" " if source == "ptb" else "\n\n").join(docs)
 
 
-def calibration_ids(tokenizer: Any, cfg: CalibConfig, data_dir: str | Path | None = None) -> torch.Tensor:
-    """``cfg.samples`` sequences of ``cfg.seqlen`` tokens, shape (samples, seqlen), reproducible."""
-    docs = load_documents(cfg.source, cfg.split, data_dir)
+def calibration_ids(tokenizer: Any, cfg: CalibConfig, data_dir: str | Path | None = None, docs: list[str] | None = None) -> torch.Tensor:
+    """``cfg.samples`` sequences of ``cfg.seqlen`` tokens, shape (samples, seqlen), reproducible;
+    ``docs``: the source's documents when the caller has read them already."""
+    docs = load_documents(cfg.source, cfg.split, data_dir) if docs is None else docs
     text = join_documents(cfg.source, docs)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     n_chunks = ids.numel() // cfg.seqlen

@@ -15,11 +15,12 @@ from .version import __version__
 
 _install_format()  # AutoModelForCausalLM.from_pretrained opens compress checkpoints (registered when transformers loads)
 
-__all__ = ["__version__", "compress", "load", "run", "evaluate", "sweep", "CalibConfig", "EvalSpec", "CompressError"]
+__all__ = ["__version__", "plan", "compress", "load", "run", "execute", "evaluate", "sweep", "CalibConfig", "EvalSpec", "RunPlan",
+           "CompressError"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("compress", "load", "run", "evaluate", "EvalSpec"):
+    if name in ("plan", "compress", "load", "run", "execute", "evaluate", "EvalSpec", "RunPlan"):
         from . import api
 
         return getattr(api, name)

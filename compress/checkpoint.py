@@ -20,59 +20,24 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CompressError
+from .fsutil import atomic_directory  # noqa: F401  (re-exported: writers import it from here)
 from .hf_format import quantization_config, write_quantization_config
-from .modules import CompressedLinear
 from .model_tensors import STRUCTURE_ATTR, dedupe  # noqa: F401  (STRUCTURE_ATTR re-exported)
+from .modules import CompressedLinear
 from .version import FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
 #: attribute of the model's config holding the structure passes added (pass name → description)
 SHARD_BYTES = 2 * 1024**3
 _FORMAT = "compress-checkpoint"
-
-
-@contextlib.contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``out`` only when the block finishes without error."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CompressError(f"output directory '{out}' exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _apply_umask(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def _apply_umask(root: Path) -> None:
-    """mkdtemp and some writers create private files; give the finished tree the usual permissions."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for dirpath, _dirs, files in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~mask)
-        for f in files:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
 
 
 def write_weights(state: dict[str, torch.Tensor], directory: Path, shard_bytes: int | None = None) -> list[str]:
@@ -261,7 +226,11 @@ def manifest_structure(manifest: dict[str, Any]) -> dict[str, Any]:
     from .registry import all_passes
 
     structure = dict(manifest.get("structure", {}))
+    from .passes.base import ModelPass
+
     for name, cls in all_passes().items():
+        if not issubclass(cls, ModelPass):
+            continue
         if cls.legacy_manifest_key and cls.legacy_manifest_key in manifest and name not in structure:
             structure[name] = manifest[cls.legacy_manifest_key]
     return structure

@@ -17,7 +17,10 @@ from torch import nn
 from .errors import CompressError
 
 if TYPE_CHECKING:
-    from .recipe import PassSpec
+    from .passes.base import Pass
+
+#: the passes of a recipe, in order (built by the planner)
+Passes = list["Pass[Any]"]
 
 
 @dataclass(frozen=True)
@@ -25,34 +28,31 @@ class ExportFormat:
     name: str
     help: str
     #: why a recipe (its passes, in order) cannot produce this format, or None
-    check_recipe: Callable[[list["PassSpec"]], str | None]
+    check_recipe: Callable[[Passes], str | None]
     #: raise a CompressError when the compressed model cannot be written in this format
     check_model: Callable[[nn.Module, str], None]
     #: write(model, tokenizer, directory, layers_path, source)
     write: Callable[[nn.Module, Any, Path, str, str], None]
 
 
-def final_module_types(passes: list["PassSpec"]) -> set[str]:
+def final_module_types(passes: Passes) -> set[str]:
     """Module types an untargeted linear may have after the recipe (passes narrowed with targets=
     leave the other linears as they were, so their types are added)."""
     from .passes.base import LINEAR
-    from .registry import get_pass
 
-    kinds = {LINEAR}
+    kinds: frozenset[str] = frozenset({LINEAR})
     narrowed: set[str] = set()
-    for spec in passes:
-        produced = set(get_pass(spec.name).produces_from(spec.config, kinds))
-        if str(getattr(spec.config, "targets", "*")).strip() == "*":
+    for p in passes:
+        produced = p.produces(kinds)
+        if str(p.config.targets).strip() == "*":
             kinds = produced
         else:
             narrowed |= produced
-    return kinds | narrowed
+    return set(kinds) | narrowed
 
 
-def _dense_recipe(passes: list["PassSpec"]) -> str | None:
-    from .registry import get_pass
-
-    blocked = [(s.name, why) for s in passes if (why := get_pass(s.name).dense_blocker(s.config))]
+def _dense_recipe(passes: Passes) -> str | None:
+    blocked = [(p.name, why) for p in passes if (why := p.dense_blocker())]
     return f"--export dense is not possible after {blocked[0][0]}: {blocked[0][1]}" if blocked else None
 
 
@@ -70,7 +70,7 @@ def _dense_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path:
     export_dense(model, tokenizer, directory)
 
 
-def _gptq_recipe(passes: list["PassSpec"]) -> str | None:
+def _gptq_recipe(passes: Passes) -> str | None:
     kinds = final_module_types(passes)
     if kinds != {"QuantLinear"}:
         other = sorted(kinds - {"QuantLinear"})
@@ -95,7 +95,7 @@ def _gptq_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: 
     export_gptq(model, tokenizer, directory, layers_path)
 
 
-def _peft_recipe(passes: list["PassSpec"]) -> str | None:
+def _peft_recipe(passes: Passes) -> str | None:
     if "LoRALinear" not in final_module_types(passes):
         return "--export peft needs low-rank branches: add an eora or lq-lora pass to the recipe"
     return None
@@ -113,9 +113,8 @@ def _peft_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: 
     export_peft(model, directory, source)
 
 
-def _ct_recipe(passes: list["PassSpec"]) -> str | None:
-    from .passes.base import LINEAR, Pass
-    from .registry import get_pass
+def _ct_recipe(passes: Passes) -> str | None:
+    from .passes.base import LINEAR, ModelPass
 
     kinds = final_module_types(passes)
     if "QuantLinear" not in kinds or kinds - {"QuantLinear", LINEAR}:
@@ -123,7 +122,7 @@ def _ct_recipe(passes: list["PassSpec"]) -> str | None:
         return (f"--export compressed-tensors holds rtn/gptq-quantized (and plain) linears; this recipe leaves {', '.join(other)} "
                 "modules; drop --export compressed-tensors or quantize last")
     for s in passes:
-        if get_pass(s.name).rebuild.__func__ is not Pass.rebuild.__func__:  # type: ignore[attr-defined]
+        if isinstance(s, ModelPass):
             return (f"--export compressed-tensors needs the model's own architecture; {s.name} changes it "
                     "(its checkpoint opens with from_pretrained after import compress)")
         why = _uniform_oc_reason("compressed-tensors", s)
@@ -171,7 +170,7 @@ def get_export(name: str) -> ExportFormat:
     return EXPORTS[name]
 
 
-def check_exports(names: tuple[str, ...] | list[str], passes: list["PassSpec"]) -> None:
+def check_exports(names: tuple[str, ...] | list[str], passes: Passes) -> None:
     """Refuse unknown formats and formats the recipe cannot produce, before any compute."""
     for n in names:
         why = get_export(n).check_recipe(passes)

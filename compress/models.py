@@ -10,29 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dtypes import USER_DTYPES, parse_dtype
 from .errors import CompressError
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.msgpack", "*.h5")
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
-    if dtype is None or dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise CompressError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(sorted(set(_DTYPES)))}")
-    return _DTYPES[dtype]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -142,8 +125,8 @@ def open_streamed(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .adapters import get_adapter
-    from .sources import open_source
     from .errors import CannotStream
+    from .sources import open_source
     from .stream import StreamedModel, params_on_meta
 
     src = str(source)
@@ -197,7 +180,7 @@ def open_streamed(
             dt = torch.float32
         else:
             declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-            dt = declared if isinstance(declared, torch.dtype) else _DTYPES.get(str(declared), None)  # type: ignore[assignment]
+            dt = declared if isinstance(declared, torch.dtype) else USER_DTYPES.get(str(declared), None)  # type: ignore[assignment]
             if dt is None:
                 floats = [tensors.dtype(n) for n in tensors.names() if tensors.dtype(n).is_floating_point]
                 dt = floats[0] if floats else torch.float32

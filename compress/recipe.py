@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .config import PassConfig
 from .errors import ConfigError
 from .registry import get_pass, pass_for_config
+
+if TYPE_CHECKING:
+    from .passes.base import Pass
 
 _TOP_KEYS = {"passes", "calibration"}
 
@@ -37,13 +40,18 @@ class PassSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"pass": self.name, **self.config.to_dict()}
 
+    def build(self) -> "Pass[Any]":
+        """The pass object of this step (the planner builds each once per run)."""
+        return get_pass(self.name)(self.config)
+
 
 @dataclass
 class Recipe:
+    """The passes of a run, in order, and the calibration settings the recipe file gives. A recipe is
+    plain data: the planner (:func:`compress.planning.plan`) builds its passes and checks it, once per run."""
+
     passes: list[PassSpec]
     calibration: dict[str, Any] = field(default_factory=dict)
-    #: set once :func:`check_order` accepted the pass order (a recipe is checked once per run)
-    checked: bool = field(default=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"passes": [p.to_dict() for p in self.passes]}
@@ -53,71 +61,6 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    @property
-    def requires_calibration(self) -> bool:
-        return any(get_pass(p.name).capabilities(p.config).requires_calibration for p in self.passes)
-
-
-def _pattern(spec: PassSpec) -> str:
-    return str(getattr(spec.config, "targets", "*")).strip()
-
-
-def _applies(spec: PassSpec, name: str, exact: bool) -> bool:
-    """Whether the pass touches linear ``name``; without the model's names (``exact`` false) ``name``
-    is a targets pattern standing for the linears it selects, touched by the passes with that
-    pattern and by the untargeted ones."""
-    from .passes.base import matches
-
-    if not exact:
-        return _pattern(spec) in ("*", name)
-    return matches(name, _pattern(spec))
-
-
-def _order_error(passes: list[PassSpec], names: list[str] | None, explain: bool = True) -> str | None:
-    """Why the module types the passes produce cannot flow through the recipe on some linear, or None."""
-    from .passes.base import ANY, LINEAR
-
-    exact = names is not None
-    candidates = names if names is not None else ["*"] + sorted({_pattern(s) for s in passes} - {"*"})
-    for name in candidates:
-        kinds = {LINEAR}
-        producer: dict[str, PassSpec] = {}
-        for spec in passes:
-            if not _applies(spec, name, exact):
-                continue
-            cls = get_pass(spec.name)
-            bad = sorted(k for k in kinds if ANY not in cls.accepts and k not in cls.accepts)
-            if bad:
-                if not explain:
-                    return "refused"
-                earlier = producer[bad[0]]
-                where = f" on '{name}'" if exact else ""
-                if _order_error([spec, earlier], names and [name], explain=False) is None and not get_pass(earlier.name).consumes_previous:
-                    return f"{spec.name} must come before {earlier.name}{where}: {cls.accepts_reason}, and {earlier.name} makes them {bad[0]}"
-                return (f"{spec.name} cannot follow {earlier.name}{where}: {earlier.name} makes the linears {bad[0]} and {spec.name} "
-                        f"cannot take them ({cls.accepts_reason}); drop one, or narrow one with targets=...")
-            kinds = set(cls.produces_from(spec.config, kinds))
-            for k in kinds:
-                producer[k] = spec
-    return None
-
-
-def check_order(passes: list[PassSpec], names: list[str] | None = None) -> None:
-    """Refuse a recipe whose pass order cannot work, with one line naming the pair: a pass that works
-    on an earlier pass's result (eora) first, or a pass meeting a module type it does not accept.
-    ``names`` (layer-relative linear names, known once the model is loaded) makes the check exact for
-    passes narrowed with ``targets=``; without them only passes on every linear are compared."""
-    if passes:
-        first = get_pass(passes[0].name)
-        if first.consumes_previous:
-            raise ConfigError(
-                f"pass '{passes[0].name}' compensates or refines an earlier pass's result; put a compressing pass "
-                f"before it (example: --pass gptq:bits=3,group=64 --pass {passes[0].name})"
-            )
-    why = _order_error(passes, names)
-    if why is not None:
-        raise ConfigError(why)
 
 
 def make_pass(name: str, options: dict[str, Any]) -> PassSpec:
@@ -155,8 +98,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     calib = data.get("calibration") or {}
     if not isinstance(calib, dict):
         raise ConfigError(f"{where}: 'calibration' must be a mapping")
-    check_order(passes)
-    return Recipe(passes, dict(calib), checked=True)
+    return Recipe(passes, dict(calib))
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -185,7 +127,7 @@ def as_spec(item: "PassSpec | PassConfig | str") -> PassSpec:
 
 def as_recipe(recipe: "Recipe | list[PassSpec | PassConfig | str] | PassConfig | str | dict[str, Any]") -> Recipe:
     """Accept a Recipe, a list of configs, PassSpecs or shorthand strings, one config, a YAML path, or a
-    dict; the pass order is checked once."""
+    dict."""
     if isinstance(recipe, Recipe):
         rec = recipe
     elif isinstance(recipe, dict):
@@ -200,7 +142,4 @@ def as_recipe(recipe: "Recipe | list[PassSpec | PassConfig | str] | PassConfig |
         rec = Recipe([as_spec(p) for p in recipe])
     else:
         raise ConfigError(f"a recipe is a list of passes, a YAML path or a dict, got {type(recipe).__name__}")
-    if not rec.checked:
-        check_order(rec.passes)
-        rec.checked = True
     return rec

@@ -23,13 +23,8 @@ from typing import Iterator, Protocol
 
 import torch
 
+from .dtypes import SAFETENSORS_DTYPES
 from .errors import CannotStream, CompressError
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 class TensorSource(Protocol):
@@ -71,7 +66,7 @@ class _SafetensorsFile:
         header.pop("__metadata__", None)
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, e in header.items():
-            dt = _ST_DTYPES.get(e.get("dtype"))
+            dt = SAFETENSORS_DTYPES.get(e.get("dtype"))
             if dt is None:
                 raise CompressError(f"weight file '{path}': tensor '{name}' has unsupported dtype {e.get('dtype')}")
             begin, end = e["data_offsets"]

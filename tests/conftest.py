@@ -28,6 +28,8 @@ TINY_CONFIGS = {
     "mistral": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
     "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),
     "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+    # fused q/k/v and gate/up projections (a layout of its own, not Llama's)
+    "phi3": dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 

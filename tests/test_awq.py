@@ -91,7 +91,7 @@ def test_bad_awq_recipes_are_refused_before_any_compute(recipe: list[str], messa
 def test_awq_streams() -> None:
     from compress.passes.awq import AWQConfig, AWQPass
     from compress.passes.quant import RTNConfig, RTNPass
-    from compress.stream import stream_blocker
+    from compress.planning import stream_blocker
 
     assert stream_blocker([AWQPass(AWQConfig()), RTNPass(RTNConfig())]) is None
 

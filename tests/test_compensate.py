@@ -13,7 +13,9 @@ from compress import compress, load
 from compress.errors import ConfigError
 from compress.modules import LoRALinear, QuantLinear
 from compress.solvers.eora import compensate
-from compress.solvers.lqlora import allocate, lq_decompose
+from compress.solvers.allocate import integer_program as allocate
+from compress.passes.base import PassPlan
+from compress.solvers.lqlora import lq_decompose
 from compress.solvers.quant import QuantSpec, quantize_rtn
 
 from .conftest import make_tiny
@@ -158,7 +160,7 @@ def test_lqlora_budget_at_a_uniform_cost_selects_that_configuration_when_it_is_o
     (cost, output error), the program must select it for every matrix."""
     from types import SimpleNamespace
 
-    from compress.passes.compensate import LQLoRAConfig, LQLoRAPass
+    from compress.passes.lqlora import LQLoRAConfig, LQLoRAPass
     from compress.pipeline.stats import LayerStats
 
     g = torch.Generator().manual_seed(3)
@@ -174,11 +176,12 @@ def test_lqlora_budget_at_a_uniform_cost_selects_that_configuration_when_it_is_o
     for n in names:
         stats.observe(n, X)
     adapter = SimpleNamespace(layers_path="m", groups=lambda _layer: [names])
-    from compress.passes.compensate import _branch_cost, _q_bits
+    from compress.modules.lora import branch_bits as _branch_cost
+    from compress.passes.lqlora import _q_bits
 
     cost = _q_bits(48, 64, 3, 64, "nf") + _branch_cost(48, 64, 2, 0, 32)
     p = LQLoRAPass(LQLoRAConfig(rank=2, budget=cost / (48 * 64), rank_choice=False))
-    p.prepare(torch.nn.Module(), adapter)
+    p.prepare(torch.nn.Module(), adapter, PassPlan())
     p.profile_layer(0, layer, stats)
     opts, errs, costs = p._options[0], p._errors[0], p._costs[0]
     k = opts.index((3, 64, 2))
@@ -198,7 +201,7 @@ def test_lqlora_budget_relative_objective_ignores_the_scale_of_a_layers_activati
     allocation unchanged; the absolute output error moves bits to that matrix."""
     from types import SimpleNamespace
 
-    from compress.passes.compensate import LQLoRAConfig, LQLoRAPass
+    from compress.passes.lqlora import LQLoRAConfig, LQLoRAPass
     from compress.pipeline.stats import LayerStats
 
     names = ["a", "b", "c", "d"]
@@ -215,7 +218,7 @@ def test_lqlora_budget_relative_objective_ignores_the_scale_of_a_layers_activati
             stats.observe(n, X * (scale if n == "a" else 1.0))
             stats.reset_sharing()
         p = LQLoRAPass(LQLoRAConfig(rank=2, budget=6.5, objective=objective))
-        p.prepare(torch.nn.Module(), SimpleNamespace(layers_path="m", groups=lambda _layer: [names]))
+        p.prepare(torch.nn.Module(), SimpleNamespace(layers_path="m", groups=lambda _layer: [names]), PassPlan())
         p.profile_layer(0, layer, stats)
         p.profile_done()
         return {k.split(".")[-1]: v for k, v in p._choice.items()}

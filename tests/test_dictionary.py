@@ -305,5 +305,5 @@ def test_quantizing_a_dictionary_quantizes_its_atoms_and_values(calib_ids: torch
 
 def test_per_ic_groups_on_a_dictionary_are_refused_up_front(calib_ids: torch.Tensor) -> None:
     model = make_tiny("llama")
-    with pytest.raises(ConfigError, match="gptq: .* after cospadi\\): a dictionary's atoms are quantized .* use dim=oc"):
+    with pytest.raises(ConfigError, match="gptq: .* after cospadi\\): a DictLinear's parts are quantized .* use dim=oc"):
         compress(model, ["cospadi:ratio=0.3,solver=closed-form", "gptq:bits=4,group=16,dim=ic"], calib_ids)

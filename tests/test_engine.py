@@ -42,7 +42,7 @@ def test_config_objects_are_the_same_call_as_shorthand(calib_ids: torch.Tensor) 
     (lambda: __import__("compress.passes.lowrank", fromlist=["x"]).SVDLLMConfig(ratio=1.5), r"pass 'svd-llm' option 'ratio' must be in \(0.0, 1.0\)"),
     (lambda: __import__("compress.passes.sparse", fromlist=["x"]).MagnitudeConfig(pattern="3:2"), "pass .magnitude.: pattern .3:2. is not N:M"),
     (lambda: __import__("compress.passes.sparse", fromlist=["x"]).WandaConfig(pattern="2:4", sparsity=0.5), "pass 'wanda': give pattern=N:M or sparsity=S"),
-    (lambda: __import__("compress.passes.compensate", fromlist=["x"]).EoRAConfig(rank=0), "pass 'eora' option 'rank'"),
+    (lambda: __import__("compress.passes.eora", fromlist=["x"]).EoRAConfig(rank=0), "pass 'eora' option 'rank'"),
 ])
 def test_configs_validate_when_built(build: Any, match: str) -> None:
     from compress.registry import all_passes
@@ -58,11 +58,14 @@ def test_one_config_class_per_pass_and_capabilities_from_the_instance() -> None:
 
     passes = all_passes()
     assert len({cls.config_cls for cls in passes.values()}) == len(passes)
-    assert RTNPass.capabilities(RTNConfig()).requires_calibration is False
     ada = RTNPass(RTNConfig(dim="ada"))
     assert ada.caps.requires_calibration and ada.caps.uses_layer_inputs
     assert RTNPass(RTNConfig()).caps.requires_calibration is False  # an instance never changes the class
     assert not isinstance(getattr(RTNPass, "requires_calibration", None), bool)
+    from compress.passes.quant import GPTQConfig
+
+    with pytest.raises(ConfigError, match="pass 'rtn' takes a RTNConfig, got GPTQConfig"):
+        RTNPass(GPTQConfig())  # a subclass is another pass's config: the registry checks exact types
 
 
 def test_a_config_that_is_not_a_pass_is_refused() -> None:
@@ -192,11 +195,12 @@ class TestRun:
 
     def test_failed_evaluation_keeps_the_checkpoint_and_says_how_to_rerun(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         import compress.api as api
+        import compress.drivers.finish as finish
 
         def broken(*a: Any, **k: Any) -> Any:
             raise RuntimeError("CUDA out of memory")
 
-        monkeypatch.setattr(api, "evaluate", broken)
+        monkeypatch.setattr(finish, "evaluate", broken)
         out = tmp_path / "o"
         spec = EvalSpec(ppl=("wikitext2",), ppl_seqlen=512, max_windows=2)
         with pytest.raises(CompressError) as e:

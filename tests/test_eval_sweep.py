@@ -93,6 +93,7 @@ def test_missing_lm_eval_says_how_to_install(stories, monkeypatch: pytest.Monkey
 
 
 def test_sweep_reuses_statistics_resumes_and_records_failures(stories, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import compress.pipeline.profile as prof
     import compress.pipeline.sequential as seq
     from compress import CalibConfig
     from compress.sweeps import make_grid
@@ -105,6 +106,7 @@ def test_sweep_reuses_statistics_resumes_and_records_failures(stories, tmp_path:
         return real(*a, **k)
 
     monkeypatch.setattr(seq, "capture_layer0_inputs", counting)
+    monkeypatch.setattr(prof, "capture_layer0_inputs", counting)
     calib = CalibConfig(samples=8, seqlen=64)
     cache = tmp_path / "cache"
     grid = make_grid([("svd-llm", {}, "ratio", [0.1, 0.3])])
@@ -227,16 +229,17 @@ _WRITER = """
 import random, sys, time
 from pathlib import Path
 from compress import EvalSpec, sweeps
-sweeps._plot = lambda *a, **k: None  # the table, not matplotlib, is under test
-table = sweeps._table
-sweeps._table = lambda *a: (table(*a), time.sleep(random.uniform(0, 0.02)))[0]  # slow jobs: a gap between reading and writing
+from compress.sweeps import store
+store._plot = lambda *a, **k: None  # the table, not matplotlib, is under test
+table = store._table
+store._table = lambda *a: (table(*a), time.sleep(random.uniform(0, 0.02)))[0]  # slow jobs: a gap between reading and writing
 i, n, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 grid = sweeps.make_grid([("svd", {}, "ratio", [round(0.01 * k, 2) for k in range(1, 41)])])
 dense = {"params": 1, "metrics": [{"name": "ppl_x", "value": 1.0, "protocol": {}}]}
 for p in sweeps.shard_points(grid, (i, n)):
     row = {"label": p.label, "method": p.method, "options": "{}", "status": "ok", "metrics": [{"name": "ppl_x", "value": 2.0}]}
-    sweeps._save_row(out, row)
-    sweeps._publish(out, grid, dense, {}, "m", EvalSpec(ppl=("x",)), (i, n))
+    store._save_row(out, row)
+    store._publish(out, grid, dense, {}, "m", EvalSpec(ppl=("x",)), (i, n))
 """
 
 

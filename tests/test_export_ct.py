@@ -79,7 +79,7 @@ def test_several_settings_become_several_config_groups(tmp_path: Path) -> None:
 ])
 def test_what_the_format_cannot_hold_is_refused_before_compressing(recipe: list[str], why: str) -> None:
     with pytest.raises(CompressError, match=why):
-        check_exports(["compressed-tensors"], [parse_shorthand(r) for r in recipe])
+        check_exports(["compressed-tensors"], [parse_shorthand(r).build() for r in recipe])
 
 
 def test_model_check_names_the_modules(tmp_path: Path) -> None:

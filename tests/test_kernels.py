@@ -91,7 +91,7 @@ def test_sparse24_emulated_data_path_matches_the_reference(n: int, k: int) -> No
         x = torch.randn(batch, k, generator=gen)
         ref = x.double() @ W.double().T
         assert float((sparse24_emulate(x, values, meta).double() - ref).norm() / ref.norm()) < 1e-5
-        assert torch.allclose(ops.sparse24_linear(x, values, meta, None), x @ W.T, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(ops.sparse24_linear(x, values, meta, None, "auto"), x @ W.T, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="K % 32"):
         sparse24_emulate(torch.randn(1, 40), *pack_24(torch.zeros(3, 40)))
 
@@ -101,24 +101,38 @@ def test_ops_pass_opcheck_and_trace_with_fake_tensors() -> None:
     planes, alpha, offset = _random_bcq(12, 128, 3, 32, gen)
     kp, at, ot = bcq_kernel_layout(planes, alpha, offset)
     x = torch.randn(2, 128)
-    torch.library.opcheck(ops.bcq_linear, (x, kp, at, ot, 128, None))
-    torch.library.opcheck(ops.bcq_linear, (x, kp, at, ot, 128, torch.randn(12)))
+    torch.library.opcheck(ops.bcq_linear, (x, kp, at, ot, 128, None, "auto"))
+    torch.library.opcheck(ops.bcq_linear, (x, kp, at, ot, 128, torch.randn(12), "torch"))
     W = torch.randn(12, 64)
     values, meta = pack_24(W * nm_mask(W.abs(), 2, 4))
-    torch.library.opcheck(ops.sparse24_linear, (torch.randn(3, 64), values, meta, None))
+    torch.library.opcheck(ops.sparse24_linear, (torch.randn(3, 64), values, meta, None, "auto"))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode() as mode:
-        y = ops.bcq_linear(mode.from_tensor(torch.randn(5, 7, 128)), mode.from_tensor(kp), mode.from_tensor(at), mode.from_tensor(ot), 128, None)
+        y = ops.bcq_linear(mode.from_tensor(torch.randn(5, 7, 128)), mode.from_tensor(kp), mode.from_tensor(at), mode.from_tensor(ot), 128, None, "auto")
     assert tuple(y.shape) == (5, 7, 12)
 
 
-def test_kernel_preference_and_status_without_cuda() -> None:
+def test_kernel_preference_and_status_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preference is each module's own (set on a model with use_kernels), else the environment's;
+    no module global holds it."""
+    from compress.modules.base import use_kernels
+    from compress.modules.quant import QuantLinear
+
     with pytest.raises(ConfigError, match="auto, torch, cuda"):
-        ops.set_preference("fast")
-    with ops.preference("torch"):
-        assert ops.get_preference() == "torch"
-    assert ops.get_preference() == "auto"
+        ops.check_preference("fast")
+    model = torch.nn.Sequential(QuantLinear(16, 8, 4, 8), QuantLinear(16, 8, 4, 8))
+    assert [m.kernels() for m in model] == ["auto", "auto"]
+    use_kernels(model, "torch")
+    assert [m.kernels() for m in model] == ["torch", "torch"]
+    with pytest.raises(ConfigError, match="auto, torch, cuda"):
+        use_kernels(model, "fast")
+    use_kernels(model, None)
+    monkeypatch.setenv("COMPRESS_KERNELS", "cuda")
+    assert [m.kernels() for m in model] == ["cuda", "cuda"]
+    monkeypatch.setenv("COMPRESS_KERNELS", "fast")
+    with pytest.raises(ConfigError, match="COMPRESS_KERNELS"):
+        model[0].kernels()
     if not torch.cuda.is_available():
         s = status()
         assert not s.available and "no CUDA" in s.reason

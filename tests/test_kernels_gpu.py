@@ -27,14 +27,11 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 @pytest.fixture(scope="module")
 def ext():
-    from compress.kernels import ops
     from compress.kernels.build import load, status
 
-    ops.set_preference("cuda")
     mod = load()
     assert mod is not None, status().reason
     yield mod
-    ops.set_preference(None)
 
 
 def _poison(shape: tuple[int, ...], dtype: torch.dtype) -> None:
@@ -64,7 +61,7 @@ def test_lut_gemm_matches_float64(ext, q: int, n: int, k: int, g: int, dtype: to
         x = torch.randn(batch, k, device="cuda").to(dtype)
         ref = x.double() @ W.T
         _poison((batch, n), dtype)
-        y = bcq_linear(x, kp, at, ot, k, None)
+        y = bcq_linear(x, kp, at, ot, k, None, "cuda")
         torch.cuda.synchronize()
         assert y.dtype == dtype and y.shape == (batch, n)
         assert _rel(y, ref) < TOL[dtype], (batch, q, n, k, g)
@@ -86,7 +83,7 @@ def test_sparse24_matches_float64(ext, n: int, k: int, dtype: torch.dtype, bias:
         x = torch.randn(batch, k, device="cuda").to(dtype)
         ref = x.double() @ W.double().T + (b.double() if b is not None else 0)
         _poison((batch, n), dtype)
-        y = sparse24_linear(x, values, meta, b)
+        y = sparse24_linear(x, values, meta, b, "cuda")
         torch.cuda.synchronize()
         assert _rel(y, ref) < TOL[dtype], (batch, n, k)
 
@@ -94,7 +91,6 @@ def test_sparse24_matches_float64(ext, n: int, k: int, dtype: torch.dtype, bias:
 def test_modules_use_the_kernels_and_fall_back_outside_them(ext) -> None:
     """BCQLinear and QuantLinear (per-OC, via the exact BCQ conversion) on CUDA: decode batches
     through the LUT kernel, prefill batches through the reference path, same function either way."""
-    from compress.kernels import ops
     from compress.modules import QuantLinear
     from compress.modules.bcq import BCQLinear
     from compress.solvers.bcq import bcq_quantize
@@ -108,8 +104,7 @@ def test_modules_use_the_kernels_and_fall_back_outside_them(ext) -> None:
         Wd = mod.dense_weight().double().cuda()
         for tokens in (1, 4, 64):
             x = torch.randn(tokens, 1024, device="cuda", dtype=torch.float16)
-            with ops.preference("auto"):
-                y = mod(x)
+            y = mod(x)  # the module's preference: auto
             assert _rel(y, x.double() @ Wd.T) < 2e-3
 
 
@@ -124,14 +119,13 @@ def test_compute_sanitizer_memcheck_is_clean(ext, tmp_path: Path) -> None:
         "from compress.solvers.packing import pack_signs\n"
         "from compress.solvers.sparse import nm_mask\n"
         "from compress.solvers.sparse24 import pack_24\n"
-        "ops.set_preference('cuda')\n"
         "n, k, g = 333, 1160, 40\n"
         "kp, at, ot = bcq_kernel_layout(pack_signs(torch.rand(3, n, k, device='cuda') > 0.5), torch.rand(3, n, k // g, device='cuda').half(),"
         " torch.randn(n, k // g, device='cuda'))\n"
-        "ops.bcq_linear(torch.randn(3, k, device='cuda').half(), kp, at, ot, k, None)\n"
+        "ops.bcq_linear(torch.randn(3, k, device='cuda').half(), kp, at, ot, k, None, 'cuda')\n"
         "W = torch.randn(100, 1056, device='cuda')\n"
         "v, m = pack_24((W * nm_mask(W.abs(), 2, 4)).half())\n"
-        "ops.sparse24_linear(torch.randn(5, 1056, device='cuda').half(), v, m, None)\n"
+        "ops.sparse24_linear(torch.randn(5, 1056, device='cuda').half(), v, m, None, 'cuda')\n"
         "torch.cuda.synchronize()\n"
     )
     san = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"

@@ -17,7 +17,7 @@ from compress import compress, load
 from compress.checkpoint import export_dense, read_manifest, save_checkpoint
 from compress.errors import ConfigError
 from compress.modules.modular import ModularAttentionMixin, full_rope_index, make_modular
-from compress.solvers.modular import allocate_sparsity
+from compress.solvers.allocate import allocate_sparsity
 
 from .conftest import make_tiny
 

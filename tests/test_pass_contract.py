@@ -117,7 +117,8 @@ CASES: dict[str, Row] = {
     "awq": Row("grid=4", 0.05, _quant, ("bits", 4 + 16 / 16 + 4 / 16), then="rtn:bits=4,group=16",
                refused=(("generic", "needs the norm → linear layout"),)),
     "modegpt": Row(f"ratio={RATIO}", 0.5, _modular, ("ratio", 0.25),
-                   refused=(("generic", "needs the attention and MLP pieces"), ("qwen3", r"q_norm/k_norm.*parts=mlp\+vo"))),
+                   refused=(("generic", "needs the attention and MLP pieces"), ("qwen3", r"q_norm/k_norm.*parts=mlp\+vo"),
+                            ("phi3", r"as separate modules.*missing: q_proj, k_proj, v_proj, gate_proj, up_proj"))),
 }
 #: passes that work on an earlier pass's result, run after every base pass that produces what they take
 CHAINED = {"eora": ("rank=2", 0.05)}
@@ -404,7 +405,10 @@ def test_propagate_dense_calibrates_each_layer_on_the_dense_models_inputs_in_one
         layers[k].register_forward_pre_hook(lambda *_a, k=k: calls.__setitem__(k, calls[k] + 1))
     monkeypatch.setattr(GPTQPass, "quantize", spy)
     compress(model, [f"gptq:bits=3,group=16,propagate={propagate}"], calib_ids)
-    same = torch.allclose(seen["model.layers.1.self_attn.q_proj"], dense1.linears["self_attn.q_proj"].gram, rtol=1e-6, atol=1e-6)
+    g_run, g_dense = seen["model.layers.1.self_attn.q_proj"], dense1.linears["self_attn.q_proj"].gram
+    # equal up to float32 summation order (the same forward, with and without hooks): a relative 1e-6,
+    # where layer 0's quantization error moves it by far more
+    same = float((g_run - g_dense).norm() / g_dense.norm()) < 1e-6
     assert same is (propagate == "dense")
     # per batch: the last layer runs once (statistics; nothing after it to propagate to); layer 0
     # once to capture its inputs, once for statistics, and once more for its quantized outputs

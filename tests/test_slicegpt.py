@@ -74,11 +74,18 @@ def test_joint_basis_with_zero_head_weight_is_the_papers_basis(calib_ids: torch.
     assert not torch.allclose(outs["head_weight=10"], outs["tied_basis=embedding"], atol=1e-3)
 
 
-def test_sliced_forward_with_identity_shortcuts_matches_upstream(calib_ids: torch.Tensor) -> None:
-    m = make_tiny("qwen2")
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_sliced_forward_with_identity_shortcuts_matches_upstream(family: str, calib_ids: torch.Tensor) -> None:
+    """The sliced forward runs the pieces the family's adapter names: with identity shortcuts it is the
+    upstream forward (Llama layout, and Phi-3's fused projections with their residual dropouts)."""
+    from compress.adapters import get_adapter
+    from compress.modules.sliced import SlicedLayout
+
+    m = make_tiny(family)
     ref = _logits(m, calib_ids)
+    a = get_adapter(m)
     for layer in m.model.layers:
-        make_sliced(layer, torch.eye(32), torch.eye(32))
+        make_sliced(layer, torch.eye(32), torch.eye(32), SlicedLayout(a.attn_norm, a.attention, a.mlp_norm, a.mlp))
     assert torch.allclose(_logits(m, calib_ids), ref, atol=1e-6)
 
 

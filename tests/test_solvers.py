@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from compress.solvers.linalg import cholesky_psd
-from compress.solvers.lowrank import (
-    allocate_ranks,
-    factorize,
-    rank_for_ratio,
-    relative_output_error,
-    saves_parameters,
-)
+from compress.solvers.allocate import allocate_ranks
+from compress.solvers.lowrank import factorize, rank_for_ratio, saves_parameters
+from compress.solvers.metrics import relative_output_error
 
 
 def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -89,11 +89,11 @@ def test_streamed_load_equals_eager_load(tmp_path: Path) -> None:
 
 
 def test_checkpoint_is_sharded_per_layer_when_larger_than_a_shard(tmp_path: Path, calib: CalibConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    import compress.stream as stream
+    import compress.stream.writer as writer
     from compress.api import load
 
     src = make_model(tmp_path / "m")
-    monkeypatch.setattr(stream, "SHARD_BYTES", 10_000)
+    monkeypatch.setattr(writer, "SHARD_BYTES", 10_000)
     run(src, RECIPE, tmp_path / "a", calib=calib, stream="on")
     out = tmp_path / "a"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -171,10 +171,10 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path, calib: CalibConfig) -> None:
 
 
 def test_disk_full_keeps_a_resumable_state(tmp_path: Path, calib: CalibConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    import compress.stream as stream
+    import compress.stream.progress as progress
 
     src = make_model(tmp_path / "m")
-    real = stream.save_file
+    real = progress.save_file
     calls = {"n": 0}
 
     def full(tensors: Any, path: str, metadata: Any = None) -> None:
@@ -183,7 +183,7 @@ def test_disk_full_keeps_a_resumable_state(tmp_path: Path, calib: CalibConfig, m
             raise OSError(errno.ENOSPC, "No space left on device")
         real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(stream, "save_file", full)
+    monkeypatch.setattr(progress, "save_file", full)
     with pytest.raises(CompressError, match=r"disk full while writing .*layer-00002.*(space|MiB more) .*rerun the same command to resume"):
         run(src, RECIPE, tmp_path / "a", calib=calib, stream="on")
     assert not list((tmp_path / "a.partial").glob(".*.tmp"))
@@ -276,10 +276,10 @@ def test_peak_memory_grows_with_one_layer_not_with_depth(tmp_path: Path, calib: 
 
 
 def test_a_whole_model_that_does_not_fit_is_refused_before_loading(tmp_path: Path, calib: CalibConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    import compress.api as api
+    import compress.planning.memory as memory
 
     src = make_model(tmp_path / "m")
-    monkeypatch.setattr(api, "_available_memory", lambda: 1000)
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
     with pytest.raises(CompressError, match=r"whole model must be loaded \(lord reads every layer's weights .*\), but its weights need .* available"):
         run(src, ["lord:ratio=0.2"], tmp_path / "a", calib=calib)
     with pytest.raises(CompressError, match=r"--no-stream was given.*drop --no-stream"):

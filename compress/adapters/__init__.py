@@ -1,17 +1,32 @@
-"""Adapter selection by ``config.model_type``."""
+"""Adapter selection by ``config.model_type``. Every module of this package that defines a tuple
+``ADAPTERS`` is found on import and its adapters registered (no hand-kept list)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 
 from torch import nn
 
 from ..errors import CompressError
 from .base import ModelAdapter, find_layers_path
-from .llama import LLAMA, MISTRAL, QWEN2, QWEN3
 
-#: adapters with declared sub-groups, by family
-ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3)
+
+def _discover() -> tuple[ModelAdapter, ...]:
+    found: list[ModelAdapter] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name != "base":
+            found += getattr(importlib.import_module(f"{__name__}.{info.name}"), "ADAPTERS", ())
+    names = [a.name for a in found]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise KeyError(f"adapter names registered twice: {dup}")
+    return tuple(found)
+
+
+#: adapters with a declared layout, by family
+ADAPTERS: tuple[ModelAdapter, ...] = _discover()
 GENERIC = ModelAdapter(name="generic")
 
 

@@ -5,8 +5,9 @@ code through it), a CUDA implementation that calls the kernels of ``csrc/`` when
 fake implementation so that ``torch.compile`` can trace it. Callers always go through the op; the
 dispatcher picks the device.
 
-Kernel preference (tests, benchmarks): ``COMPRESS_KERNELS=auto|torch|cuda`` or
-:func:`set_preference` / :func:`preference`. ``auto`` uses a kernel where it applies and the
+Kernel preference: every op takes it as an argument; the compressed modules pass their own
+(``module.kernel_preference``, set on a whole model with :func:`compress.modules.base.use_kernels`, else
+``COMPRESS_KERNELS=auto|torch|cuda``, else ``auto``). ``auto`` uses a kernel where it applies and the
 PyTorch path elsewhere (one log line per unsupported shape); ``torch`` always takes the PyTorch path;
 ``cuda`` raises where the kernel cannot run, naming why.
 
@@ -21,10 +22,9 @@ PyTorch path elsewhere (one log line per unsupported shape); ``torch`` always ta
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from typing import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,54 +38,41 @@ logger = logging.getLogger(__name__)
 
 LUT_MAX_TOKENS = 8
 SPARSE24_MAX_TOKENS = 16
-_CHOICES = ("auto", "torch", "cuda")
-_preference: str | None = None
+CHOICES = ("auto", "torch", "cuda")
 _warned: set[tuple] = set()
 
 
-def get_preference() -> str:
-    p = _preference or os.environ.get("COMPRESS_KERNELS", "auto")
-    if p not in _CHOICES:
-        raise ConfigError(f"COMPRESS_KERNELS={p!r}: use one of {', '.join(_CHOICES)}")
+def default_preference() -> str:
+    """The preference of modules that set none: ``COMPRESS_KERNELS``, else ``auto``."""
+    p = os.environ.get("COMPRESS_KERNELS", "auto")
+    if p not in CHOICES:
+        raise ConfigError(f"COMPRESS_KERNELS={p!r}: use one of {', '.join(CHOICES)}")
     return p
 
 
-def set_preference(p: str | None) -> None:
-    """auto (default), torch or cuda; None returns to the environment's setting."""
-    global _preference
-    if p is not None and p not in _CHOICES:
-        raise ConfigError(f"kernel preference {p!r}: use one of {', '.join(_CHOICES)}")
-    _preference = p
+def check_preference(p: str) -> str:
+    if p not in CHOICES:
+        raise ConfigError(f"kernel preference {p!r}: use one of {', '.join(CHOICES)}")
+    return p
 
 
-@contextlib.contextmanager
-def preference(p: str) -> Iterator[None]:
-    global _preference
-    old = _preference
-    set_preference(p)
-    try:
-        yield
-    finally:
-        _preference = old
-
-
-def _fallback(op: str, why: str, key: tuple) -> None:
+def _fallback(op: str, why: str, key: tuple, preference: str) -> None:
     """Called where a kernel cannot run: an error under preference 'cuda', else one log line per key."""
-    if get_preference() == "cuda":
+    if preference == "cuda":
         raise RuntimeError(f"{op}: the CUDA kernel cannot run here ({why}); use COMPRESS_KERNELS=auto to fall back")
     if key not in _warned:
         _warned.add(key)
         logger.info("%s: %s; using the PyTorch implementation", op, why)
 
 
-def _extension() -> object | None:
-    if get_preference() == "torch":
+def _extension(preference: str) -> Any:
+    if check_preference(preference) == "torch":
         return None
     from .build import load, status
 
     ext = load()
     if ext is None:
-        _fallback("compress kernels", status().reason, ("build",))
+        _fallback("compress kernels", status().reason, ("build",), preference)
     return ext
 
 
@@ -100,19 +87,19 @@ def _bcq_reference(x: torch.Tensor, kplanes: torch.Tensor, alpha_t: torch.Tensor
 
 @torch.library.custom_op("compress::bcq_linear", mutates_args=())
 def bcq_linear(x: torch.Tensor, kplanes: torch.Tensor, alpha_t: torch.Tensor, offset_t: torch.Tensor, in_features: int,
-               bias: torch.Tensor | None) -> torch.Tensor:
+               bias: torch.Tensor | None, preference: str) -> torch.Tensor:
     """y = x Wᵀ + bias with W in BCQ (LUT-GEMM layout); reference: decode then matmul."""
     return _bcq_reference(x, kplanes, alpha_t, offset_t, in_features, bias)
 
 
 @bcq_linear.register_fake
-def _bcq_linear_fake(x, kplanes, alpha_t, offset_t, in_features, bias):  # type: ignore[no-untyped-def]
+def _bcq_linear_fake(x, kplanes, alpha_t, offset_t, in_features, bias, preference):  # type: ignore[no-untyped-def]
     return x.new_empty(*x.shape[:-1], kplanes.shape[2])
 
 
 @bcq_linear.register_kernel("cuda")
-def _bcq_linear_cuda(x, kplanes, alpha_t, offset_t, in_features, bias):  # type: ignore[no-untyped-def]
-    ext = _extension()
+def _bcq_linear_cuda(x, kplanes, alpha_t, offset_t, in_features, bias, preference):  # type: ignore[no-untyped-def]
+    ext = _extension(preference)
     if ext is None:
         return _bcq_reference(x, kplanes, alpha_t, offset_t, in_features, bias)
     x2 = x.reshape(-1, in_features)
@@ -126,8 +113,8 @@ def _bcq_linear_cuda(x, kplanes, alpha_t, offset_t, in_features, bias):  # type:
     elif q > 4 or group % 8:
         why = f"{q} bit-planes / group {group}: the kernel takes 1-4 planes and groups that are multiples of 8"
     if why is not None:
-        if x2.shape[0] <= LUT_MAX_TOKENS or get_preference() == "cuda":
-            _fallback("bcq_linear", why, ("bcq", n, in_features, q, group, x.dtype))
+        if x2.shape[0] <= LUT_MAX_TOKENS or preference == "cuda":
+            _fallback("bcq_linear", why, ("bcq", n, in_features, q, group, x.dtype), preference)
         return _bcq_reference(x, kplanes, alpha_t, offset_t, in_features, bias)
     y = ext.lut_gemm(x2.contiguous(), kplanes, alpha_t, offset_t, in_features, group, torch.cuda.current_stream(x.device).cuda_stream)
     if bias is not None:
@@ -144,19 +131,19 @@ def _sparse24_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
 
 
 @torch.library.custom_op("compress::sparse24_linear", mutates_args=())
-def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, preference: str) -> torch.Tensor:
     """y = x Wᵀ + bias with W in compressed 2:4 form (values, meta); reference: decompress then matmul."""
     return _sparse24_reference(x, values, meta, bias)
 
 
 @sparse24_linear.register_fake
-def _sparse24_linear_fake(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _sparse24_linear_fake(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, preference: str) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], values.shape[0])
 
 
 @sparse24_linear.register_kernel("cuda")
-def _sparse24_linear_cuda(x, values, meta, bias):  # type: ignore[no-untyped-def]
-    ext = _extension()
+def _sparse24_linear_cuda(x, values, meta, bias, preference):  # type: ignore[no-untyped-def]
+    ext = _extension(preference)
     if ext is None:
         return _sparse24_reference(x, values, meta, bias)
     n, half = values.shape
@@ -170,8 +157,8 @@ def _sparse24_linear_cuda(x, values, meta, bias):  # type: ignore[no-untyped-def
     elif x2.shape[0] > SPARSE24_MAX_TOKENS:
         why = f"{x2.shape[0]} tokens per call (kernel serves up to {SPARSE24_MAX_TOKENS})"
     if why is not None:
-        if x2.shape[0] <= SPARSE24_MAX_TOKENS or get_preference() == "cuda":
-            _fallback("sparse24_linear", why, ("s24", n, k, x.dtype, values.dtype))
+        if x2.shape[0] <= SPARSE24_MAX_TOKENS or preference == "cuda":
+            _fallback("sparse24_linear", why, ("s24", n, k, x.dtype, values.dtype), preference)
         return _sparse24_reference(x, values, meta, bias)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     b = None if bias is None else bias.to(x.dtype).contiguous()

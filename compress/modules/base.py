@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
 import torch
@@ -21,6 +22,20 @@ from torch import nn
 
 #: compressed module types by class name, as written in the checkpoint manifest
 MODULE_TYPES: dict[str, type["CompressedLinear"]] = {}
+
+
+@dataclass(frozen=True)
+class QuantPart:
+    """A matrix of a compressed module that a quantization pass may quantize in its place.
+
+    ``matrix(group)`` gives the matrix to quantize for a group size (a part that does not multiply the
+    layer's input, such as a dictionary's coefficient values, lays its values out in rows of
+    ``group``); ``reads_input``: the part multiplies the layer's input, so the input statistics
+    (GPTQ's Gram matrix) apply to it, and it is grouped per output channel along its input."""
+
+    name: str
+    matrix: Callable[[int], torch.Tensor]
+    reads_input: bool
 
 
 class CompressedLinear(nn.Module):
@@ -31,6 +46,10 @@ class CompressedLinear(nn.Module):
     weights_in_buffers: ClassVar[bool] = False
     #: the kept values are stored in the packed 2:4 form (a later pass must not densify them)
     is_sparse_24: ClassVar[bool] = False
+    #: type name of the module this one becomes once its parts are quantized (None: no quantizable parts)
+    quantized_as: ClassVar[str | None] = None
+    #: the preference its kernel ops run with (None: ``COMPRESS_KERNELS``; see :func:`use_kernels`)
+    kernel_preference: str | None = None
     in_features: int
     out_features: int
 
@@ -44,6 +63,12 @@ class CompressedLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The (d_out, d_in) weight of the equivalent nn.Linear."""
         raise NotImplementedError
+
+    def kernels(self) -> str:
+        """The kernel preference this module's ops run with."""
+        from ..kernels.ops import default_preference
+
+        return self.kernel_preference or default_preference()
 
     def num_weights(self) -> int:
         """Weights the module counts as its parameters (biases excluded): its stored parameters by
@@ -62,6 +87,14 @@ class CompressedLinear(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "CompressedLinear":
         raise NotImplementedError
+
+    def quantizable_parts(self) -> list[QuantPart]:
+        """The parts a quantization pass quantizes in place of the whole weight (with ``quantized_as``)."""
+        return []
+
+    def with_quantized_parts(self, parts: dict[str, nn.Module]) -> "CompressedLinear":
+        """This module with each part replaced by its quantized module (keyed by part name)."""
+        raise NotImplementedError(f"{type(self).__name__} has no quantizable parts")
 
 
 def module_spec(m: nn.Module) -> dict[str, Any]:
@@ -108,30 +141,45 @@ def is_compressed(module: nn.Module) -> bool:
 #: environment variable: "1" keeps the CPU dense-weight cache everywhere, "0" nowhere; unset, it is
 #: kept only inside :func:`dense_cache` scopes (compress's own calibration and evaluation loops)
 DENSE_CACHE_ENV = "COMPRESS_DENSE_CACHE"
-_cache_scopes = 0
+#: attribute (in a module's ``__dict__``) counting the :func:`dense_cache` scopes the module is in
+_SCOPE = "_dense_cache_scopes"
 
 
-def dense_cache_enabled() -> bool:
+def dense_cache_enabled(module: nn.Module) -> bool:
     forced = os.environ.get(DENSE_CACHE_ENV)
     if forced in ("0", "1"):
         return forced == "1"
-    return _cache_scopes > 0
+    return module.__dict__.get(_SCOPE, 0) > 0
 
 
 @contextmanager
 def dense_cache(root: nn.Module) -> Iterator[None]:
-    """Within this scope compressed modules on the CPU keep their dequantized weight between
+    """Within this scope the modules under ``root`` on the CPU keep their dequantized weight between
     forwards (a loop that re-runs every layer many times: calibration, perplexity, lm-eval tasks);
-    leaving the outermost scope drops every cache under ``root``, so a model handed back to the
-    caller holds only its compressed tensors (unless ``COMPRESS_DENSE_CACHE=1``)."""
-    global _cache_scopes
-    _cache_scopes += 1
+    a module put into ``root`` meanwhile through :func:`adopt_scope` joins it. Leaving the outermost
+    scope drops every cache under ``root``, so a model handed back to the caller holds only its
+    compressed tensors (unless ``COMPRESS_DENSE_CACHE=1``)."""
+    for m in root.modules():
+        m.__dict__[_SCOPE] = m.__dict__.get(_SCOPE, 0) + 1
     try:
         yield
     finally:
-        _cache_scopes -= 1
-        if _cache_scopes == 0 and os.environ.get(DENSE_CACHE_ENV) != "1":
+        for m in root.modules():
+            left = m.__dict__.pop(_SCOPE, 1) - 1
+            if left > 0:
+                m.__dict__[_SCOPE] = left
+        if root.__dict__.get(_SCOPE, 0) == 0 and os.environ.get(DENSE_CACHE_ENV) != "1":
             drop_caches(root)
+
+
+def adopt_scope(parent: nn.Module, child: nn.Module) -> None:
+    """``child`` is being put into ``parent``: it joins the :func:`dense_cache` scopes ``parent`` is in."""
+    scopes = parent.__dict__.get(_SCOPE, 0)
+    for m in child.modules():
+        if scopes:
+            m.__dict__[_SCOPE] = scopes
+        else:
+            m.__dict__.pop(_SCOPE, None)
 
 
 def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Tensor:
@@ -140,7 +188,7 @@ def cached_dense_weight(module: nn.Module, buffers: tuple[str, ...]) -> torch.Te
     at load) and rebuilt whenever a storage buffer was replaced or modified in place; elsewhere, and
     always on accelerators, it is rebuilt each call, so the packed form stays the only copy."""
     tensors = [getattr(module, b) for b in buffers]
-    if tensors[0].device.type != "cpu" or not dense_cache_enabled():
+    if tensors[0].device.type != "cpu" or not dense_cache_enabled(module):
         return module.dense_weight()  # type: ignore[operator]
     key = tuple((t.data_ptr(), t._version) for t in tensors)
     cache = module.__dict__.get("_dense_cache")
@@ -169,6 +217,18 @@ def cached_kernel_layout(module: nn.Module, buffers: tuple[str, ...], build: Cal
             cache = (key, build())
         module.__dict__["_kernel_layout"] = cache
     return cache[1]
+
+
+def use_kernels(model: nn.Module, preference: str | None) -> None:
+    """Set the kernel preference (auto, torch or cuda; None: ``COMPRESS_KERNELS``) of every compressed
+    module of ``model``."""
+    from ..kernels.ops import check_preference
+
+    if preference is not None:
+        check_preference(preference)
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            m.kernel_preference = preference
 
 
 def set_linear_weight(linear: nn.Module, W: torch.Tensor, bias: torch.Tensor | None = None) -> None:

@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dtypes import spec_dtype
 from ..kernels.layout import bcq_kernel_layout
 from ..kernels.ops import bcq_linear
 from ..solvers.bcq import ALPHA_DTYPE, BCQ, OFFSET_DTYPE
 from ..solvers.packing import pack_signs, unpack_signs
 from .base import CompressedLinear, cached_kernel_layout
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 class BCQLinear(CompressedLinear):
     weights_in_buffers = True
 
@@ -71,7 +72,7 @@ class BCQLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kplanes, alpha_t, offset_t = self.kernel_layout()
-        return bcq_linear(x, kplanes, alpha_t, offset_t, self.in_features, self.bias)
+        return bcq_linear(x, kplanes, alpha_t, offset_t, self.in_features, self.bias, self.kernels())
 
     def num_weights(self) -> int:
         return self.in_features * self.out_features
@@ -90,7 +91,7 @@ class BCQLinear(CompressedLinear):
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "BCQLinear":
         return cls(
             spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["bias"],
-            dtype=_DTYPES.get(spec.get("compute_dtype", ""), dtype), device=device,
+            dtype=spec_dtype(spec.get("compute_dtype", ""), dtype), device=device,
         )
 
     def extra_repr(self) -> str:

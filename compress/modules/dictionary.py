@@ -16,7 +16,7 @@ from torch import nn
 
 from ..kernels.ops import dict_linear
 from ..solvers.dictionary import decode_coefficients, encode_coefficients, index_bits
-from .base import CompressedLinear, build_module, dense_weight_of, module_spec, storage_bits
+from .base import CompressedLinear, QuantPart, build_module, dense_weight_of, module_spec, storage_bits
 
 
 class DictLinear(CompressedLinear):
@@ -28,6 +28,8 @@ class DictLinear(CompressedLinear):
 
     #: the weight is held in buffers (dictionary, values, support), not parameters
     weights_in_buffers = True
+    #: a quantization pass quantizes its atoms and coefficient values (see :meth:`quantizable_parts`)
+    quantized_as = "QuantDictLinear"
 
     def __init__(
         self,
@@ -115,6 +117,21 @@ class DictLinear(CompressedLinear):
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "DictLinear":
         return cls(spec["in_features"], spec["out_features"], spec["atoms"], spec["nnz"], spec["format"], spec["bias"],
                    shared=spec.get("shared", 1), dtype=dtype, device=device)
+
+    def quantizable_parts(self) -> list[QuantPart]:
+        """The atoms (a k × d_in matrix applied to the layer's input: input statistics apply, groups per
+        output channel along d_in) and the coefficient values (in rows of ``group`` consecutive
+        non-zeros, the tail padded with zeros)."""
+
+        def values(group: int) -> torch.Tensor:
+            v = self.values
+            pad = (-v.numel()) % group
+            return torch.cat([v, v.new_zeros(pad)]).reshape(-1, group)
+
+        return [QuantPart("atoms", lambda _group: self.atoms, reads_input=True), QuantPart("values", values, reads_input=False)]
+
+    def with_quantized_parts(self, parts: dict[str, nn.Module]) -> "QuantDictLinear":
+        return QuantDictLinear.from_parts(self, parts["atoms"], parts["values"])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, atoms={self.n_atoms}, "

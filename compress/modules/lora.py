@@ -12,8 +12,29 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..solvers.quant import QuantSpec, quantize_rtn
 from .base import CompressedLinear, build_module, dense_weight_of, module_spec
 from .base import storage_bits as _bits
+from .quant import QuantLinear
+
+
+def branch_bits(d_out: int, d_in: int, rank: int, bits: int, elt_bits: int) -> int:
+    """Stored bits of a rank-r branch B (d_out × r) · A (r × d_in): plain factors at ``elt_bits`` each,
+    or codes of ``bits`` with one float16 scale and one ``bits``-bit zero-point per factor row."""
+    if not bits:
+        return rank * (d_out + d_in) * elt_bits
+    return rank * (d_out + d_in) * bits + (rank + d_out) * (16 + bits)
+
+
+def branch_factor(weight: torch.Tensor, like: torch.Tensor, bits: int) -> nn.Module:
+    """A bias-free linear holding one branch factor (out × in), quantized per row when bits > 0."""
+    out_f, in_f = weight.shape
+    if bits:
+        return QuantLinear.from_quantized(quantize_rtn(weight.float(), QuantSpec(bits=bits, group_size=0)), None, like=like)
+    lin = nn.Linear(in_f, out_f, bias=False, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+    return lin
 
 
 class LoRALinear(CompressedLinear):

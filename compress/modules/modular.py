@@ -21,13 +21,14 @@ shape of its three linears.
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 #: why a model holding this module has no plain transformers equivalent (read by the dense export)
-_NO_DENSE = ("MoDeGPT's attention keeps a different set of rotary dimensions per key-value group and a value width other than the "
+NO_DENSE_REASON = ("MoDeGPT's attention keeps a different set of rotary dimensions per key-value group and a value width other than the "
              "query/key width, which a plain transformers config cannot express")
 
 
@@ -39,7 +40,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class ModularAttentionMixin:
     """Forward of a Llama-family attention whose q/k and v/o head widths were reduced."""
 
-    dense_export_blocker = _NO_DENSE
+    dense_export_blocker = NO_DENSE_REASON
+    #: the transformers modeling module of the attention class it extends (its attention functions)
+    modeling: ClassVar[Any]
 
     qk_dim: int
     v_dim: int
@@ -50,7 +53,8 @@ class ModularAttentionMixin:
         attention_mask: torch.Tensor | None = None, **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        eager_attention_forward = self.modeling.eager_attention_forward
 
         cache = kwargs.pop("cache", None)
         if cache is None:
@@ -96,7 +100,7 @@ def make_modular(attn: nn.Module, qk_dim: int, v_dim: int, rope_index: torch.Ten
     cls = type(attn)
     if not isinstance(attn, ModularAttentionMixin):
         if cls not in _MODULAR_CLASSES:
-            _MODULAR_CLASSES[cls] = type(f"Modular{cls.__name__}", (ModularAttentionMixin, cls), {})
+            _MODULAR_CLASSES[cls] = type(f"Modular{cls.__name__}", (ModularAttentionMixin, cls), {"modeling": sys.modules[cls.__module__]})
         attn.__class__ = _MODULAR_CLASSES[cls]
     attn.qk_dim = int(qk_dim)  # type: ignore[attr-defined]
     attn.v_dim = int(v_dim)  # type: ignore[attr-defined]

@@ -19,11 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dtypes import spec_dtype
 from ..solvers.packing import pack_bits, packed_nbytes, unpack_bits
 from ..solvers.quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize
 from .base import CompressedLinear, cached_dense_weight, cached_kernel_layout
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class QuantLinear(CompressedLinear):
@@ -105,7 +104,7 @@ class QuantLinear(CompressedLinear):
             from ..kernels.ops import bcq_linear
 
             kp, a, o = cached_kernel_layout(self, ("qweight", "scales", "qzeros"), self._bcq_kernel_layout)
-            return bcq_linear(x, kp, a, o, self.in_features, self.bias)
+            return bcq_linear(x, kp, a, o, self.in_features, self.bias, self.kernels())
         return F.linear(x, cached_dense_weight(self, ("qweight", "scales", "qzeros")).to(x.dtype), self.bias)
 
     def num_weights(self) -> int:
@@ -132,7 +131,7 @@ class QuantLinear(CompressedLinear):
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "QuantLinear":
         return cls(
             spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["dim"], spec["sym"],
-            spec["bias"], dtype=_DTYPES.get(spec.get("compute_dtype", ""), dtype), device=device,
+            spec["bias"], dtype=spec_dtype(spec.get("compute_dtype", ""), dtype), device=device,
             levels=spec.get("levels", "uniform"),
         )
 

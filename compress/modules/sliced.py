@@ -4,9 +4,10 @@ A sliced decoder layer keeps every submodule of the original layer (only their s
 gains two d′ × d′ shortcut matrices on the residual path: the residual entering the attention block
 is multiplied by ``attn_shortcut`` (Q_inᵀQ_mid) and the one entering the MLP by ``mlp_shortcut``
 (Q_midᵀQ_out), because consecutive blocks use different rotations of the residual stream. The class
-of the layer is swapped for a subclass with the forward below; that forward is the Llama-family
-decoder forward (input norm → attention → residual → post-attention norm → MLP → residual) with the
-two products added, and it is tested against the upstream forward with identity shortcuts.
+of the layer is swapped for a subclass with the forward below; that forward is the pre-norm decoder
+forward (attention norm → attention → residual → MLP norm → MLP → residual) over the pieces the
+family's adapter names (:class:`SlicedLayout`), with the two products added, and it is tested
+against the upstream forward with identity shortcuts.
 
 ``MixedHead`` keeps a tied embedding/head tied after rotation: logits = (x·mix)·Tᵀ with T the
 (rotated, sliced) embedding and mix = Q_lastᵀ·diag(γ_final)·Q_first.
@@ -14,21 +15,32 @@ two products added, and it is tested against the upstream forward with identity 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 #: why a model holding these modules has no plain transformers equivalent (read by the dense export)
 _NO_DENSE = "a sliced (SliceGPT) model has residual shortcut matrices that plain transformers cannot express"
 
 
+@dataclass(frozen=True)
+class SlicedLayout:
+    """The pieces of a pre-norm decoder layer, relative to it (from the family's adapter)."""
+
+    attn_norm: str
+    attention: str
+    mlp_norm: str
+    mlp: str
+
+
 class SlicedLayerMixin:
-    """Forward of a Llama-family decoder layer with residual shortcut matrices."""
+    """Forward of a pre-norm decoder layer with residual shortcut matrices."""
 
     dense_export_blocker = _NO_DENSE
+    sliced_layout: ClassVar[SlicedLayout]
 
     attn_shortcut: nn.Parameter
     mlp_shortcut: nn.Parameter
@@ -37,28 +49,33 @@ class SlicedLayerMixin:
         self, hidden_states: torch.Tensor, attention_mask: Any = None, position_ids: Any = None,
         past_key_values: Any = None, use_cache: bool | None = False, position_embeddings: Any = None, **kwargs: Any,
     ) -> torch.Tensor:
+        n = self.sliced_layout
+        part = self.get_submodule  # type: ignore[attr-defined]
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
         residual = hidden_states @ self.attn_shortcut.to(hidden_states.dtype)
-        h = self.input_layernorm(hidden_states)  # type: ignore[attr-defined]
-        h, _ = self.self_attn(  # type: ignore[attr-defined]
-            hidden_states=h, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs,
+        h = part(n.attn_norm)(hidden_states)
+        h, _ = part(n.attention)(
+            hidden_states=h, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+            position_embeddings=position_embeddings, **kwargs,
         )
         hidden_states = residual + h
         residual = hidden_states @ self.mlp_shortcut.to(hidden_states.dtype)
-        h = self.mlp(self.post_attention_layernorm(hidden_states))  # type: ignore[attr-defined]
+        h = part(n.mlp)(part(n.mlp_norm)(hidden_states))
         return residual + h
 
 
-_SLICED_CLASSES: dict[type, type] = {}
+_SLICED_CLASSES: dict[tuple[type, SlicedLayout], type] = {}
 
 
-def make_sliced(layer: nn.Module, attn_shortcut: torch.Tensor, mlp_shortcut: torch.Tensor) -> None:
+def make_sliced(layer: nn.Module, attn_shortcut: torch.Tensor, mlp_shortcut: torch.Tensor, layout: SlicedLayout) -> None:
     """Turn ``layer`` (in place) into its sliced subclass with the given shortcut matrices."""
     cls = type(layer)
     if not isinstance(layer, SlicedLayerMixin):
-        if cls not in _SLICED_CLASSES:
-            _SLICED_CLASSES[cls] = type(f"Sliced{cls.__name__}", (SlicedLayerMixin, cls), {})
-        layer.__class__ = _SLICED_CLASSES[cls]
+        key = (cls, layout)
+        if key not in _SLICED_CLASSES:
+            _SLICED_CLASSES[key] = type(f"Sliced{cls.__name__}", (SlicedLayerMixin, cls), {"sliced_layout": layout})
+        layer.__class__ = _SLICED_CLASSES[key]
     layer.attn_shortcut = nn.Parameter(attn_shortcut.contiguous(), requires_grad=False)  # type: ignore[assignment]
     layer.mlp_shortcut = nn.Parameter(mlp_shortcut.contiguous(), requires_grad=False)  # type: ignore[assignment]
 

@@ -13,12 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dtypes import spec_dtype
 from ..kernels.ops import sparse24_linear
 from ..solvers.armor import bd_left, bd_right
 from ..solvers.sparse24 import pack_24, unpack_24
 from .base import CompressedLinear
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Sparse24Linear(CompressedLinear):
@@ -51,7 +50,7 @@ class Sparse24Linear(CompressedLinear):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse24_linear(x, self.values, self.meta, self.bias)
+        return sparse24_linear(x, self.values, self.meta, self.bias, self.kernels())
 
     def dense_weight(self) -> torch.Tensor:
         return unpack_24(self.values, self.meta)
@@ -68,7 +67,7 @@ class Sparse24Linear(CompressedLinear):
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "Sparse24Linear":
-        return cls(spec["in_features"], spec["out_features"], spec["bias"], _DTYPES.get(spec.get("dtype", ""), dtype), device)
+        return cls(spec["in_features"], spec["out_features"], spec["bias"], spec_dtype(spec.get("dtype", ""), dtype), device)
 
 
 class ArmorLinear(CompressedLinear):
@@ -107,7 +106,7 @@ class ArmorLinear(CompressedLinear):
         shape = x.shape
         nB, b = self.B.shape[0], self.block
         t = torch.einsum("...nk,njk->...nj", x.reshape(*shape[:-1], nB, b), self.B.to(x.dtype)).reshape(shape)  # B·x
-        u = sparse24_linear(t, self.values, self.meta, None)  # core·(B·x)
+        u = sparse24_linear(t, self.values, self.meta, None, self.kernels())  # core·(B·x)
         nA = self.A.shape[0]
         y = torch.einsum("...nk,njk->...nj", u.reshape(*shape[:-1], nA, b), self.A.to(x.dtype))
         y = y.reshape(*shape[:-1], self.out_features)
@@ -133,4 +132,4 @@ class ArmorLinear(CompressedLinear):
     @classmethod
     def from_spec(cls, spec: dict[str, Any], dtype: torch.dtype, device: torch.device | str = "cpu") -> "ArmorLinear":
         return cls(spec["in_features"], spec["out_features"], spec["block"], spec["bias"],
-                   _DTYPES.get(spec.get("dtype", ""), dtype), device)
+                   spec_dtype(spec.get("dtype", ""), dtype), device)

@@ -36,8 +36,9 @@ from ..config import PassConfig, option
 from ..errors import ConfigError
 from ..registry import register_pass
 from ..solvers.awq import candidate_scales, fake_quantized, kv_expand, reduce_to, weight_column_mean
+from ..solvers.metrics import output_error
 from ..solvers.quant import QuantSpec
-from .base import Capabilities, LayerContext, Pass, matches, require_layout
+from .base import Capabilities, LayerContext, LayerPass, PassPlan, Shapes, Site, matches, require_layout
 
 logger = logging.getLogger(__name__)
 
@@ -59,91 +60,87 @@ class _Group:
     block: str  # whose output measures the error
 
 
+@dataclass(frozen=True)
+class _Target:
+    """The quantization pass AWQ prepares the weights for, as the recipe gives it."""
+
+    spec: QuantSpec
+    pattern: str
+    label: str
+
+
+def _target(plan: PassPlan) -> _Target | None:
+    """The first rtn or gptq pass after awq in the recipe (None when there is none)."""
+    from .quant import GPTQConfig, RTNConfig
+
+    q = next((p for p in plan.later if isinstance(p.config, (RTNConfig, GPTQConfig))), None)
+    if q is None:
+        return None
+    c = q.config
+    assert isinstance(c, RTNConfig)
+    return _Target(QuantSpec(bits=c.bits, group_size=c.group, sym=c.sym, dim=c.dim), c.targets, f"{q.name}:bits={c.bits},group={c.group}")
+
+
 @register_pass
-class AWQPass(Pass):
+class AWQPass(LayerPass[AWQConfig]):
     """AWQ: searched per-input-channel scales folded into the preceding norm or linear."""
 
     name = "awq"
-    config_cls = AWQConfig
-    granularity = "model"
     accepts_reason = "it rescales dense weights before they are quantized"
-    #: the fold only touches one decoder layer at a time: a streamed run can take it
-    layer_local = True
 
-    def __init__(self, config: PassConfig) -> None:
-        super().__init__(config)
-        assert isinstance(config, AWQConfig)
-        self.cfg = config
-        self._spec: QuantSpec | None = None
-        self._before: list[str] = []
-        self._later: list[str] = []
-        self._pattern = "*"
-        self._quantizer = ""
-
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
+    def capabilities(self) -> Capabilities:
         return Capabilities(requires_calibration=True, uses_layer_inputs=True)
 
     # -- before any compute ----------------------------------------------------------------------
 
-    def bind_recipe(self, before: list[Pass], later: list[Pass]) -> None:
-        from .quant import RTNConfig
-
-        self._before = [p.name for p in before]
-        self._later = [p.name for p in later]
-        q = next((p for p in later if isinstance(p.config, RTNConfig)), None)
-        if q is None:
-            return
-        c = q.config
-        assert isinstance(c, RTNConfig)
-        self._spec = QuantSpec(bits=c.bits, group_size=c.group, sym=c.sym, dim=c.dim)
-        self._pattern = q.targets_pattern
-        self._quantizer = f"{q.name}:bits={c.bits},group={c.group}"
-
-    def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Any, stored: Any = None) -> Any:
-        missing = [n for n in ("attn_norm", "attn_inputs", "attn_output", "mlp_norm", "mlp_inputs", "mlp_output", "v_proj", "up_proj", "attention")
-                   if not getattr(adapter, n)]
+    def check(self, site: Site) -> Shapes:
+        adapter, model = site.adapter, site.model
+        missing = [n for n in ("attn_norm", "mlp_norm", "attention") if not getattr(adapter, n)]
+        missing += [n for n, v in (("attn_inputs", adapter.attn_inputs), ("mlp_inputs", adapter.mlp_inputs)) if not v]
+        missing += [n for n in ("attn_output", "mlp_output") if not getattr(adapter, n)]
         require_layout(self.name, adapter, "norm → linear layout", missing)
-        if self._before:
-            raise ConfigError(f"awq searches its scales on the dense model, but {', '.join(self._before)} runs before it here: put awq first")
-        if self._spec is None:
-            after = ", ".join(self._later) or "nothing"
+        if site.plan.before:
+            raise ConfigError(f"awq searches its scales on the dense model, but {', '.join(p.name for p in site.plan.before)} runs before it "
+                              "here: put awq first")
+        target = _target(site.plan)
+        if target is None:
+            after = ", ".join(p.name for p in site.plan.later) or "nothing"
             raise ConfigError(f"awq only rescales weights for the rtn or gptq pass that follows it, and {after} follows it here: "
                               "add one after it, e.g. --pass awq --pass gptq:bits=4,group=128")
-        if self._spec.dim == "ic":
-            q = self._quantizer.split(":")[0]
+        if target.spec.dim == "ic":
+            q = target.label.split(":")[0]
             raise ConfigError(f"awq's per-input-channel scales cancel out under {q}:dim=ic (each group lies inside one input "
                               f"column); use {q}:dim=oc or dim=ada")
-        self._spec = QuantSpec(bits=self._spec.bits, group_size=self._spec.group_size, sym=self._spec.sym, dim="oc")
         layer = adapter.layers(model)[0]
-        for g in self._groups(adapter, model):
+        for g in self._groups(adapter, target.pattern):
             mod = layer.get_submodule(g.prev)
             if not isinstance(mod, nn.Linear) and not _scales_with_weight(mod):
                 raise ConfigError(f"awq cannot fold scales into {g.prev} ({type(mod).__name__}): its output is not proportional "
-                                  f"to its weight; run {self._quantizer} without awq")
+                                  f"to its weight; run {target.label} without awq")
             if g.name == "vo":  # the head layout, before the first layer rather than inside it
-                self._kv_map(model, mod, layer.get_submodule(g.linears[0]))
-        return shapes
+                self._kv_map(model.config, mod, layer.get_submodule(g.linears[0]))
+        return site.shapes
 
     # -- layout ----------------------------------------------------------------------------------
 
-    def _groups(self, adapter: ModelAdapter, model: nn.Module) -> list[_Group]:
+    def _groups(self, adapter: ModelAdapter, pattern: str) -> list[_Group]:
+        """The scale groups of a layer; the value → output and up → down groups need separate v and up
+        projections (a layout that fuses them into qkv / gate_up has only the two norm groups)."""
         a = adapter
-        groups = [
-            _Group("attn", a.attn_norm, tuple(a.attn_inputs), a.block_of(a.attn_inputs[0]) or a.attention),
-            _Group("vo", a.v_proj, (a.attn_output,), a.attn_output),
-            _Group("mlp", a.mlp_norm, tuple(a.mlp_inputs), a.block_of(a.mlp_inputs[0]) or a.mlp_output),
-            _Group("ud", a.up_proj, (a.mlp_output,), a.mlp_output),
-        ]
-        if not self.cfg.vo:
-            groups = [g for g in groups if g.name != "vo"]
-        return [g for g in groups if all(matches(n, self._pattern) for n in g.linears)]
+        groups = [_Group("attn", a.attn_norm, tuple(a.attn_inputs), a.block_of(a.attn_inputs[0]) or a.attention)]
+        if a.v_proj and self.config.vo:
+            groups.append(_Group("vo", a.v_proj, (a.attn_output,), a.attn_output))
+        groups.append(_Group("mlp", a.mlp_norm, tuple(a.mlp_inputs), a.block_of(a.mlp_inputs[0]) or a.mlp_output))
+        if a.up_proj:
+            groups.append(_Group("ud", a.up_proj, (a.mlp_output,), a.mlp_output))
+        return [g for g in groups if all(matches(n, pattern) for n in g.linears)]
 
-    def _kv_map(self, model: nn.Module, v: nn.Linear, o: nn.Linear) -> torch.Tensor | None:
+    @staticmethod
+    def _kv_map(cfg: Any, v: nn.Module, o: nn.Module) -> torch.Tensor | None:
         """o's input channel → v's output channel (None when they are the same channels)."""
+        assert isinstance(v, nn.Linear) and isinstance(o, nn.Linear)
         if v.out_features == o.in_features:
             return None
-        cfg = model.config
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
@@ -154,13 +151,12 @@ class AWQPass(Pass):
 
     # -- per layer -------------------------------------------------------------------------------
 
-    def begin(self, ctx: Any) -> None:
-        self._model = ctx.model
-
     def compress_layer(self, index: int, layer: nn.Module, ctx: LayerContext) -> dict[str, dict[str, Any]]:
-        assert self._spec is not None
+        target = _target(ctx.plan)
+        assert target is not None
+        spec = QuantSpec(bits=target.spec.bits, group_size=target.spec.group_size, sym=target.spec.sym, dim="oc")
         adapter = ctx.adapter
-        groups = self._groups(adapter, self._model)
+        groups = self._groups(adapter, target.pattern)
         firsts = [g.linears[0] for g in groups]
         # a group measured on one linear's own output (o, down) needs only that input's Gram:
         # ‖X(W − Ŵ)ᵀ‖² = tr(ΔHΔᵀ), far cheaper per candidate than re-running the linear on every token
@@ -173,8 +169,8 @@ class AWQPass(Pass):
                 raise ConfigError(f"awq: {g.linears[0]} in layer {index} is no longer a plain linear; put awq first in the recipe")
             x_mean = stats.linears[g.linears[0]].mean_abs.float()
             W = torch.cat([m.weight.detach() for m in mods], dim=0)
-            w_mean = weight_column_mean(W, self._spec.group_size) if self.cfg.duo else None
-            expand = self._kv_map(self._model, prev, mods[0]) if g.name == "vo" else None
+            w_mean = weight_column_mean(W, spec.group_size) if self.config.duo else None
+            expand = self._kv_map(ctx.config, prev, mods[0]) if g.name == "vo" else None
             if expand is not None:  # one scale per value channel, shared by the query heads that read it
                 x_mean = reduce_to(x_mean, expand, prev.out_features)
                 w_mean = reduce_to(w_mean, expand, prev.out_features) if w_mean is not None else None
@@ -182,15 +178,15 @@ class AWQPass(Pass):
             plain = 0.0
             own = g.linears == (g.block,)
             H = stats.linears[g.linears[0]].gram.to(W.device, torch.float32) if own else None
-            for alpha, s in candidate_scales(x_mean, w_mean, self.cfg.grid):
+            for alpha, s in candidate_scales(x_mean, w_mean, self.config.grid):
                 s_in = s[expand] if expand is not None else s
                 if H is not None:
-                    D = mods[0].weight.detach().float() - fake_quantized(mods[0].weight.detach(), s_in.to(W.device), self._spec).float()
-                    err = float(((D @ H) * D).sum())
+                    D = mods[0].weight.detach().float() - fake_quantized(mods[0].weight.detach(), s_in.to(W.device), spec).float()
+                    err = output_error(D, H)
                 else:
-                    trial = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), self._spec))
+                    trial = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), spec))
                              for n, m in zip(g.linears, mods)}
-                    err = ctx.block_error(g.block, trial, samples=self.cfg.samples or None)
+                    err = ctx.block_error(g.block, trial, samples=self.config.samples or None)
                 if alpha is None:
                     plain = err
                 if best is None or err < best[0]:
@@ -199,7 +195,7 @@ class AWQPass(Pass):
             err, alpha, s = best
             if alpha is not None:
                 _fold(prev, mods, s, expand)
-            info = {"awq_alpha": alpha, "awq_error_vs_plain": err / plain if plain > 0 else 1.0, "awq_for": self._quantizer}
+            info = {"awq_alpha": alpha, "awq_error_vs_plain": err / plain if plain > 0 else 1.0, "awq_for": target.label}
             for n in g.linears:
                 infos[n] = info
         return infos

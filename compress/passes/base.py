@@ -1,56 +1,67 @@
 """The pass protocol.
 
-Every pass is driven by the one layer loop of :mod:`compress.pipeline.sequential`, at fixed points:
+A pass is a class generic over its config (``class GPTQPass(LinearPass[GPTQConfig])``), registered
+with :func:`compress.registry.register_pass` in its own file under ``compress/passes/``; importing
+the package registers every pass. The engine (:mod:`compress.pipeline`) drives one of three
+lifecycles, chosen by the base class:
 
-1. ``check(model, adapter, shapes, stored)``: before the first layer is touched, every option
-   against every target's shape (group sizes, N:M, block sizes, ranks) and against what the passes
-   before it leave (``stored``: bits per target, from :meth:`Pass.stored_bits`); returns the shapes
-   the pass leaves behind, so that the next pass is checked against them.
-2. ``prepare(model, adapter)``: once before the loop (global allocations such as LoRD's ranks). A
-   pass with ``global_prepare`` that follows other passes starts a new layer loop, so that it sees
-   their results in every layer.
-3. Model-level passes (``granularity = "model"``): ``begin(ctx)`` with a :class:`ModelContext`
-   (embeddings, head, the layer-0 calibration inputs), then per layer
-   ``compress_layer(index, layer, ctx)`` with a :class:`LayerContext`, then ``finish(ctx)``.
-4. Per-linear passes (``granularity = "linear"``): per layer and sequential sub-group of linears,
-   the engine accumulates the statistics the pass declares (*observe*), then calls
-   ``apply(name, module, stats, ctx)`` for each target (*apply*).
+* :class:`LinearPass` — per linear: the engine accumulates the statistics the pass declares for
+  each sequential sub-group of a layer's linears (*observe*), then calls :meth:`LinearPass.apply`
+  once per target (*apply*).
+* :class:`LayerPass` — per decoder layer: :meth:`LayerPass.compress_layer` transforms the layer in
+  place with what its :class:`LayerContext` offers (sub-block forwards, observations); nothing
+  outside the layer changes, so a streamed run can take it.
+* :class:`ModelPass` — a layer pass that also changes the embeddings, the head or the residual
+  stream: :meth:`ModelPass.begin` and :meth:`ModelPass.finish` around the layer loop, and the
+  structure it adds is described (:meth:`ModelPass.structure`) and rebuilt on load
+  (:meth:`ModelPass.rebuild`).
 
-After every pass has run on a layer, the engine re-runs the compressed layer on its calibration
-inputs to produce the next layer's inputs (errors propagate as in GPTQ).
+Before any compute the planner (:mod:`compress.planning`) asks every pass, in recipe order, what it
+needs (:meth:`Pass.capabilities`), what it makes of each module type (:meth:`Pass.produces`), and
+checks its options against every target's shape and against what the passes before it leave
+(:meth:`Pass.check`, :meth:`Pass.check_target`, :meth:`Pass.stored_bits`, :meth:`Pass.size_variants`).
+These hooks have no side effects: what planning decides for a pass (its neighbours in the recipe,
+sizes the later passes refuse) is a :class:`PassPlan` that the engine hands to the pass at run time
+through its context. A pass whose choices need the whole model's weights or statistics before its
+first layer (a global allocation) declares it in its capabilities and receives them through
+:meth:`Pass.prepare` and :meth:`Pass.profile_layer` / :meth:`Pass.profile_done`.
 
-Capabilities that depend on the options (does ``rtn`` need calibration? with ``dim=ada`` it does)
-are computed from the config instance by :meth:`Pass.capabilities`; facts about the method itself
-(granularity, which module types it accepts and produces) are class attributes. The engine never
-tests a pass's class or name.
-
-Structure that a model-level pass adds to the model (sliced hidden sizes, mixing matrices) is
-described by :meth:`Pass.structure`, written into the checkpoint's manifest under the pass's name,
-and rebuilt by :meth:`Pass.rebuild` before the weights load.
-
-To add a pass: its math in ``compress/solvers/``; a ``PassConfig`` dataclass (one per pass) and a
-``Pass`` subclass in ``compress/passes/<name>.py`` decorated with ``@register_pass``; the module in
-``compress.registry._PASS_MODULES``; a row in the contract table of ``tests/test_pass_contract.py``.
+To add a pass: its math in ``compress/solvers/``; a config dataclass and the pass class in
+``compress/passes/<name>.py``; a row in the contract table of ``tests/test_pass_contract.py``
+(see the README's "How to add a pass").
 """
 
 from __future__ import annotations
 
 import fnmatch
+import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Iterator, Mapping, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from ..config import PassConfig
+from ..dtypes import element_bits
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
     from ..pipeline.stats import LayerStats, LinearStats
 
+C = TypeVar("C", bound=PassConfig)
+
 #: shapes of the target linears of a model, by full name: (d_out, d_in)
 Shapes = dict[str, tuple[int, int]]
+
+#: module type name of a plain linear in ``accepts``/``produces``
+LINEAR = "Linear"
+#: in ``accepts``: any module type
+ANY = "*"
+#: in ``accepts``: any compressed module type that offers quantizable parts (see CompressedLinear.quantized_as)
+QUANTIZABLE = "<quantizable parts>"
+#: the name under which :meth:`LayerContext.observe` reports the decoder layer's own output
+LAYER_OUTPUT = "<output>"
 
 
 @dataclass(frozen=True)
@@ -66,20 +77,12 @@ class Stored:
     #: the last pass that changed its shape (None: the source model's shape)
     shaped_by: str | None = None
     #: module types it may have (what the last pass that selected it produces)
-    kinds: frozenset[str] = frozenset({"Linear"})
-
-
-#: module type name of a plain linear in ``accepts``/``produces``
-LINEAR = "Linear"
-#: in ``accepts``: any module type
-ANY = "*"
-#: the name under which :meth:`LayerContext.observe` reports the decoder layer's own output
-LAYER_OUTPUT = "<output>"
+    kinds: frozenset[str] = frozenset({LINEAR})
 
 
 @dataclass
 class PassResult:
-    """What :meth:`Pass.apply` returns for one linear.
+    """What :meth:`LinearPass.apply` returns for one linear.
 
     ``module`` replaces the linear (``None`` leaves it unchanged); ``info`` goes to the manifest
     and the per-layer table (rank, error, why a layer was left dense, ...).
@@ -108,6 +111,9 @@ class Capabilities:
     #: loop (one forward per layer, handed to :meth:`Pass.profile_layer`): for choices that need the
     #: whole model's statistics at once (a global allocation, a dictionary shared across layers)
     profile: frozenset[str] = frozenset()
+    #: :meth:`Pass.prepare` reads every layer's weights before the first layer (a global allocation):
+    #: after other passes the pass starts a new layer loop so that it sees their results
+    reads_all_weights: bool = False
     #: a per-linear pass observes every sub-group's inputs in one forward of the layer as the pass finds
     #: it (False: each sub-group after the ones before it were compressed, one forward per sub-group)
     observe_once: bool = False
@@ -117,6 +123,31 @@ class Capabilities:
     propagate_dense: bool = False
 
 
+@dataclass(frozen=True)
+class PassPlan:
+    """What planning decided for one pass of a run; the engine hands it to the pass in its contexts."""
+
+    #: position of the pass in the recipe
+    index: int = 0
+    #: the passes before and after it in the recipe
+    before: tuple["Pass[Any]", ...] = ()
+    later: tuple["Pass[Any]", ...] = ()
+    #: sizes of each part that a later pass of the recipe cannot take (see :meth:`Pass.size_variants`)
+    refused: Mapping[str, frozenset[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Site:
+    """What a pass is checked against before any compute: the model (its shapes; a skeleton on the
+    meta device is enough), the targets' shapes and what the passes before it leave of them."""
+
+    model: nn.Module
+    adapter: "ModelAdapter"
+    shapes: Shapes
+    stored: Mapping[str, Stored]
+    plan: PassPlan
+
+
 class LayerContext(Protocol):
     """What a pass may use while one decoder layer is compressed (the engine implements it)."""
 
@@ -124,6 +155,9 @@ class LayerContext(Protocol):
     index: int
     device: torch.device
     adapter: "ModelAdapter"
+    #: the model's config (head counts, widths)
+    config: Any
+    plan: PassPlan
 
     def observe(self, names: list[str], kinds: frozenset[str]) -> "LayerStats":
         """Statistics of the inputs of the submodules ``names`` (relative to the layer; LAYER_OUTPUT
@@ -148,6 +182,7 @@ class ModelContext(Protocol):
     model: nn.Module
     adapter: "ModelAdapter"
     device: torch.device
+    plan: PassPlan
 
     def input_stats(self, kinds: frozenset[str]) -> "LinearStats":
         """Statistics of the hidden states entering decoder layer 0 (the calibration set)."""
@@ -164,20 +199,25 @@ class ModelContext(Protocol):
         """Replace the hidden states entering the next layer by ``fn(hidden)`` (e.g. a rotation)."""
 
 
-def require_layout(pass_name: str, adapter: "ModelAdapter", what: str, missing: list[str]) -> None:
+def require_layout(pass_name: str, adapter: "ModelAdapter", what: str, missing: list[str],
+                   fix: str = "a per-linear pass (see 'compress ls passes') works on any layout") -> None:
     """Refuse, in one line, an architecture whose adapter leaves the fields ``missing`` empty."""
-    if missing:
-        from ..adapters import supported_model_types
+    if not missing:
+        return
+    if adapter.model_types:  # a declared family whose layout fuses or lacks these pieces
+        raise ConfigError(f"{pass_name} needs the {what} of the architecture as separate modules, which the '{adapter.name}' layout "
+                          f"does not have (missing: {', '.join(missing)}); {fix}")
+    from ..adapters import supported_model_types
 
-        raise ConfigError(
-            f"{pass_name} needs the {what} of the architecture, which adapter '{adapter.name}' does not describe "
-            f"(missing: {', '.join(missing)}); supported families: {', '.join(supported_model_types())}"
-        )
+    raise ConfigError(
+        f"{pass_name} needs the {what} of the architecture, which adapter '{adapter.name}' does not describe "
+        f"(missing: {', '.join(missing)}); supported families: {', '.join(supported_model_types())}"
+    )
 
 
 def dense_bits(d_out: int, d_in: int, dtype: torch.dtype) -> int:
     """Bits of a plain d_out × d_in weight in ``dtype``."""
-    return d_out * d_in * 8 * torch.empty((), dtype=dtype).element_size()
+    return d_out * d_in * element_bits(dtype)
 
 
 def meta_storage_bits(module_cls: Any, *args: Any, **kwargs: Any) -> int:
@@ -198,110 +238,119 @@ def matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(name, p.strip()) for p in str(pattern).split("|"))
 
 
-class Pass:
-    """Base class of every compression pass."""
+def kind_of(module: nn.Module) -> str:
+    """The module type name used in ``accepts``/``produces``."""
+    return LINEAR if type(module) is nn.Linear else type(module).__name__
+
+
+def accepts_kind(accepts: frozenset[str], kind: str) -> bool:
+    """Whether a pass accepting ``accepts`` can take a target of module type ``kind``."""
+    if ANY in accepts or kind in accepts:
+        return True
+    if QUANTIZABLE in accepts:
+        from ..modules.base import MODULE_TYPES
+
+        cls = MODULE_TYPES.get(kind)
+        return cls is not None and cls.quantized_as is not None
+    return False
+
+
+class Pass(Generic[C]):
+    """Base of every compression pass: what planning asks of it."""
 
     name: ClassVar[str]
+    #: the config type this pass takes, exactly (set from the generic parameter)
     config_cls: ClassVar[type[PassConfig]]
-    #: "linear": the engine calls observe/apply per linear; "model": the pass has begin /
-    #: compress_layer / finish hooks (it changes embeddings, layers and head together)
-    granularity: ClassVar[str] = "linear"
-    #: module types the pass can take as input (LINEAR for a plain nn.Linear, ANY for every type)
+    #: module types the pass can take as input (LINEAR, ANY, QUANTIZABLE or type names)
     accepts: ClassVar[frozenset[str]] = frozenset({LINEAR})
     #: why it accepts only those (completes "X must come before Y: ...")
     accepts_reason: ClassVar[str] = "it works on dense weights"
     #: the pass works on the result of an earlier pass (a recipe may not start with it)
     consumes_previous: ClassVar[bool] = False
-    #: ``prepare`` reads every layer's weights (global allocation): after other passes it starts a
-    #: new layer loop so that it sees their results
-    global_prepare: ClassVar[bool] = False
-    #: why the result cannot be written as a plain transformers checkpoint (None: it can)
-    dense_export_blocker: ClassVar[str | None] = None
-    #: a model-level pass: why it needs the whole model in memory (completes "<name> ...")
-    whole_model_reason: ClassVar[str] = "transforms the whole model (embeddings, head and every layer together)"
-    #: a model-level pass whose work stays inside each decoder layer (no begin/finish on the
-    #: embeddings or head, no state across layers): a streamed run can take it
-    layer_local: ClassVar[bool] = False
-    #: a key under which manifests of an older format recorded this pass's structure
-    legacy_manifest_key: ClassVar[str | None] = None
 
-    @classmethod
-    def dense_blocker(cls, config: PassConfig) -> str | None:
-        """Why this configuration's result cannot be written as a plain transformers checkpoint
-        (default: :attr:`dense_export_blocker`)."""
-        return cls.dense_export_blocker
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            args = typing.get_args(base)
+            if args and isinstance(args[0], type) and issubclass(args[0], PassConfig):
+                cls.config_cls = args[0]
 
-    def __init__(self, config: PassConfig) -> None:
-        if not isinstance(config, self.config_cls):
+    def __init__(self, config: C) -> None:
+        if type(config) is not self.config_cls:
             raise ConfigError(f"pass '{self.name}' takes a {self.config_cls.__name__}, got {type(config).__name__}")
-        self.config = config
-        self.caps = self.capabilities(config)
+        self.config: C = config
+        self.caps = self.capabilities()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    @property
+    def options(self) -> str:
+        """The recipe step in shorthand: ``name:key=value,...`` (options that differ from the defaults)."""
+        default = self.config_cls()
+        given = [f"{k}={v}" for k, v in self.config.to_dict().items() if getattr(default, k) != v]
+        return f"{self.name}:{','.join(given)}" if given else self.name
 
     # -- what the pass needs and does, from its options ------------------------------------------
 
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
+    def capabilities(self) -> Capabilities:
         """What the engine must provide for this configuration (default: nothing, data-free)."""
         return Capabilities()
 
-    @classmethod
-    def produces(cls, config: PassConfig) -> frozenset[str]:
-        """Module types a target linear may have after this pass."""
+    def produces(self, kinds: frozenset[str]) -> frozenset[str]:
+        """Module types a selected target may have after this pass, given the types it may have
+        before (default: plain linears)."""
         return frozenset({LINEAR})
 
-    @classmethod
-    def produces_from(cls, config: PassConfig, kinds: "set[str] | frozenset[str]") -> frozenset[str]:
-        """Module types a target may have after this pass, given the types it may have before
-        (default: :meth:`produces`, whatever the input)."""
-        return cls.produces(config)
+    def dense_blocker(self) -> str | None:
+        """Why this configuration's result cannot be written as a plain transformers checkpoint (None: it can)."""
+        return None
 
-    @property
-    def targets_pattern(self) -> str:
-        return str(getattr(self.config, "targets", "*"))
+    def notes(self, summary: dict[str, Any]) -> list[str]:
+        """Lines for the report about what this pass did, given the run's compression summary."""
+        return []
 
-    # -- before any compute ----------------------------------------------------------------------
+    # -- before any compute (no side effects) ----------------------------------------------------
 
-    def bind_recipe(self, before: "list[Pass]", later: "list[Pass]") -> None:
-        """Before any check: the passes before and after this one in the recipe (a pass that
-        prepares weights for a later one takes that one's options here; :meth:`check` refuses a
-        recipe without it)."""
-
-    def check(self, model: nn.Module, adapter: "ModelAdapter", shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
+    def check(self, site: Site) -> Shapes:
         """Refuse options that cannot work on these targets (one-line :class:`ConfigError` naming
-        the layer and the fix); return the shapes after the pass (default: unchanged). ``stored``
-        says what the passes before this one leave of each target."""
-        for name, (d_out, d_in) in shapes.items():
-            if self.selects(name, adapter):
-                before = (stored or {}).get(name)
+        the layer and the fix); return the shapes after the pass (default: unchanged)."""
+        for name, (d_out, d_in) in site.shapes.items():
+            if self.selects(name, site.adapter):
+                before = site.stored.get(name)
                 why = self.check_target(d_out, d_in, before)
                 if why is not None:
                     last = (before.by or before.shaped_by) if before is not None else None
                     after = f" after {last}" if last else ""
                     raise ConfigError(f"{self.name}: {name} ({d_out}x{d_in}{after}): {why}")
-        return shapes
-
-    def selects(self, name: str, adapter: "ModelAdapter") -> bool:
-        """Whether the target ``name`` (full name) matches this pass's ``targets=`` option."""
-        return matches(layer_relative_name(name, adapter.layers_path), self.targets_pattern)
+        return site.shapes
 
     def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
         """Why this pass's options cannot compress a d_out × d_in target that earlier passes left
-        as ``stored`` (None: they can). Default: :meth:`check_shape`."""
-        return self.check_shape(d_out, d_in)
-
-    def check_shape(self, d_out: int, d_in: int) -> str | None:
-        """Why this pass's options cannot compress a d_out × d_in target (None: they can)."""
+        as ``stored`` (None: they can)."""
         return None
 
     def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
         """Bits a d_out × d_in target's weight occupies after this pass, known before any compute
         (None: only the run knows, e.g. a global allocation). Default: a pass that produces only
         plain linears leaves a dense weight; otherwise unknown."""
-        if self.produces(self.config) == frozenset({LINEAR}):
+        if self.produces(frozenset({LINEAR})) == frozenset({LINEAR}):
             return dense_bits(d_out, d_in, dtype)
         return None
 
-    def prepare(self, model: nn.Module, adapter: "ModelAdapter") -> None:
+    def size_variants(self, site: Site) -> list[tuple[str, int, Shapes]]:
+        """Widths the pass may choose per layer only at run time (a global allocation), each as
+        (part, width, the shapes with that width in every layer): the planner checks the later
+        passes on each and hands the refused ones back in :attr:`PassPlan.refused`."""
+        return []
+
+    def selects(self, name: str, adapter: "ModelAdapter") -> bool:
+        """Whether the target ``name`` (full name) matches this pass's ``targets=`` option."""
+        return matches(layer_relative_name(name, adapter.layers_path), self.config.targets)
+
+    # -- before the layer loop, at run time (global allocations) ---------------------------------
+
+    def prepare(self, model: nn.Module, adapter: "ModelAdapter", plan: PassPlan) -> None:
         """Called once before the layer loop (e.g. for a global rank allocation)."""
 
     def profile_layer(self, index: int, layer: nn.Module, stats: "LayerStats") -> None:
@@ -311,15 +360,14 @@ class Pass:
     def profile_done(self) -> None:
         """With ``Capabilities.profile``: after the last layer's :meth:`profile_layer`."""
 
-    # -- per-linear passes -----------------------------------------------------------------------
+    # -- helpers for the engine ------------------------------------------------------------------
 
     def targets(self, name: str, module: nn.Module) -> bool:
         """Whether this pass compresses ``module`` (``name`` is relative to its decoder layer).
         A selected module of a type the pass does not accept is an error, never a silent skip."""
-        if not matches(name, self.targets_pattern):
+        if not matches(name, self.config.targets):
             return False
-        kind = LINEAR if type(module) is nn.Linear else type(module).__name__
-        if ANY not in self.accepts and kind not in self.accepts:
+        if not accepts_kind(self.accepts, kind_of(module)):
             raise ConfigError(
                 f"pass '{self.name}' cannot compress '{name}': an earlier pass made it a {type(module).__name__}; "
                 f"reorder the recipe or narrow one pass with targets=..."
@@ -335,25 +383,37 @@ class Pass:
                     if self.targets(n, mod):
                         yield f"{adapter.layers_path}.{i}.{n}", mod
 
-    def apply(
-        self, name: str, module: nn.Module, stats: "LinearStats | None", context: "LayerContext | None" = None
-    ) -> PassResult:
-        """Compress one linear; ``name`` is its full dotted name in the model."""
-        raise NotImplementedError(f"pass '{self.name}' has no per-linear apply")
 
-    # -- model-level passes ----------------------------------------------------------------------
+class LinearPass(Pass[C]):
+    """A pass that compresses one linear at a time: the engine observes, then calls :meth:`apply`."""
+
+    def apply(self, name: str, module: nn.Module, stats: "LinearStats | None", ctx: LayerContext) -> PassResult:
+        """Compress one linear; ``name`` is its full dotted name in the model."""
+        raise NotImplementedError(f"pass '{self.name}' has no apply")
+
+
+class LayerPass(Pass[C]):
+    """A pass that transforms one decoder layer at a time, touching nothing outside it."""
+
+    def compress_layer(self, index: int, layer: nn.Module, ctx: LayerContext) -> dict[str, dict[str, Any]]:
+        """Transform decoder layer ``index`` in place; return info per changed linear (relative name)."""
+        raise NotImplementedError(f"pass '{self.name}' has no compress_layer")
+
+
+class ModelPass(LayerPass[C]):
+    """A layer pass that also changes what lies outside the layers (embeddings, head, the residual
+    stream) and may add structure that plain transformers cannot express."""
+
+    #: why it needs the whole model in memory (completes "<name> ...")
+    whole_model_reason: ClassVar[str] = "transforms the whole model (embeddings, head and every layer together)"
+    #: a key under which manifests of an older format recorded this pass's structure
+    legacy_manifest_key: ClassVar[str | None] = None
 
     def begin(self, ctx: ModelContext) -> None:
         """Before the first layer (after the layer-0 calibration inputs were captured)."""
 
-    def compress_layer(self, index: int, layer: nn.Module, ctx: LayerContext) -> dict[str, dict[str, Any]]:
-        """Transform decoder layer ``index`` in place; return info per changed linear (relative name)."""
-        raise NotImplementedError(f"pass '{self.name}' has no per-layer hook")
-
     def finish(self, ctx: ModelContext) -> None:
         """After the last layer."""
-
-    # -- structure it adds to the model ----------------------------------------------------------
 
     def structure(self, model: nn.Module) -> dict[str, Any] | None:
         """JSON description of the structure this pass added (None: nothing beyond module types)."""
@@ -363,6 +423,7 @@ class Pass:
     def rebuild(cls, model: nn.Module, adapter: "ModelAdapter", structure: dict[str, Any], dtype: torch.dtype) -> None:
         """Give a freshly built model the structure :meth:`structure` described (shapes come from the weights)."""
 
-    def notes(self, summary: dict[str, Any]) -> list[str]:
-        """Lines for the report about what this pass did, given the run's compression summary."""
-        return []
+
+def lifecycle(p: Pass[Any]) -> str:
+    """'per-linear', 'per-layer' or 'model-level'."""
+    return "model-level" if isinstance(p, ModelPass) else "per-layer" if isinstance(p, LayerPass) else "per-linear"

@@ -56,26 +56,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import PassConfig, option
+from ..config import PassConfig, option, targets_option
+from ..dtypes import element_bits
 from ..errors import ConfigError
 from ..modules.dictionary import DictLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
-from ..solvers.allocate import knapsack
+from ..solvers.allocate import allocate_fraction
 from ..solvers.dictionary import (
-    IMPORTANCE_LAMBDA,
-    RECOVER_FRACTION,
     code_with_dictionary,
     dict_shape,
     factorize_dict,
+    first_step_errors,
     largest_fitting,
-    select_support,
-    stored_bits as dict_bits,
     support_bits,
 )
+from ..solvers.dictionary import (
+    stored_bits as dict_bits,
+)
 from ..solvers.linalg import SOLVE_DTYPE, cholesky_psd
-from ..solvers.lowrank import rank_for_ratio, relative_output_error
-from .base import Capabilities, Pass, PassResult, Shapes, Stored, dense_bits, layer_relative_name
+from ..solvers.lowrank import rank_for_ratio
+from ..solvers.metrics import relative_output_error
+from .base import Capabilities, LayerContext, LinearPass, PassPlan, PassResult, Shapes, Site, Stored, dense_bits, layer_relative_name
 
 logger = logging.getLogger(__name__)
 
@@ -97,44 +99,35 @@ class CoSpaDiConfig(PassConfig):
     share: int = option(1, "one dictionary per projection for groups of this many consecutive layers", min=1)
     allocate: str = option("uniform", "uniform (every target at ratio) or global (knapsack over per-target candidates)", choices=("uniform", "global"))
     seed: int = option(0, "seed of K-SVD's random choices")
-    targets: str = option("*", "which linears of each decoder layer to compress: glob(s) on names like 'mlp.down_proj', '|'-separated")
-
-
-def _elt_bits(dtype: torch.dtype) -> int:
-    return 8 * torch.empty((), dtype=dtype).element_size()
+    targets: str = targets_option()
 
 
 @register_pass
-class CoSpaDiPass(Pass):
+class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
     """Sparse dictionary learning in the whitened space."""
 
     name = "cospadi"
-    config_cls = CoSpaDiConfig
     accepts_reason = "it factorizes dense weights"
 
-    def __init__(self, config: PassConfig) -> None:
+    def __init__(self, config: CoSpaDiConfig) -> None:
         super().__init__(config)
-        assert isinstance(config, CoSpaDiConfig)
-        self.cfg = config
         if 0.0 < config.rho < 1.0:
             raise ConfigError(f"cospadi: rho={config.rho} would keep more non-zeros than atoms; use rho >= 1 (1 is plain low rank)")
         self.rho = config.rho or DEFAULT_RHO[config.solver]
 
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
-        assert isinstance(config, CoSpaDiConfig)
-        profile = frozenset({"gram"}) if config.share > 1 or config.allocate == "global" else frozenset()
+    def capabilities(self) -> Capabilities:
+        c = self.config
+        profile = frozenset({"gram"}) if c.share > 1 or c.allocate == "global" else frozenset()
         return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), profile=profile)
 
-    @classmethod
-    def produces(cls, config: PassConfig) -> frozenset[str]:
+    def produces(self, kinds: frozenset[str]) -> frozenset[str]:
         return frozenset({"DictLinear", "Linear"})  # a target too small to gain is kept dense
 
     # -- sizes -----------------------------------------------------------------------------------
 
     def shape_for(self, d_out: int, d_in: int, elt_bits: int, ratio: float | None = None, rho: float | None = None) -> tuple[int, int] | None:
         """(k, s) of a d_out × d_in target, or None when no factorization fits its budget."""
-        c = self.cfg
+        c = self.config
         ratio = c.ratio if ratio is None else ratio
         if c.nonzeros and rho is None:
             s = c.nonzeros
@@ -143,19 +136,19 @@ class CoSpaDiPass(Pass):
             return None if k is None else (k, s)
         return dict_shape(d_out, d_in, ratio, self.rho if rho is None else rho, elt_bits)
 
-    def check(self, model: nn.Module, adapter: Any, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
-        c = self.cfg
+    def check(self, site: Site) -> Shapes:
+        c = self.config
         if c.share > 1:
             if c.allocate == "global":
                 raise ConfigError("cospadi: share= and allocate=global cannot be combined yet; use one of them")
-            n = len(adapter.layers(model))
+            n = len(site.adapter.layers(site.model))
             if n % c.share:
                 ok = [d for d in range(1, n + 1) if n % d == 0]
                 raise ConfigError(f"cospadi: share={c.share} does not divide the model's {n} layers; use share= one of {', '.join(map(str, ok))}")
-        return super().check(model, adapter, shapes, stored)
+        return super().check(site)
 
     def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
-        c = self.cfg
+        c = self.config
         elt = stored.elt_bits if stored is not None else 32  # the model's dtype decides what fits
         if c.nonzeros and self.shape_for(d_out, d_in, elt) is None:
             best = self.shape_for(d_out, d_in, elt, rho=1.0)
@@ -165,41 +158,41 @@ class CoSpaDiPass(Pass):
         return None
 
     def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
-        if self.cfg.allocate == "global" or self.cfg.share > 1:
+        if self.config.allocate == "global" or self.config.share > 1:
             return None  # known once the profile has been taken
-        shape = self.shape_for(d_out, d_in, _elt_bits(dtype))
+        shape = self.shape_for(d_out, d_in, element_bits(dtype))
         if shape is None:
             return dense_bits(d_out, d_in, dtype)
         k, s = shape
-        return dict_bits(d_out, d_in, k, d_out * s, _elt_bits(dtype))
+        return dict_bits(d_out, d_in, k, d_out * s, element_bits(dtype))
 
     # -- per linear ------------------------------------------------------------------------------
 
-    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, ctx: LayerContext) -> PassResult:
         assert isinstance(module, nn.Linear) and stats is not None and stats.gram is not None
-        c = self.cfg
+        c = self.config
         W = module.weight.data
         d_out, d_in = W.shape
         rel = layer_relative_name(name, self._layers_path) if self._layers_path else name
         shared = self._dicts.get((self._group_of(name), rel)) if c.share > 1 else None
         if c.share > 1 and shared is None:
-            self._sizes.append((d_out, d_in, _elt_bits(W.dtype), d_out * d_in * _elt_bits(W.dtype)))
+            self._sizes.append((d_out, d_in, element_bits(W.dtype), d_out * d_in * element_bits(W.dtype)))
             return PassResult(None, {"kept_dense": "no shared dictionary fits the group's budget"})
         if shared is not None:
             k, s = shared.k, shared.s
         elif c.allocate == "global":
             choice = self._choice[name]
-            shape = None if choice is None else self.shape_for(d_out, d_in, _elt_bits(W.dtype), ratio=choice[0], rho=choice[1])
+            shape = None if choice is None else self.shape_for(d_out, d_in, element_bits(W.dtype), ratio=choice[0], rho=choice[1])
             if shape is None:
-                self._sizes.append((d_out, d_in, _elt_bits(W.dtype), d_out * d_in * _elt_bits(W.dtype)))
+                self._sizes.append((d_out, d_in, element_bits(W.dtype), d_out * d_in * element_bits(W.dtype)))
                 return PassResult(None, {"kept_dense": "the global allocation kept it dense"})
             k, s = shape
         else:
-            shape = self.shape_for(d_out, d_in, _elt_bits(W.dtype))
+            shape = self.shape_for(d_out, d_in, element_bits(W.dtype))
             if shape is None:
                 why = f"no dictionary fits {1 - c.ratio:.0%} of its {d_out}x{d_in} weights"
                 logger.info("%s left dense: %s", name, why)
-                self._sizes.append((d_out, d_in, _elt_bits(W.dtype), d_out * d_in * _elt_bits(W.dtype)))
+                self._sizes.append((d_out, d_in, element_bits(W.dtype), d_out * d_in * element_bits(W.dtype)))
                 return PassResult(None, {"kept_dense": why})
             k, s = shape
         L, _ = cholesky_psd(stats.gram, name)
@@ -218,7 +211,7 @@ class CoSpaDiPass(Pass):
                 name, c.iters, f.relative_error, _gain(f.history))
             self._unconverged.append((name, f.relative_error))
         bias = module.bias.data if module.bias is not None else None
-        elt = _elt_bits(W.dtype)
+        elt = element_bits(W.dtype)
         if shared is not None:
             if shared.stored is None or shared.stored.dtype != W.dtype:
                 shared.stored = shared.A.to(W.dtype)
@@ -240,7 +233,7 @@ class CoSpaDiPass(Pass):
 
     # -- profile: global allocation and shared dictionaries --------------------------------------
 
-    def prepare(self, model: nn.Module, adapter: Any) -> None:
+    def prepare(self, model: nn.Module, adapter: Any, plan: PassPlan) -> None:
         self._sizes: list[tuple[int, int, int, int]] = []  # (d_out, d_in, bits per weight, bits stored) per target
         self._unconverged: list[tuple[str, float]] = []  # K-SVD at its iteration limit: (target, relative error)
         self._layers_path = adapter.layers_path
@@ -253,7 +246,7 @@ class CoSpaDiPass(Pass):
     def _group_of(self, name: str) -> int:
         prefix = self._layers_path + "."
         index = int(name[len(prefix):].split(".", 1)[0])
-        return index // self.cfg.share
+        return index // self.config.share
 
     def _targets_of(self, layer: nn.Module, stats: Any) -> list[tuple[str, nn.Linear, torch.Tensor]]:
         out = []
@@ -265,7 +258,7 @@ class CoSpaDiPass(Pass):
         return out
 
     def profile_layer(self, index: int, layer: nn.Module, stats: Any) -> None:
-        c = self.cfg
+        c = self.config
         for rel, mod, gram in self._targets_of(layer, stats):
             W = mod.weight.data.to("cpu")
             if c.allocate == "global":
@@ -277,55 +270,40 @@ class CoSpaDiPass(Pass):
                     self._fit_shared(g, rel, self._pending.pop((g, rel)))
 
     def profile_done(self) -> None:
-        c = self.cfg
+        c = self.config
         if c.allocate != "global":
             return
-        names = list(self._candidates)
-        dense_total = sum(opts[0][0] for opts in self._candidates.values())  # option 0: kept dense
-        budget = (1.0 - c.ratio) * dense_total
-        picks = knapsack([[(b, e) for b, e, _ in self._candidates[n]] for n in names], budget)
-        self._choice = {n: self._candidates[n][j][2] for n, j in zip(names, picks)}
-        used = sum(self._candidates[n][j][0] for n, j in zip(names, picks))
+        self._choice, used = allocate_fraction(self._candidates, 1.0 - c.ratio)
         kept = sum(1 for v in self._choice.values() if v is None)
         logger.info("cospadi: global allocation: %d targets, %.4f of the dense bits kept (budget %.4f), %d kept dense",
-                    len(names), used / dense_total, 1.0 - c.ratio, kept)
+                    len(self._choice), used, 1.0 - c.ratio, kept)
 
     def _cost_candidates(self, W: torch.Tensor, gram: torch.Tensor, name: str) -> list[tuple[int, float, tuple[float, float] | None]]:
         """(stored bits, relative whitened error, (ratio, rho)) per candidate; the first is the dense
-        weight. The error is that of the closed form's first step (the top-k singular directions,
-        each row cut to its s most important codes), read off one SVD per target: the refinements
-        lower every candidate's error, and this proxy costs one top-k per candidate."""
+        weight. The error is that of the closed form's first step
+        (:func:`~compress.solvers.dictionary.first_step_errors`)."""
         d_out, d_in = W.shape
-        elt = _elt_bits(W.dtype)
+        elt = element_bits(W.dtype)
         L, _ = cholesky_psd(gram, name)
-        Y = W.to(SOLVE_DTYPE) @ L
-        energy = float(Y.square().sum().clamp_min(1e-300))
-        U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
-        codes = U * S[None, :]  # (d_out, rank): codes on the singular directions
-        weight = torch.linalg.solve_triangular(L, Vh, upper=False, left=False).norm(dim=1).pow(IMPORTANCE_LAMBDA)
-        out: list[tuple[int, float, tuple[float, float] | None]] = [(dense_bits(d_out, d_in, W.dtype), 0.0, None)]
-        seen: set[tuple[int, int]] = set()
+        picked: list[tuple[float, tuple[int, int]]] = []
         for ratio in GLOBAL_RATIOS:
-            for rho in (self.rho,):
-                shape = self.shape_for(d_out, d_in, elt, ratio=ratio, rho=rho)
-                if shape is None or shape in seen:
-                    continue
-                seen.add(shape)
-                k, s = shape
-                V = codes[:, :k]
-                mask = select_support(V.abs() * weight[None, :k], min(s, V.shape[1]), RECOVER_FRACTION)
-                err = (energy - float(V.square()[mask].sum())) / energy
-                out.append((dict_bits(d_out, d_in, k, d_out * s, elt), max(err, 0.0), (ratio, rho)))
+            shape = self.shape_for(d_out, d_in, elt, ratio=ratio, rho=self.rho)
+            if shape is not None and shape not in [s for _, s in picked]:
+                picked.append((ratio, shape))
+        errors = first_step_errors(W, L, [shape for _, shape in picked])
+        out: list[tuple[int, float, tuple[float, float] | None]] = [(dense_bits(d_out, d_in, W.dtype), 0.0, None)]
+        for (ratio, (k, s)), err in zip(picked, errors):
+            out.append((dict_bits(d_out, d_in, k, d_out * s, elt), err, (ratio, self.rho)))
         return out
 
     def _fit_shared(self, g: int, rel: str, members: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One dictionary for projection ``rel`` of layer group ``g``: whitened by the group's summed
         Gram, fitted on the stacked weights; (k, s) from the group's budget, the dictionary stored once."""
-        c = self.cfg
+        c = self.config
         W0 = members[0][0]
         d_out, d_in = W0.shape
         n = len(members)
-        elt = _elt_bits(W0.dtype)
+        elt = element_bits(W0.dtype)
         budget = (1.0 - c.ratio) * n * d_out * d_in * elt
 
         def bits(k: int) -> int:
@@ -353,7 +331,7 @@ class CoSpaDiPass(Pass):
         if sizes:
             dense = sum(d_out * d_in * elt for d_out, d_in, elt, _ in sizes)
             kept = sum(b for *_, b in sizes)
-            r = self.cfg.ratio
+            r = self.config.ratio
             lowrank = sum(
                 min(rank_for_ratio(d_out, d_in, r) * (d_out + d_in), d_out * d_in) * elt for d_out, d_in, elt, _ in sizes
             )
@@ -365,7 +343,7 @@ class CoSpaDiPass(Pass):
         if stuck:
             worst = max(stuck, key=lambda t: t[1])
             lines.append(
-                f"cospadi: K-SVD reached its iteration limit ({self.cfg.iters}) on {len(stuck)} of {len(sizes)} targets, still improving "
+                f"cospadi: K-SVD reached its iteration limit ({self.config.iters}) on {len(stuck)} of {len(sizes)} targets, still improving "
                 f"(largest relative whitened error {worst[1]:.4g} at {worst[0]}); iters= raises the limit."
             )
         return lines

@@ -33,19 +33,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from ..adapters.base import ModelAdapter
-from ..config import PassConfig, option
+from ..config import PassConfig, option, targets_option
 from ..modules.lowrank import LowRankLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
+from ..solvers.allocate import allocate_ranks
 from ..solvers.linalg import cholesky_psd
-from ..solvers.lowrank import allocate_ranks, factorize, rank_for_ratio, relative_output_error, saves_parameters
-from .base import Capabilities, Pass, PassResult, dense_bits, meta_storage_bits
+from ..solvers.lowrank import factorize, rank_for_ratio, saves_parameters
+from ..solvers.metrics import relative_output_error
+from .base import Capabilities, LayerContext, LinearPass, PassPlan, PassResult, dense_bits, meta_storage_bits
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +55,17 @@ _RATIO_HELP = (
     "fraction of the target linears' parameters removed; each layer keeps rank "
     "r = floor((1-ratio)*d_out*d_in/(d_out+d_in))"
 )
-_TARGETS_HELP = "which linears of each decoder layer to compress: glob(s) on names like 'mlp.down_proj', '|'-separated"
 
 
 @dataclass
-class SVDConfig(PassConfig):
+class LowRankOptions(PassConfig):
     ratio: float = option(0.2, _RATIO_HELP, min=0.0, max=1.0, min_open=True, max_open=True)
-    targets: str = option("*", _TARGETS_HELP)
+    targets: str = targets_option()
+
+
+@dataclass
+class SVDConfig(LowRankOptions):
+    """Options of svd."""
 
 
 @dataclass
@@ -76,7 +82,7 @@ class SVDLLMConfig(SVDConfig):
 
 
 @dataclass
-class LoRDConfig(PassConfig):
+class LoRDConfig(LowRankOptions):
     ratio: float = option(
         0.2,
         "fraction of the target linears' parameters removed in total; per-layer ranks are allocated globally",
@@ -85,24 +91,25 @@ class LoRDConfig(PassConfig):
         min_open=True,
         max_open=True,
     )
-    targets: str = option("*", _TARGETS_HELP)
 
 
-class _LowRankPass(Pass):
+L = TypeVar("L", bound=LowRankOptions)
+
+
+class _LowRankPass(LinearPass[L]):
     """Shared apply step: factorize W with the pass's scaling and build a LowRankLinear."""
 
     error_metric: ClassVar[str] = "rel_weight_err"
     accepts_reason = "it factorizes dense weights"
 
-    @classmethod
-    def produces(cls, config: PassConfig) -> frozenset[str]:
+    def produces(self, kinds: frozenset[str]) -> frozenset[str]:
         return frozenset({"LowRankLinear", "Linear"})  # a layer whose rank would not save parameters stays dense
 
     def rank(self, name: str, d_out: int, d_in: int) -> int | None:
-        return rank_for_ratio(d_out, d_in, self.config.ratio)  # type: ignore[attr-defined]
+        return rank_for_ratio(d_out, d_in, self.config.ratio)
 
     def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
-        r = rank_for_ratio(d_out, d_in, self.config.ratio)  # type: ignore[attr-defined]
+        r = rank_for_ratio(d_out, d_in, self.config.ratio)
         if not saves_parameters(d_out, d_in, r):
             return dense_bits(d_out, d_in, dtype)
         return meta_storage_bits(LowRankLinear, d_in, d_out, r, dtype=dtype)
@@ -110,7 +117,7 @@ class _LowRankPass(Pass):
     def scaling(self, name: str, stats: LinearStats | None) -> dict[str, torch.Tensor]:
         return {}
 
-    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: object = None) -> PassResult:
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, ctx: LayerContext) -> PassResult:
         assert isinstance(module, nn.Linear)
         W = module.weight.data  # (d_out, d_in)
         d_out, d_in = W.shape
@@ -134,30 +141,25 @@ class _LowRankPass(Pass):
 
 
 @register_pass
-class SVDPass(_LowRankPass):
+class SVDPass(_LowRankPass[SVDConfig]):
     """Truncated SVD of the weight (data-free)."""
 
     name = "svd"
-    config_cls = SVDConfig
 
 
 @register_pass
-class ASVDPass(_LowRankPass):
+class ASVDPass(_LowRankPass[ASVDConfig]):
     """ASVD: activation-aware diagonal scaling before the SVD."""
 
     name = "asvd"
-    config_cls = ASVDConfig
     error_metric = "rel_scaled_err"
 
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
-        assert isinstance(config, ASVDConfig)
-        return Capabilities(requires_calibration=True, statistics=frozenset({config.statistic}))
+    def capabilities(self) -> Capabilities:
+        return Capabilities(requires_calibration=True, statistics=frozenset({self.config.statistic}))
 
     def scaling(self, name: str, stats: LinearStats | None) -> dict[str, torch.Tensor]:
         assert stats is not None
         cfg = self.config
-        assert isinstance(cfg, ASVDConfig)
         if cfg.statistic == "abs_mean":
             s = stats.mean_abs
         elif cfg.statistic == "rms":
@@ -171,14 +173,12 @@ class ASVDPass(_LowRankPass):
 
 
 @register_pass
-class SVDLLMPass(_LowRankPass):
+class SVDLLMPass(_LowRankPass[SVDLLMConfig]):
     """SVD-LLM: truncation-aware Cholesky whitening."""
 
     name = "svd-llm"
-    config_cls = SVDLLMConfig
 
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
+    def capabilities(self) -> Capabilities:
         return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}))
 
     def scaling(self, name: str, stats: LinearStats | None) -> dict[str, torch.Tensor]:
@@ -188,14 +188,15 @@ class SVDLLMPass(_LowRankPass):
 
 
 @register_pass
-class LoRDPass(_LowRankPass):
+class LoRDPass(_LowRankPass[LoRDConfig]):
     """LoRD: data-free low-rank decomposition with globally budgeted ranks."""
 
     name = "lord"
-    config_cls = LoRDConfig
-    global_prepare = True
 
-    def prepare(self, model: nn.Module, adapter: ModelAdapter) -> None:
+    def capabilities(self) -> Capabilities:
+        return Capabilities(reads_all_weights=True)
+
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, plan: PassPlan) -> None:
         names: list[str] = []
         spectra: list[torch.Tensor] = []
         shapes: list[tuple[int, int]] = []
@@ -204,7 +205,7 @@ class LoRDPass(_LowRankPass):
             names.append(full)
             spectra.append(torch.linalg.svdvals(mod.weight.data.float()))
             shapes.append((mod.out_features, mod.in_features))
-        budget = (1.0 - self.config.ratio) * sum(m * n for m, n in shapes)  # type: ignore[attr-defined]
+        budget = (1.0 - self.config.ratio) * sum(m * n for m, n in shapes)
         self._ranks = dict(zip(names, allocate_ranks(spectra, shapes, budget)))
 
     def rank(self, name: str, d_out: int, d_in: int) -> int | None:

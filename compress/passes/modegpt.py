@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -43,10 +43,11 @@ from ..adapters.base import ModelAdapter
 from ..config import PassConfig, option
 from ..errors import ConfigError
 from ..modules.base import set_linear_weight
-from ..modules.modular import _NO_DENSE, full_rope_index, make_modular
+from ..modules.modular import NO_DENSE_REASON, full_rope_index, make_modular
 from ..registry import register_pass
-from ..solvers.modular import MLP_RIDGE, allocate_sparsity, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
-from .base import Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name, require_layout
+from ..solvers.allocate import allocate_sparsity, knapsack
+from ..solvers.modular import MLP_RIDGE, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
+from .base import Capabilities, LayerContext, ModelContext, ModelPass, PassPlan, Shapes, Site, layer_relative_name, require_layout
 
 logger = logging.getLogger(__name__)
 
@@ -77,25 +78,20 @@ class _Geometry:
 
 
 @register_pass
-class MoDeGPTPass(Pass):
+class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
     """MoDeGPT: Nyström MLP, CR query–key, SVD value–output, with a global sparsity allocation."""
 
     name = "modegpt"
-    config_cls = MoDeGPTConfig
-    granularity = "model"
     accepts_reason = "it reduces the inner widths of dense module pairs"
     whole_model_reason = "is a model-level pass (it sets every layer's sparsity from the whole model before the first layer)"
 
-    def __init__(self, config: PassConfig) -> None:
+    def __init__(self, config: MoDeGPTConfig) -> None:
         super().__init__(config)
-        assert isinstance(config, MoDeGPTConfig)
-        self.cfg = config
         self.parts = self._parse_parts(config.parts)
         self._phi: list[float] = []
         self._dims: dict[int, dict[str, int]] = {}
-        #: sizes a later pass of the recipe cannot take (from validation), by part
-        self._refused: dict[str, set[int]] = {p: set() for p in PARTS}
-        self._rounding_note: list[str] = []
+        #: sizes a later pass of the recipe cannot take (from planning), by part
+        self._refused: Mapping[str, frozenset[int]] = {}
 
     @staticmethod
     def _parse_parts(text: str) -> tuple[str, ...]:
@@ -105,28 +101,24 @@ class MoDeGPTPass(Pass):
             raise ConfigError(f"modegpt: parts={text!r}: each part must be one of {', '.join(PARTS)} ('+'-separated), e.g. parts=mlp+vo")
         return tuple(p for p in PARTS if p in parts)
 
-    @classmethod
-    def dense_blocker(cls, config: PassConfig) -> str | None:
-        assert isinstance(config, MoDeGPTConfig)
-        parts = cls._parse_parts(config.parts)
-        if "qk" in parts or "vo" in parts:
-            return _NO_DENSE
-        if config.allocate != "uniform":
+    def dense_blocker(self) -> str | None:
+        if "qk" in self.parts or "vo" in self.parts:
+            return NO_DENSE_REASON
+        if self.config.allocate != "uniform":
             return ("a global allocation gives each layer its own MLP width, which a plain transformers config (one intermediate_size) "
                     "cannot express; use modegpt:parts=mlp,allocate=uniform for a plain checkpoint")
         return None
 
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
-        assert isinstance(config, MoDeGPTConfig)
+    def capabilities(self) -> Capabilities:
         # the knapsack reads every layer's correlations (dense model) before the first layer is reduced
         return Capabilities(requires_calibration=True, uses_layer_inputs=True,
-                            profile=frozenset({"gram"}) if config.allocate == "knapsack" else frozenset())
+                            profile=frozenset({"gram"}) if self.config.allocate == "knapsack" else frozenset())
 
     #: layer sparsities the knapsack chooses from
     GRID = tuple(j / 20 for j in range(20))
 
-    def prepare(self, model: nn.Module, adapter: ModelAdapter) -> None:
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, plan: PassPlan) -> None:
+        self._refused = plan.refused
         self._g = self._geometry(model, adapter)
         self._adapter = adapter
         self._options: list[list[tuple[int, float]]] = []
@@ -135,7 +127,7 @@ class MoDeGPTPass(Pass):
         """Knapsack: each grid sparsity's kept parameters and summed relative errors of the layer's
         three modules, from the dense layer's correlations."""
         a, g = self._adapter, self._g
-        grid = [phi for phi in self.GRID if phi <= self.cfg.max_sparsity + 1e-12]
+        grid = [phi for phi in self.GRID if phi <= self.config.max_sparsity + 1e-12]
         sizes = [self._sizes(g, phi) for phi in grid]
         C_attn = stats.linears[a.q_proj].gram
         q, k, v, o = (layer.get_submodule(n).weight.detach().cpu() for n in (a.q_proj, a.k_proj, a.v_proj, a.attn_output))
@@ -148,19 +140,17 @@ class MoDeGPTPass(Pass):
             err = [x + y for x, y in zip(err, e)]
         if "mlp" in self.parts:
             down = layer.get_submodule(a.mlp_output).weight.detach().cpu()
-            e = nystrom_errors(stats.linears[a.mlp_output].gram, down, [s["mlp"] for s in sizes], self.cfg.ridge)
+            e = nystrom_errors(stats.linears[a.mlp_output].gram, down, [s["mlp"] for s in sizes], self.config.ridge)
             err = [x + y for x, y in zip(err, e)]
         kept = [((g.heads + g.kv_heads) * (s["qk"] + s["vo"]) + 3 * s["mlp"]) * g.hidden for s in sizes]
         self._options.append(list(zip(kept, err)))
 
     def profile_done(self) -> None:
-        from ..solvers.allocate import knapsack
-
         g = self._g
         dense = ((g.heads + g.kv_heads) * 2 * g.head_dim + 3 * g.intermediate) * g.hidden
-        budget = (1.0 - min(self.cfg.ratio, self.cfg.max_sparsity)) * dense * len(self._options)
+        budget = (1.0 - min(self.config.ratio, self.config.max_sparsity)) * dense * len(self._options)
         picks = knapsack(self._options, budget)
-        grid = [phi for phi in self.GRID if phi <= self.cfg.max_sparsity + 1e-12]
+        grid = [phi for phi in self.GRID if phi <= self.config.max_sparsity + 1e-12]
         self._phi = [grid[j] for j in picks]
 
     # -- geometry and sizes ----------------------------------------------------------------------
@@ -179,24 +169,25 @@ class MoDeGPTPass(Pass):
         qk = vo = (g.heads + g.kv_heads) * g.head_dim * g.hidden
         sizes = {"mlp": 3 * g.hidden * g.intermediate, "qk": qk, "vo": vo}
         scale = sum(sizes.values()) / sum(sizes[p] for p in self.parts)
-        return min(phi * scale, self.cfg.max_sparsity)
+        return min(phi * scale, self.config.max_sparsity)
 
-    def _sizes(self, g: _Geometry, phi: float) -> dict[str, int]:
+    def _sizes(self, g: _Geometry, phi: float, refused: Mapping[str, frozenset[int]] | None = None) -> dict[str, int]:
         """Kept widths at layer sparsity φ: MLP channels, q/k width (even), v/o width; never zero,
         and never a size a later pass of the recipe refused."""
         keep = 1.0 - self._part_sparsity(g, phi)
-        r = self.cfg.round_to
+        r = self.config.round_to
         inter = max(r, int(round(g.intermediate * keep / r)) * r) if g.intermediate >= r else g.intermediate
         sizes = {
             "mlp": min(inter, g.intermediate) if "mlp" in self.parts else g.intermediate,
             "qk": max(2, 2 * int(round(g.head_dim / 2 * keep))) if "qk" in self.parts else g.head_dim,
             "vo": max(1, int(round(g.head_dim * keep))) if "vo" in self.parts else g.head_dim,
         }
+        refused = self._refused if refused is None else refused
         for part, size in sizes.items():
-            if size in self._refused[part]:
+            if size in refused.get(part, frozenset()):
                 step = 2 if part == "qk" else (r if part == "mlp" else 1)
                 full = g.intermediate if part == "mlp" else g.head_dim
-                ok = [s for s in range(step, full + 1, step) if s not in self._refused[part]] + [full]
+                ok = [s for s in range(step, full + 1, step) if s not in refused.get(part, frozenset())] + [full]
                 sizes[part] = min(ok, key=lambda s: (abs(s - size), -s))
         return sizes
 
@@ -222,8 +213,10 @@ class MoDeGPTPass(Pass):
 
     # -- before any compute ----------------------------------------------------------------------
 
-    def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
-        require_layout(self.name, adapter, "attention and MLP pieces", adapter.missing_modular_layout())
+    def check(self, site: Site) -> Shapes:
+        model, adapter, shapes, stored = site.model, site.adapter, site.shapes, site.stored
+        require_layout(self.name, adapter, "attention and MLP pieces", adapter.missing_modular_layout(),
+                       fix="slicegpt or svd-llm reduce such a model structurally")
         g = self._geometry(model, adapter)
         cfg = model.config
         if "qk" in self.parts:
@@ -241,45 +234,44 @@ class MoDeGPTPass(Pass):
                                   "slicing head dimensions would change; use modegpt:parts=mlp+vo")
         ours = {n for n in shapes if layer_relative_name(n, adapter.layers_path) in self._pair_names(adapter)}
         for n in sorted(ours):
-            st = (stored or {}).get(n)
+            st = stored.get(n)
             if st is not None and (st.by or st.shaped_by):
                 raise ConfigError(f"modegpt must come first: {st.by or st.shaped_by} already changed {n}, and modegpt reduces "
                                   "dense module pairs of the source model; put modegpt before it")
-        return self._shapes_at(shapes, adapter, g, self._sizes(g, self.cfg.ratio))
+        return self._shapes_at(shapes, adapter, g, self._sizes(g, self.config.ratio, site.plan.refused))
 
     def _pair_names(self, adapter: ModelAdapter) -> tuple[str, ...]:
         names = {"mlp": (adapter.gate_proj, adapter.up_proj, adapter.mlp_output), "qk": (adapter.q_proj, adapter.k_proj),
                  "vo": (adapter.v_proj, adapter.attn_output)}
         return tuple(n for p in self.parts for n in names[p])
 
-    def selects(self, name: str, adapter: ModelAdapter) -> bool:
+    def selects(self, name: str, adapter: ModelAdapter) -> bool:  # the module pairs, whatever targets= says
         return layer_relative_name(name, adapter.layers_path) in self._pair_names(adapter)
 
-    def size_variants(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes) -> list[tuple[str, int, Shapes]]:
+    def size_variants(self, site: Site) -> list[tuple[str, int, Shapes]]:
         """Every width a non-uniform allocation may give one part, as (part, width, shapes with that
-        width in every layer): validation checks the later passes of the recipe on each, and the
-        allocation avoids the widths they refuse (:meth:`refuse_size`)."""
-        if self.cfg.allocate == "uniform":
+        width in every layer): planning checks the later passes of the recipe on each, and the
+        allocation avoids the widths they refuse (:attr:`PassPlan.refused`)."""
+        model, adapter, shapes = site.model, site.adapter, site.shapes
+        if self.config.allocate == "uniform":
             return []
         g = self._geometry(model, adapter)
         full = {"mlp": g.intermediate, "qk": g.head_dim, "vo": g.head_dim}
-        step = {"mlp": self.cfg.round_to, "qk": 2, "vo": 1}
+        step = {"mlp": self.config.round_to, "qk": 2, "vo": 1}
         out = []
         for part in self.parts:
             for s in range(step[part], full[part] + 1, step[part]):
                 out.append((part, s, self._shapes_at(shapes, adapter, g, {**full, part: s})))
         return out
 
-    def refuse_size(self, part: str, size: int) -> None:
-        self._refused[part].add(size)
-
     # -- the lifecycle ---------------------------------------------------------------------------
 
     def begin(self, ctx: ModelContext) -> None:
         model, adapter = ctx.model, ctx.adapter
+        self._refused = ctx.plan.refused
         self._g = g = self._geometry(model, adapter)
         n = len(adapter.layers(model))
-        c = self.cfg
+        c = self.config
         self._influence: list[float] = []
         if c.allocate == "uniform":
             self._phi = [min(c.ratio, c.max_sparsity)] * n
@@ -332,7 +324,7 @@ class MoDeGPTPass(Pass):
                 C = ctx.observe([a.mlp_output], frozenset({"gram"})).linears[a.mlp_output].gram
                 assert C is not None
                 gate, up, down = (layer.get_submodule(n) for n in (a.gate_proj, a.up_proj, a.mlp_output))
-                kept, W_down = nystrom_mlp(C, down.weight, dims["mlp"], self.cfg.ridge)
+                kept, W_down = nystrom_mlp(C, down.weight, dims["mlp"], self.config.ridge)
                 kept = kept.to(gate.weight.device)
                 for lin in (gate, up):
                     set_linear_weight(lin, lin.weight[kept], None if lin.bias is None else lin.bias[kept])
@@ -376,12 +368,12 @@ class MoDeGPTPass(Pass):
         dense = ((g.heads + g.kv_heads) * 2 * g.head_dim + 3 * g.intermediate) * g.hidden
         kept = sum(((g.heads + g.kv_heads) * (d["qk"] + d["vo"]) + 3 * d["mlp"]) * g.hidden for d in self._dims.values())
         removed = 1 - kept / (dense * len(self._dims))
-        alloc = {"global": f"global (block influence, temperature {self.cfg.temperature:g}, cap {self.cfg.max_sparsity:g})",
-                 "knapsack": f"knapsack over measured relative errors (grid of {len(self.GRID)}, cap {self.cfg.max_sparsity:g})",
-                 "uniform": "uniform"}[self.cfg.allocate]
+        alloc = {"global": f"global (block influence, temperature {self.config.temperature:g}, cap {self.config.max_sparsity:g})",
+                 "knapsack": f"knapsack over measured relative errors (grid of {len(self.GRID)}, cap {self.config.max_sparsity:g})",
+                 "uniform": "uniform"}[self.config.allocate]
         alloc += f"; layer sparsity {min(self._phi):.3f}-{max(self._phi):.3f}"
         return [
-            f"MoDeGPT: ratio {self.cfg.ratio:g} requested, allocation {alloc}. Mean kept widths: MLP {mean['mlp']:.1f}/{g.intermediate}, "
+            f"MoDeGPT: ratio {self.config.ratio:g} requested, allocation {alloc}. Mean kept widths: MLP {mean['mlp']:.1f}/{g.intermediate}, "
             f"query/key {mean['qk']:.1f}/{g.head_dim}, value/output {mean['vo']:.1f}/{g.head_dim}. Decoder linear parameters removed: "
             f"{removed:.4f} (of the layers it changed: {summary['target_ratio']:.4f}); whole model: {summary['model_ratio']:.4f} ({summary['model_params_before']:,} -> "
             f"{summary['model_params_after']:,})."

@@ -11,8 +11,13 @@
   calibration inputs of the sub-block that owns the linear (q/k/v through the attention block,
   gate/up through the MLP, o/down on their own outputs). The choice is recorded per layer.
 
+A compressed module that offers quantizable parts (a dictionary layer's atoms and coefficient
+values, see :class:`~compress.modules.base.QuantPart`) is quantized part by part: a part that
+multiplies the layer's input with per-output-channel groups along it (GPTQ with the layer's input
+Gram), the others round to nearest in rows of ``group`` values.
+
 Lifecycle: observe XᵀX (gptq, ada, clip), apply: quantize one linear into a packed
-:class:`~compress.modules.QuantLinear`.
+:class:`~compress.modules.quant.QuantLinear`.
 
 Example recipe::
 
@@ -27,27 +32,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from ..config import PassConfig, option
+from ..config import PassConfig, option, targets_option
 from ..errors import ConfigError
-from ..modules.dictionary import DictLinear, QuantDictLinear
+from ..modules.base import MODULE_TYPES, CompressedLinear
 from ..modules.quant import QuantLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.gptq import FactorCache, gptq_quantize
-from ..solvers.lowrank import relative_output_error
+from ..solvers.metrics import relative_output_error
 from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
-from .base import LINEAR, Capabilities, Pass, PassResult, Stored, layer_relative_name, meta_storage_bits
+from .base import LINEAR, QUANTIZABLE, Capabilities, LayerContext, LinearPass, PassResult, Stored, layer_relative_name, meta_storage_bits
 
 logger = logging.getLogger(__name__)
 
 #: a linear with at least this fraction of exact zeros is treated as pruned: GPTQ keeps its zeros
 PRUNED_FRACTION = 0.25
-_TARGETS_HELP = "which linears of each decoder layer to quantize: glob(s) on names like 'mlp.down_proj', '|'-separated"
 
 
 @dataclass
@@ -57,7 +61,7 @@ class RTNConfig(PassConfig):
     dim: str = option("oc", "grouping: oc (per-output-channel), ic (per-input-channel), ada (AdaDim: per layer, lower output error)", choices=("oc", "ic", "ada"))
     sym: bool = option(False, "symmetric quantization (no zero-point stored)")
     clip: bool = option(False, "search a range shrink per group minimizing the (diag-H weighted) error")
-    targets: str = option("*", _TARGETS_HELP)
+    targets: str = targets_option("quantize")
     sequential: bool = option(False, "observe each sub-group's inputs after the sub-groups before it in the layer were quantized "
                               "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it "
                               "(faster; equal quality measured, bench/results/speed.md)")
@@ -83,46 +87,36 @@ class GPTQConfig(RTNConfig):
                               "it needs sequential=false")
 
 
-class _QuantPass(Pass):
-    """Shared apply: choose the grouping (fixed or AdaDim), quantize, pack.
+Q = TypeVar("Q", bound=RTNConfig)
 
-    A dictionary layer (cospadi) is quantized in its parts: the atoms (a k × d_in matrix applied to
-    the layer's input, so GPTQ uses the layer's input Gram) with per-output-channel groups along
-    d_in, and the coefficient values in groups of ``group`` consecutive non-zeros (round to nearest);
-    the result is a QuantDictLinear."""
 
-    accepts = frozenset({LINEAR, "DictLinear"})
-    accepts_reason = "it quantizes dense weights and dictionaries; prune unstructured or 4:8 (stored dense, zeros kept) before quantizing"
+class _QuantPass(LinearPass[Q]):
+    """Shared apply: choose the grouping (fixed or AdaDim), quantize, pack; a module with
+    quantizable parts is quantized part by part."""
 
-    def __init__(self, config: PassConfig) -> None:
-        super().__init__(config)
-        assert isinstance(config, RTNConfig)
-        self.cfg = config
+    accepts = frozenset({LINEAR, QUANTIZABLE})
+    accepts_reason = "it quantizes dense weights and modules with quantizable parts; prune unstructured or 4:8 (stored dense, zeros kept) before quantizing"
 
-    @classmethod
-    def produces(cls, config: PassConfig) -> frozenset[str]:
-        return frozenset({"QuantLinear", "QuantDictLinear"})
-
-    @classmethod
-    def produces_from(cls, config: PassConfig, kinds: "set[str] | frozenset[str]") -> frozenset[str]:
-        out = {"QuantDictLinear"} if "DictLinear" in kinds else set()
-        if set(kinds) - {"DictLinear"}:
+    def produces(self, kinds: frozenset[str]) -> frozenset[str]:
+        out = {q for k in kinds if (q := _quantized_as(k))}
+        if any(_quantized_as(k) is None for k in kinds):
             out.add("QuantLinear")
         return frozenset(out)
 
     def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
-        if stored is not None and "DictLinear" in stored.kinds and self.cfg.dim != "oc":
-            return (f"a dictionary's atoms are quantized with per-output-channel groups (along the input); "
-                    f"dim={self.cfg.dim} cannot apply to them: use dim=oc")
+        parted = sorted(k for k in (stored.kinds if stored is not None else ()) if _quantized_as(k))
+        if parted and self.config.dim != "oc":
+            return (f"a {parted[0]}'s parts are quantized with per-output-channel groups (along the input); "
+                    f"dim={self.config.dim} cannot apply to them: use dim=oc")
         return self.check_shape(d_out, d_in)
 
     def check_shape(self, d_out: int, d_in: int) -> str | None:
-        dims = ["oc", "ic"] if self.cfg.dim == "ada" else [self.cfg.dim]
+        dims = ["oc", "ic"] if self.config.dim == "ada" else [self.config.dim]
         why = [group_error_check(self._spec(dim), d_out, d_in) for dim in dims]
         return None if any(w is None for w in why) else f"{why[0]}; choose another group size"
 
     def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
-        c = self.cfg
+        c = self.config
         dims = [d for d in (["oc", "ic"] if c.dim == "ada" else [c.dim]) if group_error_check(self._spec(d), d_out, d_in) is None]
         if not dims:
             return None
@@ -139,19 +133,19 @@ class _QuantPass(Pass):
         return super().targets(name, module)
 
     def _spec(self, dim: str) -> QuantSpec:
-        c = self.cfg
+        c = self.config
         return QuantSpec(bits=c.bits, group_size=c.group, sym=c.sym, dim=dim, clip=c.clip)
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         raise NotImplementedError
 
-    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
-        if isinstance(module, DictLinear):
-            return self._apply_dictionary(name, module, stats)
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, ctx: LayerContext) -> PassResult:
+        if isinstance(module, CompressedLinear):
+            return self._apply_parts(name, module, stats)
         assert isinstance(module, nn.Linear)
         W = module.weight.data
         d_out, d_in = W.shape
-        dims = ["oc", "ic"] if self.cfg.dim == "ada" else [self.cfg.dim]
+        dims = ["oc", "ic"] if self.config.dim == "ada" else [self.config.dim]
         why = {dim: group_error_check(self._spec(dim), d_out, d_in) for dim in dims}
         feasible = [dim for dim in dims if why[dim] is None]
         if not feasible:
@@ -161,12 +155,12 @@ class _QuantPass(Pass):
         dims = feasible
         bias = module.bias.data if module.bias is not None else None
         candidates = {dim: self.quantize(name, W, self._spec(dim), stats) for dim in dims}
-        info: dict[str, Any] = {"bits": self.cfg.bits, "group": self.cfg.group}
+        info: dict[str, Any] = {"bits": self.config.bits, "group": self.config.group}
         H = stats.gram if stats is not None else None
         if len(candidates) == 1:
             dim = dims[0]
         else:
-            errors = self._ada_errors(name, candidates, bias, W, H, context)
+            errors = self._ada_errors(name, candidates, bias, W, H, ctx)
             dim = min(errors, key=lambda k: errors[k])
             info["ada_errors"] = errors
         qz = candidates[dim]
@@ -177,41 +171,48 @@ class _QuantPass(Pass):
         info["bits_per_weight"] = new.storage_bits() / new.num_weights()
         return PassResult(new, info)
 
-    def _apply_dictionary(self, name: str, module: DictLinear, stats: LinearStats | None) -> PassResult:
-        c = self.cfg
+    def _apply_parts(self, name: str, module: CompressedLinear, stats: LinearStats | None) -> PassResult:
+        """Quantize each part the module offers: parts reading the layer's input with the pass's own
+        method and the input statistics, the others round to nearest in rows of ``group`` values."""
+        c = self.config
         W = module.dense_weight()
-        A = module.atoms
-        qa = self.quantize(name, A, self._spec("oc"), stats)
-        atoms = QuantLinear.from_quantized(qa, None, like=A)
         g = c.group or 128
-        v = module.values
-        pad = (-v.numel()) % g
-        V = torch.cat([v, v.new_zeros(pad)]).reshape(-1, g)
-        qv = quantize_rtn(V, QuantSpec(bits=c.bits, group_size=g, sym=c.sym, dim="oc"))
-        values = QuantLinear.from_quantized(qv, None, like=v)
-        new = QuantDictLinear.from_parts(module, atoms, values)
+        info: dict[str, Any] = {"bits": c.bits, "group": c.group, "dim": "oc"}
+        quantized: dict[str, nn.Module] = {}
+        for part in module.quantizable_parts():
+            M = part.matrix(g)
+            if part.reads_input:
+                qz = self.quantize(name, M, self._spec("oc"), stats)
+            else:
+                qz = quantize_rtn(M, QuantSpec(bits=c.bits, group_size=g, sym=c.sym, dim="oc"))
+                info[f"{part.name}_group"] = g
+            quantized[part.name] = QuantLinear.from_quantized(qz, None, like=M)
+        new = module.with_quantized_parts(quantized)
         H = stats.gram if stats is not None else None
-        info: dict[str, Any] = {
-            "bits": c.bits, "group": c.group, "dim": "oc", "values_group": g,
-            "error": relative_output_error(W, new.dense_weight(), H), "error_metric": "rel_output_err" if H is not None else "rel_weight_err",
-            "bits_per_weight": new.storage_bits() / (module.in_features * module.out_features),
-        }
+        info["error"] = relative_output_error(W, new.dense_weight(), H)
+        info["error_metric"] = "rel_output_err" if H is not None else "rel_weight_err"
+        info["bits_per_weight"] = new.storage_bits() / (module.in_features * module.out_features)
         return PassResult(new, info)
 
     def _ada_errors(
         self, name: str, candidates: dict[str, Quantized], bias: torch.Tensor | None, W: torch.Tensor,
-        H: torch.Tensor | None, context: Any,
+        H: torch.Tensor | None, ctx: LayerContext | None,
     ) -> dict[str, float]:
         """AdaDim: output error of each candidate through the owning sub-block, else on the layer's own output."""
-        rel = name.split(".", 3)[-1] if context is None else layer_relative_name(name, context.adapter.layers_path)
-        block = context.adapter.block_of(rel) if context is not None else None
+        rel = name.split(".", 3)[-1] if ctx is None else layer_relative_name(name, ctx.adapter.layers_path)
+        block = ctx.adapter.block_of(rel) if ctx is not None else None
         errors = {}
         for dim, qz in candidates.items():
-            if block is not None:
-                errors[dim] = context.block_error(block, {rel: QuantLinear.from_quantized(qz, bias, like=W)})
+            if block is not None and ctx is not None:
+                errors[dim] = ctx.block_error(block, {rel: QuantLinear.from_quantized(qz, bias, like=W)})
             else:
                 errors[dim] = relative_output_error(W, qz.dequantize(), H)
         return errors
+
+
+def _quantized_as(kind: str) -> str | None:
+    cls = MODULE_TYPES.get(kind)
+    return cls.quantized_as if cls is not None else None
 
 
 #: a stand-in nn.Linear to ask the name filter about a non-linear module
@@ -219,19 +220,17 @@ _LINEAR_PROBE = nn.Linear(1, 1, bias=False, device="meta")
 
 
 @register_pass
-class RTNPass(_QuantPass):
+class RTNPass(_QuantPass[RTNConfig]):
     """Round-to-nearest uniform quantization (per-OC / per-IC / AdaDim groups)."""
 
     name = "rtn"
-    config_cls = RTNConfig
 
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
-        assert isinstance(config, RTNConfig)
-        needs = config.dim == "ada" or config.clip
+    def capabilities(self) -> Capabilities:
+        c = self.config
+        needs = c.dim == "ada" or c.clip
         # AdaDim runs sub-blocks on the layer's inputs
         return Capabilities(requires_calibration=needs, statistics=frozenset({"gram"}) if needs else frozenset(),
-                            uses_layer_inputs=config.dim == "ada", observe_once=not config.sequential)
+                            uses_layer_inputs=c.dim == "ada", observe_once=not c.sequential)
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         hdiag = stats.gram.diagonal() if stats is not None and stats.gram is not None else None
@@ -239,26 +238,23 @@ class RTNPass(_QuantPass):
 
 
 @register_pass
-class GPTQPass(_QuantPass):
+class GPTQPass(_QuantPass[GPTQConfig]):
     """GPTQ: second-order error feedback (per-OC / per-IC / AdaDim groups)."""
 
     name = "gptq"
-    config_cls = GPTQConfig
 
-    def __init__(self, config: PassConfig) -> None:
+    def __init__(self, config: GPTQConfig) -> None:
         super().__init__(config)
         self._factors = FactorCache()  # q/k/v (and gate/up) have equal Grams: factor once
 
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
-        assert isinstance(config, GPTQConfig)
-        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), uses_layer_inputs=config.dim == "ada",
-                            observe_once=not config.sequential, propagate_dense=config.propagate == "dense")
+    def capabilities(self) -> Capabilities:
+        c = self.config
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), uses_layer_inputs=c.dim == "ada",
+                            observe_once=not c.sequential, propagate_dense=c.propagate == "dense")
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         assert stats is not None and stats.gram is not None
-        c = self.cfg
-        assert isinstance(c, GPTQConfig)
+        c = self.config
         # a layer already pruned (stored dense with its zeros) keeps its mask through the updates
         zeros = W == 0
         keep = ~zeros if float(zeros.float().mean()) >= PRUNED_FRACTION else None
@@ -267,78 +263,3 @@ class GPTQPass(_QuantPass):
             static_groups=c.static_groups, keep=keep, name=name, cache=self._factors,
         )
         return qz
-
-
-@dataclass
-class BCQConfig(PassConfig):
-    bits: int = option(3, "binary planes per weight", min=1, max=4)
-    group: int = option(128, "inputs per scale group (multiple of 8; 0 = whole row)", min=0)
-    rounds: int = option(15, "alternating refinement rounds after the start", min=0)
-    init: str = option("uniform", "start: round-to-nearest uniform codes converted exactly ('uniform'; never worse than RTN at the "
-                       "same bits and groups) or LUT-GEMM's greedy planes ('greedy')", choices=("uniform", "greedy"))
-    weighted: bool = option(True, "weight the error by the calibration inputs' energy diag(XᵀX) (needs calibration data)")
-    targets: str = option("*", _TARGETS_HELP)
-
-
-@register_pass
-class BCQPass(Pass):
-    """Binary-coding quantization (LUT-GEMM's format): greedy + alternating refinement, data-free."""
-
-    name = "bcq"
-    config_cls = BCQConfig
-    accepts_reason = "it quantizes dense weights"
-
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
-        assert isinstance(config, BCQConfig)
-        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"})) if config.weighted else Capabilities()
-
-    @classmethod
-    def produces(cls, config: PassConfig) -> frozenset[str]:
-        return frozenset({"BCQLinear"})
-
-    def check_shape(self, d_out: int, d_in: int) -> str | None:
-        c = self.config
-        assert isinstance(c, BCQConfig)
-        g = c.group or d_in
-        if d_in % g or g % 8:
-            ok = [s for s in range(8, min(d_in, 256) + 1, 8) if d_in % s == 0]
-            return (f"BCQ group size {g} must divide the input dimension {d_in} and be a multiple of 8 "
-                    f"(sizes that work: {', '.join(map(str, ok)) or 'none'}; group=0 is the whole row)")
-        return None
-
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
-        from ..modules.bcq import BCQLinear
-
-        c = self.config
-        assert isinstance(c, BCQConfig)
-        return meta_storage_bits(BCQLinear, d_in, d_out, c.bits, c.group or d_in, dtype=dtype)
-
-    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, context: Any = None) -> PassResult:
-        from ..modules.bcq import BCQLinear
-        from ..solvers.bcq import bcq_quantize
-
-        assert isinstance(module, nn.Linear)
-        c = self.config
-        assert isinstance(c, BCQConfig)
-        W = module.weight.data
-        d_out, d_in = W.shape
-        why = self.check_shape(d_out, d_in)
-        if why is not None:
-            raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
-        g = c.group or d_in
-        hdiag = stats.sq_sum if (c.weighted and stats is not None) else None
-        b = bcq_quantize(W, c.bits, g, c.rounds, hdiag=hdiag, init=c.init)
-        new = BCQLinear.from_bcq(b, module.bias.data if module.bias is not None else None, like=W)
-        Wq = b.dequantize().to(W.device)
-        if hdiag is not None:  # the weighted error the solver minimized, relative to the weight's
-            hd = hdiag.to(W.device, torch.float64)
-            err = float((((W.double() - Wq.double()) ** 2) * hd).sum() / (W.double() ** 2 * hd).sum().clamp_min(1e-300)) ** 0.5
-        else:
-            err = relative_output_error(W, Wq, None)
-        info = {
-            "bits": c.bits, "group": g, "init": c.init, "error": err,
-            "error_metric": "rel_diagH_weighted_err" if hdiag is not None else "rel_weight_err",
-            "bits_per_weight": new.storage_bits() / new.num_weights(),
-        }
-        return PassResult(new, info)

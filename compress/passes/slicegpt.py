@@ -51,10 +51,10 @@ from ..adapters.base import ModelAdapter
 from ..config import PassConfig, option
 from ..errors import ConfigError
 from ..modules.base import set_linear_weight
-from ..modules.sliced import MixedHead, make_sliced, scale_norm_eps
+from ..modules.sliced import MixedHead, SlicedLayout, make_sliced, scale_norm_eps
 from ..registry import register_pass
 from ..solvers.rotate import joint_gram, kept_dim, net_removed, onto_row_space, principal_basis, rotate_inputs, rotate_outputs, scale_inputs
-from .base import LAYER_OUTPUT, Capabilities, LayerContext, ModelContext, Pass, Shapes, Stored, layer_relative_name, require_layout
+from .base import LAYER_OUTPUT, Capabilities, LayerContext, ModelContext, ModelPass, Shapes, Site, layer_relative_name, require_layout
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ class SliceGPTConfig(PassConfig):
     head_weight: float = option(10.0, "joint basis: weight of the head's trace-normalized Gram against the embedding's", min=0.0)
 
 
+def _layout(adapter: ModelAdapter) -> SlicedLayout:
+    return SlicedLayout(adapter.attn_norm, adapter.attention, adapter.mlp_norm, adapter.mlp)
+
+
 def _set_norm(norm: nn.Module, d_new: int, scale: float, eps_factor: float) -> None:
     """An RMSNorm over d′ values with scale √(d/d′) (after norm fusion its γ is 1) and epsilon × d/d′."""
     w = norm.weight
@@ -77,36 +81,32 @@ def _set_norm(norm: nn.Module, d_new: int, scale: float, eps_factor: float) -> N
 
 
 @register_pass
-class SliceGPTPass(Pass):
+class SliceGPTPass(ModelPass[SliceGPTConfig]):
     """SliceGPT: rotate the residual stream by PCA and delete its least important directions."""
 
     name = "slicegpt"
-    config_cls = SliceGPTConfig
-    granularity = "model"
     accepts_reason = "it rotates dense weights"
-    dense_export_blocker = (
-        "the sliced model has residual shortcut matrices that plain transformers cannot express; load the output with compress.load(dir)"
-    )
     legacy_manifest_key = "sliced"
 
-    def __init__(self, config: PassConfig) -> None:
+    def __init__(self, config: SliceGPTConfig) -> None:
         super().__init__(config)
-        assert isinstance(config, SliceGPTConfig)
-        self.cfg = config
         self._structure: dict[str, Any] | None = None
 
-    @classmethod
-    def capabilities(cls, config: PassConfig) -> Capabilities:
+    def dense_blocker(self) -> str | None:
+        return "the sliced model has residual shortcut matrices that plain transformers cannot express; load the output with compress.load(dir)"
+
+    def capabilities(self) -> Capabilities:
         # the PCA bases are taken from the stream of the model as it is being sliced, so they can
         # never come from statistics profiled on the dense model
         return Capabilities(requires_calibration=True, uses_layer_inputs=True)
 
     def kept_dim(self, d: int) -> int:
-        return kept_dim(d, self.cfg.sparsity, self.cfg.round_to)
+        return kept_dim(d, self.config.sparsity, self.config.round_to)
 
     # -- before any compute ----------------------------------------------------------------------
 
-    def check(self, model: nn.Module, adapter: ModelAdapter, shapes: Shapes, stored: dict[str, Stored] | None = None) -> Shapes:
+    def check(self, site: Site) -> Shapes:
+        model, adapter, shapes = site.model, site.adapter, site.shapes
         require_layout(self.name, adapter, "residual layout", adapter.missing_residual_layout())
         emb = model.get_submodule(adapter.embed)
         d = emb.weight.shape[1]
@@ -134,12 +134,12 @@ class SliceGPTPass(Pass):
         n_mats = 2 * len(adapter.layers(model)) + (1 if tied else 0)
         if net_removed(d, d_new, per_dim, n_mats) > 0:
             return
-        r = self.cfg.round_to
+        r = self.config.round_to
         shrinking = [k for k in range(d - r, 0, -r) if net_removed(d, k, per_dim, n_mats) > 0]
         hint = (f"use sparsity >= {1 - shrinking[0] / d:.3f} (hidden {shrinking[0]}), the least that makes it smaller"
                 if shrinking else "no sparsity shrinks this model")
         raise ConfigError(
-            f"slicegpt:sparsity={self.cfg.sparsity} (hidden {d} -> {d_new}) would make the model larger than the dense one: "
+            f"slicegpt:sparsity={self.config.sparsity} (hidden {d} -> {d_new}) would make the model larger than the dense one: "
             f"its {n_mats - (1 if tied else 0)} shortcut matrices of {d_new}x{d_new}{' and the tied head mix' if tied else ''} "
             f"add {(d - d_new) * per_dim - net_removed(d, d_new, per_dim, n_mats):,} parameters "
             f"and slicing removes only {(d - d_new) * per_dim:,}; {hint}"
@@ -159,11 +159,11 @@ class SliceGPTPass(Pass):
             self._gamma_final = final_norm.weight.detach().double().clone()
             G = ctx.input_stats(frozenset({"gram"})).gram
             assert G is not None
-            if tied and self.cfg.tied_basis == "joint" and self.cfg.head_weight > 0:
+            if tied and self.config.tied_basis == "joint" and self.config.head_weight > 0:
                 # one matrix serves the embedding and the head: keep what both read
                 G_head = ctx.head_input_stats(frozenset({"gram"})).gram
                 assert G_head is not None
-                G = joint_gram(G, onto_row_space(G_head, emb.weight), self.cfg.head_weight)
+                G = joint_gram(G, onto_row_space(G_head, emb.weight), self.config.head_weight)
             if not tied:
                 set_linear_weight(head, scale_inputs(head.weight, self._gamma_final.to(head.weight.device)))
                 final_norm.weight.fill_(1.0)
@@ -193,7 +193,7 @@ class SliceGPTPass(Pass):
                 lin = layer.get_submodule(n)
                 set_linear_weight(lin, rotate_inputs(lin.weight, Q_in))
             _set_norm(layer.get_submodule(a.attn_norm), d_new, scale, eps_factor)
-            make_sliced(layer, Q_in.T.to(dtype), torch.eye(d, dtype=dtype, device=dev))
+            make_sliced(layer, Q_in.T.to(dtype), torch.eye(d, dtype=dtype, device=dev), _layout(a))
             G_mid = ctx.observe([a.mlp_norm], frozenset({"gram"})).linears[a.mlp_norm].gram
             assert G_mid is not None
             Q_mid = principal_basis(G_mid, d_new).to(dev)
@@ -205,19 +205,19 @@ class SliceGPTPass(Pass):
                 lin = layer.get_submodule(n)
                 set_linear_weight(lin, rotate_inputs(lin.weight, Q_mid))
             _set_norm(layer.get_submodule(a.mlp_norm), d_new, scale, eps_factor)
-            make_sliced(layer, S_attn.to(dtype), Q_mid.T.to(dtype))
+            make_sliced(layer, S_attn.to(dtype), Q_mid.T.to(dtype), _layout(a))
             G_out = ctx.observe([LAYER_OUTPUT], frozenset({"gram"})).linears[LAYER_OUTPUT].gram
             assert G_out is not None
             Q_out = principal_basis(G_out, d_new).to(dev)
             down = layer.get_submodule(a.mlp_output)
             set_linear_weight(down, rotate_outputs(down.weight, Q_out))
-            make_sliced(layer, S_attn.to(dtype), (Q_mid.T @ Q_out).to(dtype))
+            make_sliced(layer, S_attn.to(dtype), (Q_mid.T @ Q_out).to(dtype), _layout(a))
         # the sliced layer writes the observed full-dimension output in basis Q_out: the engine
         # propagates that instead of running the layer once more
         Q_out_cpu = Q_out.cpu()
         ctx.map_outputs(lambda h: (h.double() @ Q_out_cpu).to(h.dtype))
         self._Q = Q_out_cpu
-        info = {"hidden": d_new, "hidden_before": d, "sparsity": self.cfg.sparsity}
+        info = {"hidden": d_new, "hidden_before": d, "sparsity": self.config.sparsity}
         return {n: dict(info) for n in a.attn_inputs + a.mlp_inputs + (a.attn_output, a.mlp_output)}
 
     def finish(self, ctx: ModelContext) -> None:
@@ -238,7 +238,7 @@ class SliceGPTPass(Pass):
                 set_linear_weight(head, rotate_inputs(head.weight, Q_last))
         self._structure = {"hidden": d_new, "tied_mix": self._tied, "norm_eps_scale": d / d_new}
         logger.info("slicegpt: hidden %d -> %d (sparsity %.3f requested, %.4f used after rounding to a multiple of %d)",
-                    d, d_new, self.cfg.sparsity, 1 - d_new / d, self.cfg.round_to)
+                    d, d_new, self.config.sparsity, 1 - d_new / d, self.config.round_to)
 
     # -- structure -------------------------------------------------------------------------------
 
@@ -250,7 +250,7 @@ class SliceGPTPass(Pass):
         hidden = int(structure["hidden"])
         eps_scale = float(structure.get("norm_eps_scale", 1.0))
         for layer in adapter.layers(model):
-            make_sliced(layer, torch.zeros(hidden, hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype))
+            make_sliced(layer, torch.zeros(hidden, hidden, dtype=dtype), torch.zeros(hidden, hidden, dtype=dtype), _layout(adapter))
             for norm in (adapter.attn_norm, adapter.mlp_norm):
                 scale_norm_eps(layer.get_submodule(norm), eps_scale)
         scale_norm_eps(model.get_submodule(adapter.final_norm), eps_scale)
@@ -266,7 +266,7 @@ class SliceGPTPass(Pass):
             return []
         d, d_new = self._d, self._d_new
         return [
-            f"Slicing: hidden {d} -> {d_new}; sparsity {self.cfg.sparsity} requested, {1 - d_new / d:.4f} used "
+            f"Slicing: hidden {d} -> {d_new}; sparsity {self.config.sparsity} requested, {1 - d_new / d:.4f} used "
             "(SliceGPT's definition: the fraction of the embedding dimension removed). Parameters removed from the whole model, "
             f"shortcut and head-mixing matrices included: {summary['model_ratio']:.4f} "
             f"({summary['model_params_before']:,} -> {summary['model_params_after']:,})."

@@ -61,8 +61,12 @@ def run_layer(layer: nn.Module, batch: Batch, device: torch.device) -> torch.Ten
 
 
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``name`` under ``root``; it joins the dense-cache scopes its parent is in."""
+    from ..modules.base import adopt_scope
+
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
+    adopt_scope(parent, new)
     setattr(parent, child, new)
 
 

@@ -67,8 +67,10 @@ def current() -> Dist | None:
 
 
 def check_passes(passes: list[Any], d: Dist) -> None:
+    from ..passes.base import LayerPass
+
     for p in passes:
-        if p.granularity == "model" or p.caps.uses_layer_inputs:
+        if isinstance(p, LayerPass) or p.caps.uses_layer_inputs:
             raise CompressError(
                 f"{p.name} reads the layer's calibration inputs while it solves, which a data-parallel run does not gather; "
                 "run it in one process (without torchrun)"

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import ModelAdapter
-from ..passes.base import LAYER_OUTPUT
+from ..passes.base import LAYER_OUTPUT, PassPlan
 from .capture import Batch, StopForward, hidden_of, map_tensors, module_device, run_layer, set_submodule, to_cpu, with_hidden
 from .stats import LayerStats, LinearStats
 
@@ -70,13 +70,15 @@ class LayerState:
 
     def __init__(
         self, layer: nn.Module, index: int, inputs: list[Batch], device: torch.device, adapter: ModelAdapter,
-        originals: dict[str, torch.Tensor] | None = None,
+        originals: dict[str, torch.Tensor] | None = None, config: Any = None, plan: PassPlan | None = None,
     ) -> None:
         self.layer = layer
         self.index = index
         self.inputs = inputs
         self.device = device
         self.adapter = adapter
+        self.config = config
+        self.plan = plan or PassPlan()
         self.originals = originals or {}
         self._block_inputs: dict[str, list[Batch]] = {}
         self._block_ref: dict[str, list[torch.Tensor]] = {}
@@ -159,11 +161,13 @@ class ModelState:
     """The :class:`~compress.passes.base.ModelContext` of one layer loop: the model and the
     calibration inputs of the next layer, for every calibration source."""
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, device: torch.device, inputs_by: dict[str | None, list[Batch]]) -> None:
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, device: torch.device, inputs_by: dict[str | None, list[Batch]],
+                 plan: PassPlan | None = None) -> None:
         self.model = model
         self.adapter = adapter
         self.device = device
         self.inputs_by = inputs_by
+        self.plan = plan or PassPlan()
 
     def input_stats(self, kinds: frozenset[str]) -> LinearStats:
         inputs = self.inputs_by.get(None)

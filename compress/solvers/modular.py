@@ -145,25 +145,3 @@ def vo_errors(W_v: torch.Tensor, W_o: torch.Tensor, C: torch.Tensor, n_heads: in
     s = torch.stack(sq)  # (n_kv, hd), descending per group
     total = float(s.sum())
     return [float(s[:, r:].sum()) / max(total, 1e-300) for r in ranks]
-
-
-def allocate_sparsity(influence: list[float], ratio: float, temperature: float, cap: float) -> list[float]:
-    """Per-layer sparsity φ = L·ratio·softmax(−s/ε) (a layer that changes its input less loses more),
-    capped at ``cap`` with the excess handed to the uncapped layers in proportion to their weights.
-    The mean of the result is ``ratio`` unless every layer is capped (then ``cap``)."""
-    s = torch.tensor(influence, dtype=SOLVE_DTYPE)
-    w = torch.softmax(-s / temperature, dim=0)
-    phi = w * len(influence) * ratio
-    capped = torch.zeros_like(phi, dtype=torch.bool)
-    while True:
-        over = (phi > cap + 1e-12) & ~capped
-        if not over.any():
-            break
-        capped |= over
-        excess = float((phi[capped] - cap).sum())
-        phi[capped] = cap
-        free = ~capped
-        if not free.any():
-            break
-        phi[free] += excess * w[free] / w[free].sum()
-    return [float(x) for x in phi.clamp(0.0, cap)]

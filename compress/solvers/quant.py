@@ -16,7 +16,6 @@ stored checkpoint reproduces exactly the values the solver worked with.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import torch

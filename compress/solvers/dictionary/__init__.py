@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ..linalg import SOLVE_DTYPE
-from .closed_form import IMPORTANCE_LAMBDA, RECOVER_FRACTION, RESELECT_REFITS, closed_form
+from .closed_form import IMPORTANCE_LAMBDA, RECOVER_FRACTION, RESELECT_REFITS, closed_form, first_step_errors
 from .coding import (
     DictFactors,
     _sq_error,
@@ -66,6 +66,7 @@ __all__ = [
     "RESELECT_REFITS",
     "DictFactors",
     "closed_form",
+    "first_step_errors",
     "code_with_dictionary",
     "decode_coefficients",
     "decode_support",

@@ -80,3 +80,21 @@ def closed_form(
             best = (err, atoms, C, mask)
         alternate(atoms, C, mask, RESELECT_REFITS)
     return best[1], best[2], best[3]
+
+
+def first_step_errors(W: torch.Tensor, L: torch.Tensor, shapes: list[tuple[int, int]]) -> list[float]:
+    """Relative whitened error ‖(W − Ŵ)L‖²/‖WL‖² of the closed form's first step for each (k, s) of
+    ``shapes``: the top-k singular directions of Y = W·L, each row cut to its s most important codes
+    (with the recovery), read off one SVD of Y. The refinements lower every candidate's error; this
+    proxy costs one top-k per candidate (for a budgeted choice of (k, s) per target)."""
+    Y = W.to(SOLVE_DTYPE) @ L  # (d_out, d_in)
+    energy = float(Y.square().sum().clamp_min(1e-300))
+    U, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+    codes = U * S[None, :]  # (d_out, rank): codes on the singular directions
+    weight = torch.linalg.solve_triangular(L, Vh, upper=False, left=False).norm(dim=1).pow(IMPORTANCE_LAMBDA)
+    out = []
+    for k, s in shapes:
+        V = codes[:, :k]
+        mask = select_support(V.abs() * weight[None, :k], min(s, V.shape[1]), RECOVER_FRACTION)
+        out.append(max((energy - float(V.square()[mask].sum())) / energy, 0.0))
+    return out

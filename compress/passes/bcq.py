@@ -1,0 +1,92 @@
+"""``bcq``: binary-coding quantization, the format of the LUT-GEMM kernel (Park et al., arXiv 2206.09557).
+
+Each weight group is Σ_i α_i·b_i + β with q binary planes b_i ∈ {−1, +1}. The pass starts from
+round-to-nearest uniform codes converted exactly (``init=uniform``, so it is never worse than RTN at
+the same bits and groups) or from LUT-GEMM's greedy planes (``init=greedy``), then alternates
+refinement rounds, each kept only where it lowers the error weighted by the calibration inputs'
+energy diag(XᵀX) (``weighted``; data-free without it). The math is in :mod:`compress.solvers.bcq`;
+the result is a :class:`~compress.modules.bcq.BCQLinear`.
+
+Example::
+
+    compress run MODEL --pass bcq:bits=3,group=64 --out out/bcq3
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import PassConfig, option, targets_option
+from ..errors import ConfigError
+from ..modules.bcq import BCQLinear
+from ..pipeline.stats import LinearStats
+from ..registry import register_pass
+from ..solvers.bcq import bcq_quantize
+from ..solvers.metrics import relative_output_error
+from .base import Capabilities, LayerContext, LinearPass, PassResult, meta_storage_bits
+
+
+@dataclass
+class BCQConfig(PassConfig):
+    bits: int = option(3, "binary planes per weight", min=1, max=4)
+    group: int = option(128, "inputs per scale group (multiple of 8; 0 = whole row)", min=0)
+    rounds: int = option(15, "alternating refinement rounds after the start", min=0)
+    init: str = option("uniform", "start: round-to-nearest uniform codes converted exactly ('uniform'; never worse than RTN at the "
+                       "same bits and groups) or LUT-GEMM's greedy planes ('greedy')", choices=("uniform", "greedy"))
+    weighted: bool = option(True, "weight the error by the calibration inputs' energy diag(XᵀX) (needs calibration data)")
+    targets: str = targets_option("quantize")
+
+
+@register_pass
+class BCQPass(LinearPass[BCQConfig]):
+    """Binary-coding quantization (LUT-GEMM's format): greedy + alternating refinement, data-free."""
+
+    name = "bcq"
+    accepts_reason = "it quantizes dense weights"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"})) if self.config.weighted else Capabilities()
+
+    def produces(self, kinds: frozenset[str]) -> frozenset[str]:
+        return frozenset({"BCQLinear"})
+
+    def check_target(self, d_out: int, d_in: int, stored: Any = None) -> str | None:
+        g = self.config.group or d_in
+        if d_in % g or g % 8:
+            ok = [s for s in range(8, min(d_in, 256) + 1, 8) if d_in % s == 0]
+            return (f"BCQ group size {g} must divide the input dimension {d_in} and be a multiple of 8 "
+                    f"(sizes that work: {', '.join(map(str, ok)) or 'none'}; group=0 is the whole row)")
+        return None
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+        c = self.config
+        return meta_storage_bits(BCQLinear, d_in, d_out, c.bits, c.group or d_in, dtype=dtype)
+
+    def apply(self, name: str, module: nn.Module, stats: LinearStats | None, ctx: LayerContext) -> PassResult:
+        assert isinstance(module, nn.Linear)
+        c = self.config
+        W = module.weight.data
+        d_out, d_in = W.shape
+        why = self.check_target(d_out, d_in)
+        if why is not None:
+            raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
+        g = c.group or d_in
+        hdiag = stats.sq_sum if (c.weighted and stats is not None) else None
+        b = bcq_quantize(W, c.bits, g, c.rounds, hdiag=hdiag, init=c.init)
+        new = BCQLinear.from_bcq(b, module.bias.data if module.bias is not None else None, like=W)
+        Wq = b.dequantize().to(W.device)
+        if hdiag is not None:  # the weighted error the solver minimized, relative to the weight's
+            hd = hdiag.to(W.device, torch.float64)
+            err = float((((W.double() - Wq.double()) ** 2) * hd).sum() / (W.double() ** 2 * hd).sum().clamp_min(1e-300)) ** 0.5
+        else:
+            err = relative_output_error(W, Wq, None)
+        info = {
+            "bits": c.bits, "group": g, "init": c.init, "error": err,
+            "error_metric": "rel_diagH_weighted_err" if hdiag is not None else "rel_weight_err",
+            "bits_per_weight": new.storage_bits() / new.num_weights(),
+        }
+        return PassResult(new, info)

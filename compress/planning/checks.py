@@ -1,0 +1,63 @@
+"""Checks of the user's options that need no model: the output directory, the offload directory, the
+evaluation options and their data. Each problem is one line naming it and a fix that exists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CompressError
+from ..evalspec import EvalSpec
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """OUT may be written: absent (or --overwrite), not a file, its parent creatable and writable."""
+    if out.exists() and not out.is_dir():
+        raise CompressError(f"output path '{out}' is a file; choose another --out")
+    if out.exists() and not overwrite:
+        raise CompressError(f"output directory '{out}' exists; choose another --out or pass --overwrite")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CompressError(f"cannot create '{out}': '{parent}' is not writable; choose another --out")
+
+
+def check_offload_dir(path: Path) -> None:
+    """--offload-dir exists (or can be created) and is writable."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".compress-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CompressError(f"--offload-dir '{path}' is not writable ({e.strerror or e}); choose another --offload-dir") from None
+
+
+def check_eval(spec: EvalSpec, data_dir: str | Path | None, config: Any = None) -> None:
+    """Evaluation options and their data (``config``: the model's, once it is opened)."""
+    from ..eval.perplexity import check_ppl, check_ppl_data
+
+    for name in spec.ppl:
+        check_ppl(name, spec.ppl_seqlen, spec.max_windows, config)
+        if config is None:
+            check_ppl_data(name, data_dir)
+    if spec.tasks and config is None:
+        from ..eval.harness import check_tasks
+
+        check_tasks(list(spec.tasks), spec.tasks_dir, data_dir)
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a source model with NaN or Inf weights, naming the first such tensor."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and t.numel() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CompressError(
+                f"source weight '{name}' has {bad:,} non-finite values (NaN/Inf) of {t.numel():,}: the checkpoint is damaged; "
+                "re-download or re-convert the model before compressing it"
+            )
