@@ -72,8 +72,8 @@ def tensor_specs(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     h, i, v, hd = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
     q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
     specs = [("model.embed_tokens.weight", (v, h))]
-    for l in range(c["num_hidden_layers"]):
-        p = f"model.layers.{l}."
+    for li in range(c["num_hidden_layers"]):
+        p = f"model.layers.{li}."
         specs += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (q, h)),
                   (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
                   (p + "self_attn.o_proj.weight", (h, q)), (p + "post_attention_layernorm.weight", (h,)),

@@ -68,10 +68,8 @@ def measure_speed(out: Path, model_path: str, prompt: int, new: int) -> None:
     import torch
 
     from compress import load
-    from compress.eval.speed import generation_speed
+    from compress.eval.speed import generation_speed, protocol
     from compress.models import load_model
-
-    from compress.eval.speed import protocol
 
     data = json.loads(out.with_suffix(".json").read_text())
     data["protocol"]["speed"] = protocol(prompt, new, 3)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from common import Bench, parser, protocol_for
 
 LC_SCRIPT = r'''

@@ -66,7 +66,7 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     out = []
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+    with opener(path, "rt", encoding="utf-8") as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import CompressError
 from ..evalspec import EvalSpec
-from .app import app, out_console, setup_logging
+from .app import out_console, setup_logging
 from .options import with_options
 from .show import metric_line
 
@@ -51,7 +51,6 @@ def _speed(m: Any, baseline: tuple[str, str | None] | None, dev: Any, prompt: in
     return out
 
 
-@app.command("eval")
 @with_options("evaluation", EvalSpec)
 def eval_cmd(
     model: str = typer.Argument(..., help="compressed checkpoint directory, HF directory or hub ID"),

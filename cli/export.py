@@ -6,10 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .app import app, out_console, setup_logging
+from .app import out_console, setup_logging
 
 
-@app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="compressed checkpoint directory"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory of the export"),

@@ -1,5 +1,5 @@
-"""``compress`` command line: one module per command (``run``, ``eval``, ``sweep``, ``export`` and the
-introspection commands in ``info``). Each command parses its options into the library's option sets
+"""``compress`` command line: one module per command (``run``, ``eval``, ``sweep``, ``export``, ``ls``,
+``env``, ``validate``, ``lm-eval``). Each command parses its options into the library's option sets
 (their flags generated from the same field metadata, :mod:`compress.cli.options`) and makes one
 library call; errors in the user's input print one line and exit with status 2."""
 
@@ -8,12 +8,18 @@ from __future__ import annotations
 import sys
 
 from ..errors import CompressError
-from . import eval as _eval  # noqa: F401  (registers its command)
-from . import export as _export  # noqa: F401
-from . import info as _info  # noqa: F401
-from . import run as _run  # noqa: F401
-from . import sweep as _sweep  # noqa: F401
+from . import env, eval, export, lm_eval, ls, run, sweep, validate
 from .app import app, console
+
+# the commands, in the order `compress --help` lists them
+app.command("run")(run.run)
+app.command("eval")(eval.eval_cmd)
+app.command("sweep")(sweep.sweep)
+app.command("export")(export.export)
+app.command("ls")(ls.ls)
+app.command("env")(env.env)
+app.command("validate")(validate.validate)
+app.command("lm-eval", add_help_option=False, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(lm_eval.lm_eval_cmd)
 
 __all__ = ["app", "main"]
 

@@ -18,20 +18,16 @@ import typer
 from ..config import Options
 
 
-def _cli_type(typ: Any, repeat: bool) -> Any:
-    origin = typing.get_origin(typ)
-    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
-        typ = next(a for a in typing.get_args(typ) if a is not type(None))
-    if typing.get_origin(typ) is tuple:
-        return Optional[list[str]] if repeat else Optional[str]
-    return Optional[typ]
+def _cli_type(repeat: bool) -> Any:
+    """Flags take text (the option set converts and checks it, so a bad value gets the library's one-line
+    error naming the flag); a repeatable flag takes a list."""
+    return Optional[list[str]] if repeat else Optional[str]
 
 
 def with_options(group: str, cls: type[Options], *, flag_key: str = "flag", only: Sequence[str] | None = None,
                  skip: Sequence[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add a flag per field of ``cls`` to a typer command; the command's parameter ``group`` receives
     ``{field: value}`` of the flags given."""
-    hints = typing.get_type_hints(cls)
     fields = [f for f in cls.fields() if (only is None or f.name in only) and f.name not in skip]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,7 +40,7 @@ def with_options(group: str, cls: type[Options], *, flag_key: str = "flag", only
             flag = md.get(flag_key) or md["flag"]
             default = "none" if f.default is None else ",".join(f.default) if isinstance(f.default, tuple) else f.default
             name = f"{group}__{f.name}"
-            typ = _cli_type(hints[f.name], md.get("cli") == "repeat")
+            typ = _cli_type(md.get("cli") == "repeat")
             help_text = f"{md.get('help', '')} [{default}]" if default not in ("", "none") else md.get("help", "")
             params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, flag, help=help_text), annotation=typ))
             annotations[name] = typ

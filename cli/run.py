@@ -10,7 +10,7 @@ import typer
 from ..calib.data import CalibConfig
 from ..errors import CompressError
 from ..evalspec import EvalSpec
-from .app import app, console, out_console, progress_bar, setup_logging
+from .app import console, out_console, progress_bar, setup_logging
 from .options import with_options
 from .show import print_layers, print_summary
 
@@ -29,7 +29,6 @@ def eval_spec_of(text: Optional[str], flags: dict[str, Any]) -> EvalSpec:
     return EvalSpec.from_dict(merged, where=where, what="--eval")
 
 
-@app.command()
 @with_options("evaluation", EvalSpec, flag_key="run_flag")
 @with_options("calib", CalibConfig)
 def run(

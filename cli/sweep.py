@@ -10,7 +10,7 @@ import typer
 
 from ..calib.data import CalibConfig
 from ..errors import CompressError
-from .app import app, console, out_console, progress_bar, setup_logging
+from .app import console, out_console, progress_bar, setup_logging
 from .options import with_options
 
 
@@ -20,7 +20,7 @@ def _axes(passes: list[str], ratios: list[str], grid: list[str]) -> list[tuple[s
 
     if ratios and grid:
         raise CompressError("give --ratios or --grid, not both")
-    value_lists = [("ratio", r) for r in ratios] or [tuple(g.split("=", 1)) if "=" in g else ("", g) for g in grid]
+    value_lists: list[tuple[str, ...]] = [("ratio", r) for r in ratios] or [tuple(g.split("=", 1)) if "=" in g else ("", g) for g in grid]
     if not value_lists:
         raise CompressError("no values to sweep: give --ratios 0.1,0.2,... (or --grid KEY=V1,V2)")
     if len(value_lists) not in (1, len(passes)):
@@ -38,7 +38,6 @@ def _axes(passes: list[str], ratios: list[str], grid: list[str]) -> list[tuple[s
     return axes
 
 
-@app.command()
 @with_options("calib", CalibConfig, skip=("batch_size",))
 def sweep(
     model: str = typer.Argument(..., help="hub ID, local HF directory, or directory holding a .gguf file"),

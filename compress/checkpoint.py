@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -32,6 +32,7 @@ from .fsutil import atomic_directory  # noqa: F401  (re-exported: writers import
 from .hf_format import quantization_config, write_quantization_config
 from .model_tensors import STRUCTURE_ATTR, dedupe  # noqa: F401  (STRUCTURE_ATTR re-exported)
 from .modules import CompressedLinear
+from .modules.base import hf_config
 from .version import FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
@@ -82,7 +83,7 @@ def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
 def write_config_and_tokenizer(model: nn.Module, tokenizer: Any, directory: Path) -> None:
     """config.json without a quantization_config (a model opened from a checkpoint carries this format's
     entry; the checkpoint writer adds the current one, the plain exports none), generation config, tokenizer."""
-    model.config.save_pretrained(directory)
+    hf_config(model).save_pretrained(directory)
     p = directory / "config.json"
     config = json.loads(p.read_text())
     if config.pop("quantization_config", None) is not None:
@@ -192,9 +193,10 @@ def load_checkpoint(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the mismatch is reported below, in one line
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        # with output_loading_info=True it returns (model, loading info), which its annotation does not say
+        model, info = cast("tuple[nn.Module, dict[str, Any]]", AutoModelForCausalLM.from_pretrained(
             d, config=config, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
-        )
+        ))
     except OSError as e:
         raise CompressError(f"checkpoint '{d}' cannot be read ({str(e).splitlines()[0][:160]})") from None
     finally:

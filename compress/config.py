@@ -130,7 +130,7 @@ class Options:
     @classmethod
     def where(cls, field: str) -> str:
         """How an error names ``field`` by default (its flag when it has one)."""
-        md = next((f.metadata for f in cls.fields() if f.name == field), {})
+        md: typing.Mapping[str, Any] = next((f.metadata for f in cls.fields() if f.name == field), {})
         return str(md.get("flag") or field)
 
     @classmethod

@@ -109,7 +109,7 @@ def check_ct_exportable(model: nn.Module) -> dict[tuple[int, int, bool], list[st
 
 
 def ct_quantization_config(settings: dict[tuple[int, int, bool], list[str]], ignore: list[str]) -> dict[str, Any]:
-    groups = {}
+    groups: dict[str, dict[str, Any]] = {}
     for i, ((bits, group, sym), names) in enumerate(sorted(settings.items())):
         groups[f"group_{i}"] = {
             "targets": ["Linear"] if len(settings) == 1 else sorted(names),

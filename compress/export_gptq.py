@@ -28,6 +28,7 @@ from torch import nn
 from .checkpoint import dedupe, write_weights
 from .errors import CompressError
 from .modules import CompressedLinear
+from .modules.base import hf_config
 from .modules.quant import QuantLinear
 from .solvers.packing import pack_bits
 
@@ -116,7 +117,7 @@ def export_gptq(model: nn.Module, tokenizer: Any, directory: Path, layers_path: 
             state[f"{name}.{k}"] = v
     state, _ = dedupe(state)
     write_weights(state, directory)
-    config = model.config.to_dict()
+    config = hf_config(model).to_dict()
     config["quantization_config"] = quant_config
     config["torch_dtype"] = "float16"
     config["dtype"] = "float16"

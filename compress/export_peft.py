@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import CompressError
-from .modules import LoRALinear
+from .modules.lora import LoRALinear
 
 
 def check_peft_exportable(model: nn.Module) -> int:

@@ -29,7 +29,11 @@ import importlib.machinery
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "compress"
 _REGISTRY_MODULE = "transformers.quantizers.auto"
@@ -86,7 +90,7 @@ def check_entry(entry: dict[str, Any], where: str = "the checkpoint") -> None:
             )
 
 
-def _define() -> tuple[type, type]:
+def _define() -> tuple[type[QuantizationConfigMixin], type[HfQuantizer]]:
     import torch
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin

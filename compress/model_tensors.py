@@ -17,7 +17,7 @@ def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
     """Drop tensors that share storage with an earlier one (tied weights); return (tensors, alias → kept name)."""
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    by_ptr: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    by_ptr: dict[tuple[int, int | torch.SymInt, tuple[int, ...]], str] = {}
     # the input embedding is kept over a tied output head
     for name in sorted(state, key=lambda n: ("lm_head" in n, n)):
         t = state[name]
@@ -33,6 +33,7 @@ def dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dic
 def rebuild_structure(model: nn.Module, structure: dict[str, Any], dtype: torch.dtype) -> None:
     """Let each pass that added structure rebuild it on a freshly built model, before the weights load."""
     from .adapters import get_adapter
+    from .passes.base import ModelPass
     from .registry import get_pass
 
     if not structure:
@@ -43,6 +44,7 @@ def rebuild_structure(model: nn.Module, structure: dict[str, Any], dtype: torch.
             cls = get_pass(name)
         except CompressError:
             raise CompressError(f"the checkpoint's structure was made by pass '{name}', unknown to this version; upgrade compress") from None
+        assert issubclass(cls, ModelPass)  # only model-level passes add structure
         cls.rebuild(model, adapter, desc, dtype)
     setattr(model.config, STRUCTURE_ATTR, dict(structure))
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from .dtypes import USER_DTYPES, parse_dtype
 from .errors import CompressError
+
+if TYPE_CHECKING:
+    from .modules.base import CompressedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,8 @@ def load_model(
             )
     kwargs["dtype"] = torch_dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        # typed as a module: transformers' @wraps-decorated PreTrainedModel.to does not type-check as a bound method
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except ImportError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CompressError(f"cannot load '{src}': {msg} (for GGUF: pip install 'compress[gguf]')") from None
@@ -130,23 +134,8 @@ def open_streamed(
     from .stream import StreamedModel, params_on_meta
 
     src = str(source)
-    path = Path(src).expanduser()
     info: dict[str, Any] = {"source": src}
-    if not path.exists():
-        from .hub import hub_reachable
-
-        if path.is_absolute() or src.startswith((".", "~")) or src.count("/") > 1:
-            raise CompressError(f"model path '{src}' does not exist")
-        if not hub_reachable():
-            raise CompressError(
-                f"model '{src}' is not a local directory and the Hugging Face hub is unreachable; give a local model directory or go online"
-            )
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "tokenizer*", *([gguf_file] if gguf_file else [])]))
-        except Exception as e:  # unknown repo, gated model, network failure
-            raise CompressError(f"cannot download '{src}' from the hub: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    path = _local_files(src, gguf_file)
     if not path.is_dir():
         raise CompressError(f"'{path}' is a file; give the directory that holds the model")
     has_weights = any(any(path.glob(g)) for g in _WEIGHT_GLOBS)
@@ -174,16 +163,7 @@ def open_streamed(
         if gguf is None:
             raise
         raise CannotStream(f"{e}; load it whole with --no-stream") from None
-    dt = parse_dtype(dtype)
-    if dt == "auto":
-        if gguf is not None:
-            dt = torch.float32
-        else:
-            declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-            dt = declared if isinstance(declared, torch.dtype) else USER_DTYPES.get(str(declared), None)  # type: ignore[assignment]
-            if dt is None:
-                floats = [tensors.dtype(n) for n in tensors.names() if tensors.dtype(n).is_floating_point]
-                dt = floats[0] if floats else torch.float32
+    dt = _skeleton_dtype(dtype, gguf, config, tensors)
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=trust_remote_code)
     model.eval()
@@ -195,6 +175,43 @@ def open_streamed(
     info["dtype"] = str(dt).replace("torch.", "")
     info["model_type"] = getattr(config, "model_type", None)
     return streamed, tokenizer, info
+
+
+def _local_files(src: str, gguf_file: str | None) -> Path:
+    """The local directory of ``src``; a hub ID is downloaded first (the files, not the model)."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    from .hub import hub_reachable
+
+    if path.is_absolute() or src.startswith((".", "~")) or src.count("/") > 1:
+        raise CompressError(f"model path '{src}' does not exist")
+    if not hub_reachable():
+        raise CompressError(
+            f"model '{src}' is not a local directory and the Hugging Face hub is unreachable; give a local model directory or go online"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "tokenizer*", *([gguf_file] if gguf_file else [])]))
+    except Exception as e:  # unknown repo, gated model, network failure
+        raise CompressError(f"cannot download '{src}' from the hub: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
+def _skeleton_dtype(dtype: str | torch.dtype | None, gguf: str | None, config: Any, tensors: Any) -> torch.dtype:
+    """The compute dtype of a streamed model: the one asked for, else float32 for GGUF, else the config's
+    declared dtype, else the checkpoint's first floating dtype."""
+    dt = parse_dtype(dtype)
+    if isinstance(dt, torch.dtype):
+        return dt
+    if gguf is not None:
+        return torch.float32
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    found = declared if isinstance(declared, torch.dtype) else USER_DTYPES.get(str(declared), None)
+    if found is None:
+        floats = [tensors.dtype(n) for n in tensors.names() if tensors.dtype(n).is_floating_point]
+        found = floats[0] if floats else torch.float32
+    return found
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -223,14 +240,14 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def storage_roots(model: nn.Module) -> list[nn.Module]:
+def storage_roots(model: nn.Module) -> list[CompressedLinear]:
     """The outermost modules that hold their weight in buffers (a module of that kind nested in
     another, such as the quantized atoms of a quantized dictionary layer, is counted by its owner)."""
-    out: list[nn.Module] = []
+    out: list[CompressedLinear] = []
 
     def walk(m: nn.Module) -> None:
         if getattr(m, "weights_in_buffers", False):
-            out.append(m)
+            out.append(cast("CompressedLinear", m))  # the compressed module types set weights_in_buffers
             return
         for child in m.children():
             walk(child)

@@ -88,7 +88,7 @@ class _SafetensorsFile:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ only for Python >= 3.12
         pos, off = 0, self.start + begin
         while pos < len(view):
             got = os.preadv(self._fd, [view[pos:]], off + pos)

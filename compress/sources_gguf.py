@@ -43,7 +43,7 @@ class GGUFSource:
         self.path = Path(path)
         self.files: list[Path] = [self.path]
         self._dequantize = gguf.dequantize
-        self._reader = gguf.GGUFReader(self.path)
+        self._reader: gguf.GGUFReader | None = gguf.GGUFReader(self.path)
         arch = hf_gguf.read_field(self._reader, "general.architecture")[0]
         if is_gguf_arch_supported(arch):
             raise CompressError(

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modules.base import hf_config
+
 
 def protocol(prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
     return {"batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats, "statistic": "median",
@@ -29,7 +31,7 @@ def _sync(device: torch.device) -> None:
 def generation_speed(model: nn.Module, *, prompt_len: int = 256, new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
     """{"prefill_tokens_per_s", "decode_tokens_per_s", "protocol"} of ``model`` on its device."""
     device = next(model.parameters()).device
-    vocab = int(model.config.vocab_size)
+    vocab = int(hf_config(model).vocab_size)
     ids = torch.randint(0, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(seed)).to(device)
     prefill, decode = [], []
     with torch.inference_mode():

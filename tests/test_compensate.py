@@ -12,9 +12,9 @@ import torch
 from compress import compress, load
 from compress.errors import ConfigError
 from compress.modules import LoRALinear, QuantLinear
-from compress.solvers.eora import compensate
-from compress.solvers.allocate import integer_program as allocate
 from compress.passes.base import PassPlan
+from compress.solvers.allocate import integer_program as allocate
+from compress.solvers.eora import compensate
 from compress.solvers.lqlora import lq_decompose
 from compress.solvers.quant import QuantSpec, quantize_rtn
 
@@ -107,7 +107,8 @@ def test_composition_round_trip_exports_and_bad_inputs(calib_ids: torch.Tensor, 
         compress(make_tiny("llama"), ["eora:rank=4"], calib_ids)
     with pytest.raises(ConfigError, match="eora rank 40 must be below 32"):
         compress(make_tiny("llama"), ["gptq:bits=3,group=16", "eora:rank=40"], calib_ids)
-    with pytest.raises(ConfigError, match=r"eora: model.layers.0.self_attn.k_proj \(16x32 after rtn\): an eora branch of rank 8 costs 12,288 bits, more than the 11,520 bits saved on this layer by rtn; use rank=7 or lower"):
+    with pytest.raises(ConfigError, match=r"eora: model.layers.0.self_attn.k_proj \(16x32 after rtn\): an eora branch of rank 8 costs "
+                                          r"12,288 bits, more than the 11,520 bits saved on this layer by rtn; use rank=7 or lower"):
         compress(make_tiny("llama"), ["rtn:bits=8,group=16", "eora:rank=8"], calib_ids)
     with pytest.raises(ConfigError, match="below the smallest reachable"):
         compress(make_tiny("llama"), ["lq-lora:rank=4,budget=2"], calib_ids)

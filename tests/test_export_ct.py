@@ -12,8 +12,8 @@ import torch
 
 from compress import compress
 from compress.errors import CompressError
-from compress.exports import check_exports
 from compress.export_ct import check_ct_exportable, export_compressed_tensors
+from compress.exports import check_exports
 from compress.modules.quant import QuantLinear
 from compress.recipe import parse_shorthand
 

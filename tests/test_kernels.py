@@ -18,11 +18,11 @@ from compress.kernels.emulate import lut_gemm_emulate, sparse24_emulate
 from compress.kernels.layout import bcq_kernel_layout, bcq_storage_layout, dense_from_kernel_layout
 from compress.modules import QuantLinear
 from compress.modules.bcq import BCQLinear
-from compress.solvers.packing import pack_signs
 from compress.solvers.bcq import bcq_quantize
+from compress.solvers.packing import pack_signs
 from compress.solvers.quant import QuantSpec, quantize_rtn
-from compress.solvers.sparse24 import pack_24, unpack_24
 from compress.solvers.sparse import nm_mask
+from compress.solvers.sparse24 import pack_24, unpack_24
 
 
 def _random_bcq(n: int, k: int, q: int, g: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

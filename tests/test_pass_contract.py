@@ -109,6 +109,7 @@ CASES: dict[str, Row] = {
     "magnitude": Row("pattern=2:4", 0.6, _two_four, ("bits", 32 / 2 + 1)),  # half the fp32 values + 4 bits of indices per 4
     "wanda": Row("pattern=2:4", 0.6, _two_four, ("bits", 32 / 2 + 1)),
     "sparsegpt": Row("pattern=2:4", 0.5, _two_four, ("bits", 32 / 2 + 1)),
+    "ria": Row("pattern=2:4", 0.6, _two_four, ("bits", 32 / 2 + 1)),
     "armor": Row("block=8,iters=20,lr=1e-3", 0.6, _two_four, ("bits", 31.9)),  # core + indices + block-diagonal wrappers: below dense
     "lq-lora": Row("bits=3,group=16,rank=4", 0.05, _lora(4), ("bits", 31.9)),  # below dense with the branch
     "cospadi": Row(f"ratio={RATIO},iters=3", 0.5, _dictionary, ("bits", 32 * (1 - RATIO))),  # dictionary + values + row masks
@@ -219,6 +220,59 @@ def test_pass_contract(pass_name: str, adapter: str, tied: bool, calib_ids: torc
         assert s["target_bits_per_weight"] <= bound + 1e-9
     assert s["model_bytes_after"] < s["model_bytes_before"]
     _round_trips(model, report, logits, tmp_path)
+    _same_when_streamed_or_rerun(pass_name, adapter, tied, model, calib_ids, tmp_path)
+
+
+def _same_when_streamed_or_rerun(pass_name: str, adapter: str, tied: bool, model: torch.nn.Module, calib_ids: torch.Tensor,
+                                 tmp_path: Path) -> None:
+    """A recipe that can stream gives, read layer by layer from a checkpoint on disk, the tensors the
+    in-memory run gave (which also shows that two runs agree); one that cannot stream is refused
+    --stream in one line, and a second in-memory run gives the same tensors (determinism)."""
+    from compress import run
+    from compress.planning import stream_blocker
+    from compress.recipe import as_recipe
+
+    row = CASES[pass_name]
+    passes = [spec.build() for spec in as_recipe(row.recipe(pass_name)).passes]
+    expected = dict(model.state_dict())
+    if stream_blocker(passes) is not None:
+        again = make_tiny(_family(adapter), tied=tied)
+        compress(again, row.recipe(pass_name), calib_ids)
+        got = again.state_dict()
+    else:
+        src = _saved_source(_family(adapter), tied, tmp_path / "src")
+        run(src, row.recipe(pass_name), tmp_path / "streamed", calib=calib_ids, stream="on")
+        from safetensors.torch import load_file
+
+        got = load_file(str(tmp_path / "streamed" / "model.safetensors"))
+    missing = sorted(set(expected) - set(got))
+    assert not [k for k in missing if k not in _tied_aliases(model)], missing[:5]
+    for k, v in got.items():
+        assert torch.equal(v, expected[k]), k
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """State-dict names that hold a tensor already held under another name (written once)."""
+    seen: dict[int, str] = {}
+    out: set[str] = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            out.add(k)
+        seen.setdefault(id(v), k)
+    return out
+
+
+def _saved_source(family: str, tied: bool, directory: Path) -> Path:
+    """The dense tiny model on disk as a checkpoint of its own (with a tokenizer, unused: the calibration
+    is given as token ids)."""
+    import shutil
+
+    from .conftest import STORIES
+
+    make_tiny(family, tied=tied).save_pretrained(directory)
+    for f in STORIES.glob("tokenizer*"):
+        shutil.copy(f, directory / f.name)
+    return directory
 
 
 #: base passes whose output eora compensates, with the options of their row
@@ -276,35 +330,40 @@ FAMILIES = {
 }
 
 
-def test_every_pair_of_families_runs_or_is_refused_up_front(calib_ids: torch.Tensor) -> None:
+def _pair(a: str, b: str, calib_ids: torch.Tensor) -> str:
+    """'ran' or 'refused' for the recipe [a, b] on a tiny Llama; a refusal comes before the model is
+    touched, in one line that names both passes."""
+    from compress import plan
+
+    model = make_tiny("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        plan(model, [a, b], calib=calib_ids)  # every check, before any layer
+    except ConfigError as e:
+        msg = str(e)
+        assert "\n" not in msg
+        assert a.split(":")[0] in msg and (b.split(":")[0] in msg or a.startswith("eora")), msg
+        assert set(model.state_dict()) == set(before) and all(torch.equal(before[k], v) for k, v in model.state_dict().items()), msg
+        return "refused"
+    compress(model, [a, b], calib_ids)
+    assert torch.isfinite(_logits(model, PROBE)).all()
+    return "ran"
+
+
+@pytest.mark.parametrize(("fa", "fb"), [(fa, fb) for fa, fb in itertools.product(FAMILIES, repeat=2) if fa != fb], ids=lambda f: f)
+def test_every_pair_of_families_runs_or_is_refused_up_front(fa: str, fb: str, calib_ids: torch.Tensor) -> None:
     """Each ordered pair either compresses without error or is refused before the model is touched,
     with one line that names both passes."""
-    from compress.recipe import as_recipe
+    assert _pair(FAMILIES[fa], FAMILIES[fb], calib_ids) in ("ran", "refused")
 
-    refused, ran = [], []
-    for (fa, a), (fb, b) in itertools.product(FAMILIES.items(), repeat=2):
-        if fa == fb:
-            continue
-        model = make_tiny("llama")
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        try:
-            as_recipe([a, b])  # the order, before any model is loaded
-            compress(model, [a, b], calib_ids)  # the options against this model's targets, before any layer
-        except ConfigError as e:
-            msg = str(e)
-            assert "\n" not in msg
-            assert a.split(":")[0] in msg and (b.split(":")[0] in msg or fa == "eora"), msg
-            assert set(model.state_dict()) == set(before) and all(torch.equal(before[k], v) for k, v in model.state_dict().items()), msg
-            refused.append((fa, fb))
-            continue
-        assert torch.isfinite(_logits(model, PROBE)).all()
-        ran.append((fa, fb))
-    # both outcomes occur, and the asymmetric ones are the documented orders
-    assert ("slice", "quant") in ran and ("quant", "slice") in refused
-    assert ("prune", "quant") in ran and ("prune24", "quant") in refused
-    assert ("quant", "eora") in ran and ("eora", "quant") in refused
-    # a branch that costs more than the base pass saved is refused up front too (dense-stored pruning saves nothing)
-    assert ("prune", "eora") in refused
+
+@pytest.mark.parametrize(("fa", "fb", "outcome"), [
+    ("slice", "quant", "ran"), ("quant", "slice", "refused"), ("prune", "quant", "ran"), ("prune24", "quant", "refused"),
+    ("quant", "eora", "ran"), ("eora", "quant", "refused"),
+    ("prune", "eora", "refused"),  # a branch that costs more than the base pass saved (dense-stored pruning saves nothing)
+])
+def test_documented_orders(fa: str, fb: str, outcome: str, calib_ids: torch.Tensor) -> None:
+    assert _pair(FAMILIES[fa], FAMILIES[fb], calib_ids) == outcome
 
 
 def test_fixed_seed_gives_identical_checkpoint_bytes(calib_ids: torch.Tensor, tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from compress.solvers.linalg import cholesky_psd
 from compress.solvers.allocate import allocate_ranks
+from compress.solvers.linalg import cholesky_psd
 from compress.solvers.lowrank import factorize, rank_for_ratio, saves_parameters
 from compress.solvers.metrics import relative_output_error
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Perplexity on each dataset in ``spec.ppl`` and lm-eval on ``spec.tasks``; each metric
     carries its protocol. Keyword arguments build the spec when none is given."""
-    spec = spec or EvalSpec(**{k: tuple(v) if k in ("ppl", "tasks") else v for k, v in kwargs.items()})
+    spec = spec or EvalSpec(**cast("dict[str, Any]", {k: tuple(v) if k in ("ppl", "tasks") else v for k, v in kwargs.items()}))
     from ..eval.perplexity import perplexity
 
     out: list[dict[str, Any]] = []

@@ -15,6 +15,7 @@ from ..checkpoint import load_checkpoint, write_config_and_tokenizer, write_mani
 from ..errors import CompressError
 from ..fsutil import atomic_directory
 from ..models import load_model
+from ..modules.base import hf_config
 from ..pipeline.state import OnLayer
 from ..planning import RunPlan
 from ..report import Report
@@ -32,7 +33,7 @@ def _fingerprint(plan: RunPlan, weights: str) -> dict[str, Any]:
     info, model = plan.handle.info, plan.model
     fp: dict[str, Any] = {
         "weights": weights, "recipe": plan.recipe.to_dict(), "calibration": plan.calib.to_dict(), "dtype": info["dtype"],
-        "library": __version__, "config": hashlib.blake2b(model.config.to_json_string(use_diff=False).encode(), digest_size=8).hexdigest(),
+        "library": __version__, "config": hashlib.blake2b(hf_config(model).to_json_string(use_diff=False).encode(), digest_size=8).hexdigest(),
         "transformers": transformers.__version__,
     }
     if plan.dist is not None:
@@ -113,6 +114,7 @@ def _compress(plan: RunPlan, progress: Any, t0: float, stage: Callable[[str], No
     progress.remove()
     if plan.exports or plan.eval_spec:
         stage(f"loading {plan.out} for {'export' if plan.exports else 'evaluation'}")
+        assert plan.out is not None
         model, tokenizer = load_checkpoint(plan.out)
     assert plan.out is not None and plan.handle.source is not None
     return after_checkpoint(report, model, tokenizer, plan.out, plan.handle.source, plan.exports, plan.eval_spec, base_metrics,

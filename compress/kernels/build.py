@@ -36,7 +36,7 @@ def csrc_dir() -> Path:
     try:
         import compress.csrc as pkg  # type: ignore[import-not-found]
 
-        return Path(pkg.__path__[0])  # type: ignore[attr-defined]
+        return Path(pkg.__path__[0])
     except ImportError:
         return Path(__file__).resolve().parents[2] / "csrc"
 

@@ -93,12 +93,12 @@ def bcq_linear(x: torch.Tensor, kplanes: torch.Tensor, alpha_t: torch.Tensor, of
 
 
 @bcq_linear.register_fake
-def _bcq_linear_fake(x, kplanes, alpha_t, offset_t, in_features, bias, preference):  # type: ignore[no-untyped-def]
+def _bcq_linear_fake(x, kplanes, alpha_t, offset_t, in_features, bias, preference):
     return x.new_empty(*x.shape[:-1], kplanes.shape[2])
 
 
 @bcq_linear.register_kernel("cuda")
-def _bcq_linear_cuda(x, kplanes, alpha_t, offset_t, in_features, bias, preference):  # type: ignore[no-untyped-def]
+def _bcq_linear_cuda(x, kplanes, alpha_t, offset_t, in_features, bias, preference):
     ext = _extension(preference)
     if ext is None:
         return _bcq_reference(x, kplanes, alpha_t, offset_t, in_features, bias)
@@ -142,7 +142,7 @@ def _sparse24_linear_fake(x: torch.Tensor, values: torch.Tensor, meta: torch.Ten
 
 
 @sparse24_linear.register_kernel("cuda")
-def _sparse24_linear_cuda(x, values, meta, bias, preference):  # type: ignore[no-untyped-def]
+def _sparse24_linear_cuda(x, values, meta, bias, preference):
     ext = _extension(preference)
     if ext is None:
         return _sparse24_reference(x, values, meta, bias)
@@ -180,5 +180,5 @@ def dict_linear(x: torch.Tensor, atoms: torch.Tensor, values: torch.Tensor, supp
 
 
 @dict_linear.register_fake
-def _dict_linear_fake(x, atoms, values, support, crow, n_atoms, out_features, bias):  # type: ignore[no-untyped-def]
+def _dict_linear_fake(x, atoms, values, support, crow, n_atoms, out_features, bias):
     return x.new_empty(*x.shape[:-1], out_features)

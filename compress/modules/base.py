@@ -15,10 +15,13 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 #: compressed module types by class name, as written in the checkpoint manifest
 MODULE_TYPES: dict[str, type["CompressedLinear"]] = {}
@@ -229,6 +232,29 @@ def use_kernels(model: nn.Module, preference: str | None) -> None:
     for m in model.modules():
         if isinstance(m, CompressedLinear):
             m.kernel_preference = preference
+
+
+def linear_at(root: nn.Module, name: str) -> nn.Linear:
+    """The plain linear at ``name`` under ``root`` (for code that rewrites dense weights)."""
+    m = root.get_submodule(name)
+    assert isinstance(m, nn.Linear), f"{name}: expected an nn.Linear, got {type(m).__name__}"
+    return m
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` (a linear's, an embedding's or a norm's), typed as the tensor it is."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor), f"{type(module).__name__}.weight is not a tensor"
+    return w
+
+
+def hf_config(model: nn.Module) -> PretrainedConfig:
+    """``model.config`` of a transformers model, typed as the config it is."""
+    from transformers import PretrainedConfig
+
+    cfg = model.config
+    assert isinstance(cfg, PretrainedConfig), f"{type(model).__name__}.config is not a transformers config"
+    return cfg
 
 
 def set_linear_weight(linear: nn.Module, W: torch.Tensor, bias: torch.Tensor | None = None) -> None:

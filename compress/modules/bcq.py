@@ -32,6 +32,10 @@ from .base import CompressedLinear, cached_kernel_layout
 
 class BCQLinear(CompressedLinear):
     weights_in_buffers = True
+    # buffers (registered in __init__)
+    planes: torch.Tensor
+    alpha: torch.Tensor
+    offset: torch.Tensor
 
     def __init__(
         self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False,

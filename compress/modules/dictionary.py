@@ -30,6 +30,11 @@ class DictLinear(CompressedLinear):
     weights_in_buffers = True
     #: a quantization pass quantizes its atoms and coefficient values (see :meth:`quantizable_parts`)
     quantized_as = "QuantDictLinear"
+    # buffers (registered in __init__)
+    atoms: torch.Tensor
+    values: torch.Tensor
+    support: torch.Tensor
+    crow: torch.Tensor
 
     def __init__(
         self,
@@ -147,6 +152,9 @@ class QuantDictLinear(CompressedLinear):
     """
 
     weights_in_buffers = True
+    # buffers (registered in __init__)
+    support: torch.Tensor
+    crow: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, atoms: int, nnz: int, fmt: str, atoms_spec: dict[str, Any],
                  values_spec: dict[str, Any], bias: bool = False, dtype: torch.dtype | None = None,

@@ -48,7 +48,7 @@ class ModularAttentionMixin:
     v_dim: int
     rope_index: torch.Tensor
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None, **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
@@ -102,8 +102,9 @@ def make_modular(attn: nn.Module, qk_dim: int, v_dim: int, rope_index: torch.Ten
         if cls not in _MODULAR_CLASSES:
             _MODULAR_CLASSES[cls] = type(f"Modular{cls.__name__}", (ModularAttentionMixin, cls), {"modeling": sys.modules[cls.__module__]})
         attn.__class__ = _MODULAR_CLASSES[cls]
-    attn.qk_dim = int(qk_dim)  # type: ignore[attr-defined]
-    attn.v_dim = int(v_dim)  # type: ignore[attr-defined]
+    assert isinstance(attn, ModularAttentionMixin)
+    attn.qk_dim = int(qk_dim)
+    attn.v_dim = int(v_dim)
     if "rope_index" in attn._buffers:
         del attn._buffers["rope_index"]
     attn.register_buffer("rope_index", rope_index.to(torch.long).contiguous())

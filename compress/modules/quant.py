@@ -27,6 +27,10 @@ from .base import CompressedLinear, cached_dense_weight, cached_kernel_layout
 
 class QuantLinear(CompressedLinear):
     weights_in_buffers = True
+    # buffers (registered in __init__)
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor
 
     def __init__(
         self,

@@ -45,7 +45,7 @@ class SlicedLayerMixin:
     attn_shortcut: nn.Parameter
     mlp_shortcut: nn.Parameter
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, hidden_states: torch.Tensor, attention_mask: Any = None, position_ids: Any = None,
         past_key_values: Any = None, use_cache: bool | None = False, position_embeddings: Any = None, **kwargs: Any,
     ) -> torch.Tensor:
@@ -76,8 +76,8 @@ def make_sliced(layer: nn.Module, attn_shortcut: torch.Tensor, mlp_shortcut: tor
         if key not in _SLICED_CLASSES:
             _SLICED_CLASSES[key] = type(f"Sliced{cls.__name__}", (SlicedLayerMixin, cls), {"sliced_layout": layout})
         layer.__class__ = _SLICED_CLASSES[key]
-    layer.attn_shortcut = nn.Parameter(attn_shortcut.contiguous(), requires_grad=False)  # type: ignore[assignment]
-    layer.mlp_shortcut = nn.Parameter(mlp_shortcut.contiguous(), requires_grad=False)  # type: ignore[assignment]
+    layer.attn_shortcut = nn.Parameter(attn_shortcut.contiguous(), requires_grad=False)
+    layer.mlp_shortcut = nn.Parameter(mlp_shortcut.contiguous(), requires_grad=False)
 
 
 def scale_norm_eps(norm: nn.Module, factor: float) -> None:

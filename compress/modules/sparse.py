@@ -25,6 +25,9 @@ class Sparse24Linear(CompressedLinear):
     weights_in_buffers = True
 
     is_sparse_24 = True
+    # buffers (registered in __init__)
+    values: torch.Tensor
+    meta: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> None:
@@ -75,6 +78,11 @@ class ArmorLinear(CompressedLinear):
     weights_in_buffers = True
 
     is_sparse_24 = True
+    # buffers (registered in __init__)
+    A: torch.Tensor
+    B: torch.Tensor
+    values: torch.Tensor
+    meta: torch.Tensor
 
     def __init__(self, in_features: int, out_features: int, block: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..config import PassConfig, option
 from ..errors import ConfigError
+from ..modules.base import weight_of
 from ..registry import register_pass
 from ..solvers.awq import candidate_scales, fake_quantized, kv_expand, reduce_to, weight_column_mean
 from ..solvers.metrics import output_error
@@ -165,26 +166,27 @@ class AWQPass(LayerPass[AWQConfig]):
         for g in groups:
             prev = layer.get_submodule(g.prev)
             mods = [layer.get_submodule(n) for n in g.linears]
-            if not all(type(m) is nn.Linear for m in mods):
+            if not _all_plain_linears(mods):
                 raise ConfigError(f"awq: {g.linears[0]} in layer {index} is no longer a plain linear; put awq first in the recipe")
             x_mean = stats.linears[g.linears[0]].mean_abs.float()
             W = torch.cat([m.weight.detach() for m in mods], dim=0)
             w_mean = weight_column_mean(W, spec.group_size) if self.config.duo else None
             expand = self._kv_map(ctx.config, prev, mods[0]) if g.name == "vo" else None
             if expand is not None:  # one scale per value channel, shared by the query heads that read it
+                assert isinstance(prev, nn.Linear)  # the value projection (checked by _kv_map)
                 x_mean = reduce_to(x_mean, expand, prev.out_features)
                 w_mean = reduce_to(w_mean, expand, prev.out_features) if w_mean is not None else None
             best: tuple[float, float | None, torch.Tensor] | None = None
             plain = 0.0
             own = g.linears == (g.block,)
-            H = stats.linears[g.linears[0]].gram.to(W.device, torch.float32) if own else None
+            H = cast(torch.Tensor, stats.linears[g.linears[0]].gram).to(W.device, torch.float32) if own else None  # observed above
             for alpha, s in candidate_scales(x_mean, w_mean, self.config.grid):
                 s_in = s[expand] if expand is not None else s
                 if H is not None:
                     D = mods[0].weight.detach().float() - fake_quantized(mods[0].weight.detach(), s_in.to(W.device), spec).float()
                     err = output_error(D, H)
                 else:
-                    trial = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), spec))
+                    trial: dict[str, nn.Module] = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), spec))
                              for n, m in zip(g.linears, mods)}
                     err = ctx.block_error(g.block, trial, samples=self.config.samples or None)
                 if alpha is None:
@@ -199,6 +201,11 @@ class AWQPass(LayerPass[AWQConfig]):
             for n in g.linears:
                 infos[n] = info
         return infos
+
+
+def _all_plain_linears(mods: list[nn.Module]) -> TypeGuard[list[nn.Linear]]:
+    """Whether every module is a plain ``nn.Linear`` (not a subclass)."""
+    return all(type(m) is nn.Linear for m in mods)
 
 
 def _with_weight(m: nn.Linear, W: torch.Tensor) -> nn.Linear:
@@ -219,20 +226,20 @@ def _scales_with_weight(norm: nn.Module) -> bool:
     x = torch.randn(2, w.shape[0], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         y = test(x)
-        test.weight.mul_(2)
+        weight_of(test).mul_(2)
         if getattr(test, "bias", None) is not None:
-            test.bias.mul_(2)
+            cast(torch.Tensor, test.bias).mul_(2)
         y2 = test(x)
     return bool(torch.allclose(y2, 2 * y, rtol=1e-4, atol=1e-5))
 
 
 @torch.no_grad()
-def _fold(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor, expand: torch.Tensor | None) -> None:
+def _fold(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, expand: torch.Tensor | None) -> None:
     """Divide what ``prev`` produces by s (a norm's weight, a linear's output rows) and multiply the
     input columns of ``linears`` by s: the same function, scaled weights."""
     if not isinstance(prev, nn.Linear) and not _scales_with_weight(prev):
         raise ConfigError(f"awq cannot fold scales into a {type(prev).__name__}: its output is not proportional to its weight")
-    w = prev.weight
+    w = weight_of(prev)
     sd = s.to(w.device, torch.float64)
     if isinstance(prev, nn.Linear):
         w.copy_((w.double() / sd[:, None]).to(w.dtype))

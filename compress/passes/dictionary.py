@@ -228,7 +228,9 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
         if shared is not None:
             info["shared_by"] = c.share
         elif c.allocate == "global":
-            info["allocated_ratio"], info["allocated_rho"] = self._choice[name]
+            allocated = self._choice[name]
+            assert allocated is not None  # a layer the allocation keeps dense returned above
+            info["allocated_ratio"], info["allocated_rho"] = allocated
         return PassResult(new, info)
 
     # -- profile: global allocation and shared dictionaries --------------------------------------
@@ -317,6 +319,7 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
         k = found
         s = c.nonzeros or min(k, max(1, round(k / self.rho)))
         H = sum(gram.to(SOLVE_DTYPE) for _, gram in members)
+        assert isinstance(H, torch.Tensor)  # members is not empty
         L, _ = cholesky_psd(H, f"{rel} (layers {g * n}-{g * n + n - 1})")
         f = factorize_dict(torch.cat([W for W, _ in members]), k, s, L, solver=c.solver, iters=c.iters,
                            seed=c.seed ^ zlib.crc32(f"{g}/{rel}".encode()), init=c.init, refits=c.refits, reselect=c.reselect)

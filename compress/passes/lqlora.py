@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import PassConfig, option, targets_option
 from ..errors import ConfigError
+from ..modules.base import weight_of
 from ..modules.lora import LoRALinear, branch_bits, branch_factor
 from ..modules.quant import QuantLinear
 from ..pipeline.stats import LinearStats
@@ -122,16 +123,16 @@ class LQLoRAPass(LinearPass[LQLoRAConfig]):
                 if not self.targets(n, mod):
                     continue
                 full = f"{self._adapter.layers_path}.{index}.{n}"
-                W = mod.weight.data.float().cpu()
+                W = weight_of(mod).data.float().cpu()
                 d_out, d_in = W.shape
                 H = stats.linears[n].gram.float()
                 grid = [(b, g) for b in _GRID_BITS for g in _GRID_GROUPS if d_in % g == 0]
                 ranks = (c.rank, 0) if c.rank_choice else (c.rank,)
                 table = one_alternation_errors(W, H, ranks, grid, c.levels, c.objective == "relative") if grid else []
-                elt = 8 * mod.weight.element_size()
+                elt = 8 * weight_of(mod).element_size()
                 opts = [o for o, _ in table]
                 errs = [e for _, e in table]
-                cst = [_q_bits(d_out, d_in, b, g, c.levels) + (branch_bits(d_out, d_in, r, c.branch_bits, elt) if r else 0) for b, g, r in opts]
+                cst: list[float] = [_q_bits(d_out, d_in, b, g, c.levels) + (branch_bits(d_out, d_in, r, c.branch_bits, elt) if r else 0) for b, g, r in opts]
                 if not opts:
                     raise ConfigError(f"{full}: no group size of {_GRID_GROUPS} divides its input dimension {d_in}")
                 self._names.append(full)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..config import PassConfig, option
 from ..errors import ConfigError
-from ..modules.base import set_linear_weight
+from ..modules.base import CompressedLinear, hf_config, linear_at, set_linear_weight, weight_of
 from ..modules.modular import NO_DENSE_REASON, full_rope_index, make_modular
 from ..registry import register_pass
 from ..solvers.allocate import allocate_sparsity, knapsack
@@ -130,7 +130,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
         grid = [phi for phi in self.GRID if phi <= self.config.max_sparsity + 1e-12]
         sizes = [self._sizes(g, phi) for phi in grid]
         C_attn = stats.linears[a.q_proj].gram
-        q, k, v, o = (layer.get_submodule(n).weight.detach().cpu() for n in (a.q_proj, a.k_proj, a.v_proj, a.attn_output))
+        q, k, v, o = (weight_of(layer.get_submodule(n)).detach().cpu() for n in (a.q_proj, a.k_proj, a.v_proj, a.attn_output))
         err = [0.0] * len(grid)
         if "qk" in self.parts:
             e = qk_errors(q, k, C_attn, g.heads, g.kv_heads, g.head_dim, [s["qk"] // 2 for s in sizes])
@@ -139,7 +139,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
             e = vo_errors(v, o, C_attn, g.heads, g.kv_heads, g.head_dim, [s["vo"] for s in sizes])
             err = [x + y for x, y in zip(err, e)]
         if "mlp" in self.parts:
-            down = layer.get_submodule(a.mlp_output).weight.detach().cpu()
+            down = weight_of(layer.get_submodule(a.mlp_output)).detach().cpu()
             e = nystrom_errors(stats.linears[a.mlp_output].gram, down, [s["mlp"] for s in sizes], self.config.ridge)
             err = [x + y for x, y in zip(err, e)]
         kept = [((g.heads + g.kv_heads) * (s["qk"] + s["vo"]) + 3 * s["mlp"]) * g.hidden for s in sizes]
@@ -156,12 +156,12 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
     # -- geometry and sizes ----------------------------------------------------------------------
 
     def _geometry(self, model: nn.Module, adapter: ModelAdapter) -> _Geometry:
-        cfg = model.config
+        cfg = hf_config(model)
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
         hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
         layer = adapter.layers(model)[0]
-        return _Geometry(heads, kv, hd, int(cfg.hidden_size), layer.get_submodule(adapter.up_proj).out_features)
+        return _Geometry(heads, kv, hd, int(cfg.hidden_size), cast("nn.Linear | CompressedLinear", layer.get_submodule(adapter.up_proj)).out_features)
 
     def _part_sparsity(self, g: _Geometry, phi: float) -> float:
         """The sparsity of each reduced part that removes φ of the layer's linear parameters: φ itself
@@ -218,7 +218,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
         require_layout(self.name, adapter, "attention and MLP pieces", adapter.missing_modular_layout(),
                        fix="slicegpt or svd-llm reduce such a model structurally")
         g = self._geometry(model, adapter)
-        cfg = model.config
+        cfg = hf_config(model)
         if "qk" in self.parts:
             if g.head_dim % 2:
                 raise ConfigError(f"modegpt: head dimension {g.head_dim} is odd, so the query/key width cannot keep whole rotary pairs; "
@@ -296,7 +296,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
             base["influence"] = round(self._influence[index], 6)
         with torch.no_grad():
             attn = layer.get_submodule(a.attention)
-            q, k, v, o = (layer.get_submodule(n) for n in (a.q_proj, a.k_proj, a.v_proj, a.attn_output))
+            q, k, v, o = (linear_at(layer, n) for n in (a.q_proj, a.k_proj, a.v_proj, a.attn_output))
             rope = full_rope_index(g.kv_heads, g.head_dim)
             qk, vo = g.head_dim, g.head_dim
             if dims["qk"] < g.head_dim or dims["vo"] < g.head_dim:
@@ -323,7 +323,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
             if dims["mlp"] < g.intermediate:
                 C = ctx.observe([a.mlp_output], frozenset({"gram"})).linears[a.mlp_output].gram
                 assert C is not None
-                gate, up, down = (layer.get_submodule(n) for n in (a.gate_proj, a.up_proj, a.mlp_output))
+                gate, up, down = (linear_at(layer, n) for n in (a.gate_proj, a.up_proj, a.mlp_output))
                 kept, W_down = nystrom_mlp(C, down.weight, dims["mlp"], self.config.ridge)
                 kept = kept.to(gate.weight.device)
                 for lin in (gate, up):
@@ -337,7 +337,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
     def finish(self, ctx: ModelContext) -> None:
         widths = {d["mlp"] for d in self._dims.values()}
         if len(widths) == 1:  # one MLP width in every layer: the config says it, so a plain checkpoint loads
-            ctx.model.config.intermediate_size = widths.pop()
+            hf_config(ctx.model).intermediate_size = widths.pop()
 
     # -- structure -------------------------------------------------------------------------------
 

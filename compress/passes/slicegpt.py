@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..config import PassConfig, option
 from ..errors import ConfigError
-from ..modules.base import set_linear_weight
+from ..modules.base import CompressedLinear, set_linear_weight, weight_of
 from ..modules.sliced import MixedHead, SlicedLayout, make_sliced, scale_norm_eps
 from ..registry import register_pass
 from ..solvers.rotate import joint_gram, kept_dim, net_removed, onto_row_space, principal_basis, rotate_inputs, rotate_outputs, scale_inputs
@@ -75,7 +75,7 @@ def _layout(adapter: ModelAdapter) -> SlicedLayout:
 
 def _set_norm(norm: nn.Module, d_new: int, scale: float, eps_factor: float) -> None:
     """An RMSNorm over d′ values with scale √(d/d′) (after norm fusion its γ is 1) and epsilon × d/d′."""
-    w = norm.weight
+    w = weight_of(norm)
     norm.weight = nn.Parameter(torch.full((d_new,), scale, dtype=w.dtype, device=w.device), requires_grad=False)
     scale_norm_eps(norm, eps_factor)
 
@@ -109,7 +109,7 @@ class SliceGPTPass(ModelPass[SliceGPTConfig]):
         model, adapter, shapes = site.model, site.adapter, site.shapes
         require_layout(self.name, adapter, "residual layout", adapter.missing_residual_layout())
         emb = model.get_submodule(adapter.embed)
-        d = emb.weight.shape[1]
+        d = weight_of(emb).shape[1]
         d_new = self.kept_dim(d)
         self._check_shrinks(model, adapter, d, d_new, model.get_submodule(adapter.lm_head).weight is emb.weight)
         out = dict(shapes)
@@ -126,11 +126,12 @@ class SliceGPTPass(ModelPass[SliceGPTConfig]):
         columns remove (the sliced model would be larger than the dense one)."""
         if d_new == d:
             return  # sparsity 0: a pure rotation, kept for invariance checks
-        vocab = model.get_submodule(adapter.embed).weight.shape[0]
+        vocab = weight_of(model.get_submodule(adapter.embed)).shape[0]
         per_dim = vocab * (1 if tied else 2) + 1  # embedding (+ untied head) and the final norm
         for layer in adapter.layers(model):
-            per_dim += sum(layer.get_submodule(n).out_features for n in adapter.attn_inputs + adapter.mlp_inputs)
-            per_dim += sum(layer.get_submodule(n).in_features for n in (adapter.attn_output, adapter.mlp_output)) + 2
+            # the layer's linears, plain or compressed (both have in_features/out_features)
+            per_dim += sum(cast("nn.Linear | CompressedLinear", layer.get_submodule(n)).out_features for n in adapter.attn_inputs + adapter.mlp_inputs)
+            per_dim += sum(cast("nn.Linear | CompressedLinear", layer.get_submodule(n)).in_features for n in (adapter.attn_output, adapter.mlp_output)) + 2
         n_mats = 2 * len(adapter.layers(model)) + (1 if tied else 0)
         if net_removed(d, d_new, per_dim, n_mats) > 0:
             return
@@ -152,24 +153,24 @@ class SliceGPTPass(ModelPass[SliceGPTConfig]):
         emb = model.get_submodule(adapter.embed)
         head = model.get_submodule(adapter.lm_head)
         final_norm = model.get_submodule(adapter.final_norm)
-        self._d = d = emb.weight.shape[1]
+        self._d = d = weight_of(emb).shape[1]
         self._d_new = d_new = self.kept_dim(d)
         self._tied = tied = head.weight is emb.weight
         with torch.no_grad():
-            self._gamma_final = final_norm.weight.detach().double().clone()
+            self._gamma_final = weight_of(final_norm).detach().double().clone()
             G = ctx.input_stats(frozenset({"gram"})).gram
             assert G is not None
             if tied and self.config.tied_basis == "joint" and self.config.head_weight > 0:
                 # one matrix serves the embedding and the head: keep what both read
                 G_head = ctx.head_input_stats(frozenset({"gram"})).gram
                 assert G_head is not None
-                G = joint_gram(G, onto_row_space(G_head, emb.weight), self.config.head_weight)
+                G = joint_gram(G, onto_row_space(G_head, weight_of(emb)), self.config.head_weight)
             if not tied:
-                set_linear_weight(head, scale_inputs(head.weight, self._gamma_final.to(head.weight.device)))
-                final_norm.weight.fill_(1.0)
+                set_linear_weight(head, scale_inputs(weight_of(head), self._gamma_final.to(weight_of(head).device)))
+                weight_of(final_norm).fill_(1.0)
             Q_first = principal_basis(G, d_new)  # (d, d′) float64, CPU
-            emb.weight = nn.Parameter(rotate_inputs(emb.weight, Q_first).to(emb.weight.dtype), requires_grad=False)
-            emb.embedding_dim = d_new
+            emb.weight = nn.Parameter(rotate_inputs(weight_of(emb), Q_first).to(weight_of(emb).dtype), requires_grad=False)
+            cast(nn.Embedding, emb).embedding_dim = d_new
         ctx.map_hidden(lambda h: (h.double() @ Q_first.to(h.device)).to(h.dtype))
         self._Q_first = self._Q = Q_first
 
@@ -183,34 +184,34 @@ class SliceGPTPass(ModelPass[SliceGPTConfig]):
                 norm = layer.get_submodule(norm_name)
                 for n in readers:
                     lin = layer.get_submodule(n)
-                    set_linear_weight(lin, scale_inputs(lin.weight, norm.weight))
-                norm.weight.fill_(1.0)
+                    set_linear_weight(lin, scale_inputs(weight_of(lin), weight_of(norm)))
+                weight_of(norm).fill_(1.0)
             Q_in = self._Q.to(dev)
-            dtype = layer.get_submodule(a.attn_output).weight.dtype
+            dtype = weight_of(layer.get_submodule(a.attn_output)).dtype
             # attention reads the stream in basis Q_in; with the shortcut Q_inᵀ (d′ × d) the layer's
             # forward writes the full-dimension stream between attention and MLP
             for n in a.attn_inputs:
                 lin = layer.get_submodule(n)
-                set_linear_weight(lin, rotate_inputs(lin.weight, Q_in))
+                set_linear_weight(lin, rotate_inputs(weight_of(lin), Q_in))
             _set_norm(layer.get_submodule(a.attn_norm), d_new, scale, eps_factor)
             make_sliced(layer, Q_in.T.to(dtype), torch.eye(d, dtype=dtype, device=dev), _layout(a))
             G_mid = ctx.observe([a.mlp_norm], frozenset({"gram"})).linears[a.mlp_norm].gram
             assert G_mid is not None
             Q_mid = principal_basis(G_mid, d_new).to(dev)
             o = layer.get_submodule(a.attn_output)
-            set_linear_weight(o, rotate_outputs(o.weight, Q_mid))
+            set_linear_weight(o, rotate_outputs(weight_of(o), Q_mid))
             S_attn = Q_in.T @ Q_mid
             # the MLP reads the stream in basis Q_mid; the shortcut Q_midᵀ gives the full-dimension output
             for n in a.mlp_inputs:
                 lin = layer.get_submodule(n)
-                set_linear_weight(lin, rotate_inputs(lin.weight, Q_mid))
+                set_linear_weight(lin, rotate_inputs(weight_of(lin), Q_mid))
             _set_norm(layer.get_submodule(a.mlp_norm), d_new, scale, eps_factor)
             make_sliced(layer, S_attn.to(dtype), Q_mid.T.to(dtype), _layout(a))
             G_out = ctx.observe([LAYER_OUTPUT], frozenset({"gram"})).linears[LAYER_OUTPUT].gram
             assert G_out is not None
             Q_out = principal_basis(G_out, d_new).to(dev)
             down = layer.get_submodule(a.mlp_output)
-            set_linear_weight(down, rotate_outputs(down.weight, Q_out))
+            set_linear_weight(down, rotate_outputs(weight_of(down), Q_out))
             make_sliced(layer, S_attn.to(dtype), (Q_mid.T @ Q_out).to(dtype), _layout(a))
         # the sliced layer writes the observed full-dimension output in basis Q_out: the engine
         # propagates that instead of running the layer once more
@@ -228,14 +229,16 @@ class SliceGPTPass(ModelPass[SliceGPTConfig]):
         emb = model.get_submodule(adapter.embed)
         with torch.no_grad():
             _set_norm(final_norm, d_new, math.sqrt(d / d_new), d / d_new)
-            Q_last = self._Q.to(head.weight.device)
+            Q_last = self._Q.to(weight_of(head).device)
             if self._tied:
                 gamma = self._gamma_final.to(Q_last.device)
                 mix = Q_last.T @ torch.diag(gamma) @ self._Q_first.to(Q_last.device)
                 parent, _, child = adapter.lm_head.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, MixedHead(emb.weight, mix.to(emb.weight.dtype)))
+                tied_weight = emb.weight
+                assert isinstance(tied_weight, nn.Parameter)
+                setattr(model.get_submodule(parent) if parent else model, child, MixedHead(tied_weight, mix.to(weight_of(emb).dtype)))
             else:
-                set_linear_weight(head, rotate_inputs(head.weight, Q_last))
+                set_linear_weight(head, rotate_inputs(weight_of(head), Q_last))
         self._structure = {"hidden": d_new, "tied_mix": self._tied, "norm_eps_scale": d / d_new}
         logger.info("slicegpt: hidden %d -> %d (sparsity %.3f requested, %.4f used after rounding to a multiple of %d)",
                     d, d_new, self.config.sparsity, 1 - d_new / d, self.config.round_to)
@@ -257,7 +260,9 @@ class SliceGPTPass(ModelPass[SliceGPTConfig]):
         if structure.get("tied_mix"):
             emb = model.get_submodule(adapter.embed)
             parent, _, child = adapter.lm_head.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, MixedHead(emb.weight, torch.zeros(hidden, hidden, dtype=dtype)))
+            tied_weight = emb.weight
+            assert isinstance(tied_weight, nn.Parameter)
+            setattr(model.get_submodule(parent) if parent else model, child, MixedHead(tied_weight, torch.zeros(hidden, hidden, dtype=dtype)))
 
     def notes(self, summary: dict[str, Any]) -> list[str]:
         """SliceGPT's accounting: the paper's sparsity (embedding dimension removed) beside the fraction of

@@ -61,6 +61,12 @@ class PruneOptions(PassConfig):
     def nm(self) -> tuple[int, int] | None:
         return None if self.pattern == "unstructured" else parse_pattern(self.pattern)
 
+    @property
+    def unstructured_sparsity(self) -> float:
+        """``sparsity`` of the unstructured pattern (which :meth:`validate` requires it for)."""
+        assert self.sparsity is not None
+        return self.sparsity
+
 
 @dataclass
 class MagnitudeConfig(PruneOptions):
@@ -151,7 +157,7 @@ class MagnitudePass(PrunePass[MagnitudeConfig]):
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         score = W.abs().float()
-        keep = nm_mask(score, *nm) if nm else unstructured_mask(score, self.config.sparsity, per_row=False)
+        keep = nm_mask(score, *nm) if nm else unstructured_mask(score, self.config.unstructured_sparsity, per_row=False)
         return W * keep
 
 
@@ -167,7 +173,7 @@ class WandaPass(PrunePass[WandaConfig]):
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.sq_sum is not None
         score = W.abs().float() * stats.sq_sum.sqrt().float()[None, :]
-        keep = nm_mask(score, *nm) if nm else unstructured_mask(score, self.config.sparsity, per_row=True)
+        keep = nm_mask(score, *nm) if nm else unstructured_mask(score, self.config.unstructured_sparsity, per_row=True)
         return W * keep
 
 

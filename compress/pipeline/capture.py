@@ -8,7 +8,7 @@ engine replaces its hidden states as they flow through the compressed layers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -100,8 +100,8 @@ def move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.d
                     saved.append((m, kind, k, t.device))
                     if kind == "p":
                         t.data = t.data.to(device)
-                    else:
-                        store[k] = t.to(device)
+                    else:  # store is m._buffers
+                        cast("dict[str, torch.Tensor | None]", store)[k] = t.to(device)
 
     def restore() -> None:
         for m, kind, k, dev in saved:

@@ -135,6 +135,7 @@ def solve_on_main(d: Dist, module: nn.Module, solve: Callable[[], Any], result_t
 
 
 def _device_of(module: nn.Module) -> torch.device:
+    t: torch.Tensor
     for t in module.parameters():
         return t.device
     for t in module.buffers():

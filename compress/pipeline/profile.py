@@ -63,7 +63,7 @@ def profile_statistics(
             names = [n for g in adapter.groups(layer) for n in g]
             stats = LayerStats(kinds)
             handles = [
-                layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: stats.observe(n, a[0].detach()))  # type: ignore[misc]
+                layer.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: stats.observe(n, a[0].detach()))
                 for n in names
             ]
             outs = []

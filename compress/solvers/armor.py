@@ -57,6 +57,21 @@ class ArmorResult:
         return bd_right(bd_left(self.A, self.core), self.B)
 
 
+def _normalized(W: torch.Tensor, hdiag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """W = diag(r)·W̄·diag(c) with unit rows then unit columns; the input weights w (all ones when the
+    calibration energy is zero) and the initial loss L0 = Σ w W̄²."""
+    eps = 1e-12
+    r = W.norm(dim=1).clamp_min(eps)
+    Wn = W / r[:, None]
+    c = Wn.norm(dim=0).clamp_min(eps)
+    Wbar = Wn / c[None, :]
+    w = hdiag.float().clamp_min(0)
+    if float(w.sum()) == 0:
+        w = torch.ones_like(w)
+    L0 = float((Wbar.square() * w).sum().clamp_min(eps))
+    return r, c, Wbar, w, L0
+
+
 def armor(
     W: torch.Tensor,
     hdiag: torch.Tensor,
@@ -71,15 +86,7 @@ def armor(
 ) -> ArmorResult:
     W = W.float()
     d_out, d_in = W.shape
-    eps = 1e-12
-    r = W.norm(dim=1).clamp_min(eps)
-    Wn = W / r[:, None]
-    c = Wn.norm(dim=0).clamp_min(eps)
-    Wbar = Wn / c[None, :]
-    w = hdiag.float().clamp_min(0)
-    if float(w.sum()) == 0:
-        w = torch.ones_like(w)
-    L0 = float((Wbar.square() * w).sum().clamp_min(eps))
+    r, c, Wbar, w, L0 = _normalized(W, hdiag)
     keep = nm_mask(Wbar.square() * w, 2, 4)
     nA, nB = d_out // block, d_in // block
     eye = torch.eye(block)

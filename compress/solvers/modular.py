@@ -83,7 +83,9 @@ def svd_vo(
     Wv = W_v.to(SOLVE_DTYPE).view(n_kv, head_dim, -1)
     Wo = W_o.to(SOLVE_DTYPE)
     d_out = Wo.shape[0]
-    new_v, new_o, trans = [], [], []
+    new_v: list[torch.Tensor] = []
+    new_o: list[torch.Tensor] = []
+    trans: list[torch.Tensor] = []
     for g in range(n_kv):
         heads = range(g * rep, (g + 1) * rep)
         O_stack = torch.cat([Wo[:, h * head_dim : (h + 1) * head_dim] for h in heads], dim=0)  # (rep·d_out, hd)

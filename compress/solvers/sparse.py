@@ -54,6 +54,19 @@ def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool) -> to
     return torch.ones(score.numel(), dtype=torch.bool, device=score.device).scatter_(0, idx, False).reshape(score.shape)
 
 
+def ria_score(W: torch.Tensor, sq_sum: torch.Tensor, a: float) -> torch.Tensor:
+    """RIA's score (Zhang et al., ICLR 2024, "Plug-and-Play"): relative importance times activation,
+    (|W_ij| / Σ_k |W_kj| + |W_ij| / Σ_k |W_ik|) · ‖X_j‖₂^a. The two sums are W's column (over the
+    outputs reading input j) and row (over the inputs of output i) ℓ1 norms; ‖X_j‖₂ = √(Σ x_j²) from
+    the calibration inputs (the paper takes the mean, which scales every score alike). W: (d_out, d_in),
+    sq_sum: (d_in,). Returns (d_out, d_in) float32."""
+    A = W.abs().float()
+    col = A.sum(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (1, d_in)
+    row = A.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # (d_out, 1)
+    act = sq_sum.to(device=W.device, dtype=torch.float32).sqrt().pow(a)  # (d_in,)
+    return (A / col + A / row) * act[None, :]
+
+
 def satisfies_nm(W: torch.Tensor, n: int, m: int) -> bool:
     """Whether every group of m consecutive inputs of every row has at most n non-zeros."""
     rows, cols = W.shape

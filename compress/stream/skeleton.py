@@ -140,7 +140,7 @@ class StreamedModel:
             assert cur is not None
             meta = nn.Parameter(torch.empty_like(cur, device="meta"), requires_grad=False)
             for m, a, p in holders:
-                (m._parameters if p else m._buffers)[a] = meta  # type: ignore[assignment]
+                (m._parameters if p else m._buffers)[a] = meta
 
     def load_layer(self, i: int, layer: nn.Module) -> None:
         self._load(layer, f"{self.layers_path}.{i}.")

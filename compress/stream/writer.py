@@ -45,7 +45,7 @@ class LayerStream:
             meta = self.progress.layer_meta(i)
             for name, entry in meta["modules"].items():
                 cls = MODULE_TYPES[entry["type"]]
-                set_submodule(model, name, cls.from_spec(entry["spec"], dtype=self.dtype).to("meta"))  # type: ignore[attr-defined]
+                set_submodule(model, name, cls.from_spec(entry["spec"], dtype=self.dtype).to("meta"))
             records += [ModuleRecord(**{**r, "shape": tuple(r["shape"])}) for r in meta["records"]]
         return records
 
