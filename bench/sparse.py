@@ -2,7 +2,8 @@
 
     python bench/sparse.py --model ../shared/models/smollm2-135m-instruct-q4_1-gguf --data-dir ../shared/data
 
-Rows: dense; magnitude, Wanda, SparseGPT at 2:4 and at 50 % unstructured; ARMOR 2:4 with block 64
+Rows: dense; magnitude, Wanda, SparseGPT at 2:4 and at 50 % unstructured; RIA (rows 8-10) at 2:4 and
+50 % unstructured (per layer, the paper's, and per output row); ARMOR 2:4 with block 64
 (50 iterations) and block 16 (100 iterations: wrappers of 64·(d_out + d_in) parameters cost 18 % of
 this model's linears at block 64, 4.6 % at block 16, close to the paper's 2.4-5 % at 4096 dims). bits_per_weight counts what is stored: for 2:4 the kept values (fp32 here)
 and 4 bits of position metadata per group of 4; for ARMOR also the block-diagonal wrappers.
@@ -24,6 +25,9 @@ ROWS = [
     ("sparsegpt", "sparsity=0.5"),
     ("armor", "block=64,iters=50,lr=1e-3"),
     ("armor", "block=16,iters=100,lr=1e-3"),
+    ("ria", "pattern=2:4"),
+    ("ria", "sparsity=0.5"),
+    ("ria", "sparsity=0.5,per_row=true"),
 ]
 
 

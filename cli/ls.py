@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from ..errors import CompressError
 from .app import out_console
@@ -30,7 +31,7 @@ def ls(what: str = typer.Argument("passes", help="passes or adapters")) -> None:
         from ..adapters import ADAPTERS
 
         for a in ADAPTERS:
-            groups = " -> ".join("[" + ", ".join(g) + "]" for g in a.sequential_groups)
+            groups = escape(" -> ".join("[" + ", ".join(g) + "]" for g in a.sequential_groups))
             out_console.print(f"[bold]{a.name}[/bold]: model types {', '.join(a.model_types)}; layers {a.layers_path}; groups {groups}")
         out_console.print("[bold]generic[/bold]: any other decoder; every nn.Linear in the decoder layers, one group")
     else:

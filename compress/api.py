@@ -18,6 +18,8 @@ from .adapters.base import ModelAdapter
 from .calib.data import CalibConfig
 from .drivers.engine import compress_model
 from .drivers.finish import evaluate, with_baseline
+from .drivers.streamed import run_streamed
+from .drivers.whole import run_whole
 from .evalspec import EvalSpec
 from .models import load_model
 from .pipeline.state import OnLayer, StatsProvider
@@ -109,9 +111,6 @@ def run(
 
 def execute(p: RunPlan, *, on_layer: OnLayer | None = None, on_stage: Callable[[str], None] | None = None) -> Report:
     """Execute a plan made with an output directory: streamed or whole, then exports and evaluation."""
-    from .drivers.streamed import run_streamed
-    from .drivers.whole import run_whole
-
     if p.out is None:
         raise ValueError("execute() writes a checkpoint: plan the run with an output directory (or use compress())")
     stage = on_stage or (lambda s: logger.info(s))
