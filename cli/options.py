@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import typing
 from typing import Any, Callable, Optional, Sequence
 
@@ -24,10 +25,21 @@ def _cli_type(repeat: bool) -> Any:
     return Optional[list[str]] if repeat else Optional[str]
 
 
+def _metavar(typ: Any) -> str:
+    """How help shows a flag's value: the field's own type, though the flag takes text."""
+    inner = typ
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        inner = next(a for a in typing.get_args(typ) if a is not type(None))
+    if typing.get_origin(inner) is tuple:
+        return "<names>"
+    return f"<{getattr(inner, '__name__', 'str')}>"
+
+
 def with_options(group: str, cls: type[Options], *, flag_key: str = "flag", only: Sequence[str] | None = None,
                  skip: Sequence[str] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add a flag per field of ``cls`` to a typer command; the command's parameter ``group`` receives
     ``{field: value}`` of the flags given."""
+    hints = typing.get_type_hints(cls)
     fields = [f for f in cls.fields() if (only is None or f.name in only) and f.name not in skip]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,7 +54,8 @@ def with_options(group: str, cls: type[Options], *, flag_key: str = "flag", only
             name = f"{group}__{f.name}"
             typ = _cli_type(md.get("cli") == "repeat")
             help_text = f"{md.get('help', '')} [{default}]" if default not in ("", "none") else md.get("help", "")
-            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(None, flag, help=help_text), annotation=typ))
+            option = typer.Option(None, flag, help=help_text, metavar=_metavar(hints[f.name]))
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=typ))
             annotations[name] = typ
 
         @functools.wraps(fn)
