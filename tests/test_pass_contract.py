@@ -201,7 +201,11 @@ def test_pass_contract(pass_name: str, adapter: str, tied: bool, calib_ids: torc
         return
     dense_logits = _logits(model, PROBE)
     linears = _decoder_linears(model)
+    from compress import plan
+
+    predicted = {t.name: t.steps[-1].bits for t in plan(model, row.recipe(pass_name), calib=calib_ids).targets if t.steps}
     report = compress(model, row.recipe(pass_name), calib_ids)
+    _stored_as_planned(predicted, report, exact="dim=ada" not in row.options)
 
     logits = _logits(model, PROBE)
     assert logits.shape == dense_logits.shape and torch.isfinite(logits).all()
@@ -221,6 +225,15 @@ def test_pass_contract(pass_name: str, adapter: str, tied: bool, calib_ids: torc
     assert s["model_bytes_after"] < s["model_bytes_before"]
     _round_trips(model, report, logits, tmp_path)
     _same_when_streamed_or_rerun(pass_name, adapter, tied, model, calib_ids, tmp_path)
+
+
+def _stored_as_planned(predicted: dict[str, int | None], report: object, exact: bool) -> None:
+    """The bits the plan assigned to each target are the bits the run stored (AdaDim's plan is the
+    larger of its two layouts, so there the run stores at most that)."""
+    final = {r.name: r.bits_after for r in report.records}  # type: ignore[attr-defined]
+    known = {n: b for n, b in predicted.items() if b is not None}
+    for name, bits in known.items():
+        assert final[name] == bits if exact else final[name] <= bits, (name, final[name], bits)
 
 
 def _same_when_streamed_or_rerun(pass_name: str, adapter: str, tied: bool, model: torch.nn.Module, calib_ids: torch.Tensor,

@@ -25,7 +25,7 @@ from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.armor import armor
 from ..solvers.metrics import relative_output_error
-from .base import Capabilities, LayerContext, LinearPass, PassResult, meta_storage_bits
+from .base import Capabilities, LayerContext, LinearPass, PassResult, Stored, meta_storage_bits
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ArmorPass(LinearPass[ArmorConfig]):
                     f"(block sizes that work: {', '.join(map(str, ok)) or 'none'})")
         return None
 
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         return meta_storage_bits(ArmorLinear, d_in, d_out, self.config.block, dtype=dtype)
 
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, ctx: LayerContext) -> PassResult:

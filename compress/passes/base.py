@@ -145,10 +145,11 @@ class Pass(Generic[C]):
         as ``stored`` (None: they can)."""
         return None
 
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         """Bits a d_out × d_in target's weight occupies after this pass, known before any compute
-        (None: only the run knows, e.g. a global allocation). Default: a pass that produces only
-        plain linears leaves a dense weight; otherwise unknown."""
+        (None: only the run knows, e.g. a global allocation); ``before``: what the passes before it
+        leave of the target. Default: a pass that produces only plain linears leaves a dense weight;
+        otherwise unknown."""
         if self.produces(frozenset({LINEAR})) == frozenset({LINEAR}):
             return dense_bits(d_out, d_in, dtype)
         return None

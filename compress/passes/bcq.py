@@ -27,7 +27,7 @@ from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.bcq import bcq_quantize
 from ..solvers.metrics import relative_output_error
-from .base import Capabilities, LayerContext, LinearPass, PassResult, meta_storage_bits
+from .base import Capabilities, LayerContext, LinearPass, PassResult, Stored, meta_storage_bits
 
 
 @dataclass
@@ -62,7 +62,7 @@ class BCQPass(LinearPass[BCQConfig]):
                     f"(sizes that work: {', '.join(map(str, ok)) or 'none'}; group=0 is the whole row)")
         return None
 
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         c = self.config
         return meta_storage_bits(BCQLinear, d_in, d_out, c.bits, c.group or d_in, dtype=dtype)
 

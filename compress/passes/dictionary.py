@@ -157,7 +157,7 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
                     f"use nonzeros={max(1, k // 2)} or lower, or a smaller ratio")
         return None
 
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         if self.config.allocate == "global" or self.config.share > 1:
             return None  # known once the profile has been taken
         shape = self.shape_for(d_out, d_in, element_bits(dtype))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..config import PassConfig, option, targets_option
@@ -60,6 +61,14 @@ class EoRAPass(LinearPass[EoRAConfig]):
 
     def produces(self, kinds: frozenset[str]) -> frozenset[str]:
         return frozenset({"LoRALinear", "Linear"})  # a layer no earlier pass changed stays as it is
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
+        """What the earlier passes store plus the branch (a target they left untouched stays as it is)."""
+        if before is None or before.bits is None:
+            return None
+        if before.by is None:
+            return before.bits
+        return before.bits + branch_bits(d_out, d_in, self.config.rank, self.config.branch_bits, before.elt_bits)
 
     def _rank_check(self, d_out: int, d_in: int) -> str | None:
         if self.config.rank >= min(d_out, d_in):

@@ -47,7 +47,7 @@ from ..solvers.allocate import allocate_ranks
 from ..solvers.linalg import cholesky_psd
 from ..solvers.lowrank import factorize, rank_for_ratio, saves_parameters
 from ..solvers.metrics import relative_output_error
-from .base import Capabilities, LayerContext, LinearPass, PassPlan, PassResult, dense_bits, meta_storage_bits
+from .base import Capabilities, LayerContext, LinearPass, PassPlan, PassResult, Stored, dense_bits, meta_storage_bits
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class _LowRankPass(LinearPass[L]):
     def rank(self, name: str, d_out: int, d_in: int) -> int | None:
         return rank_for_ratio(d_out, d_in, self.config.ratio)
 
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         r = rank_for_ratio(d_out, d_in, self.config.ratio)
         if not saves_parameters(d_out, d_in, r):
             return dense_bits(d_out, d_in, dtype)
@@ -211,5 +211,5 @@ class LoRDPass(_LowRankPass[LoRDConfig]):
     def rank(self, name: str, d_out: int, d_in: int) -> int | None:
         return self._ranks[name]
 
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         return None  # the ranks come from a global allocation over every layer's spectrum

@@ -21,9 +21,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..config import PassConfig, option, targets_option
+from ..dtypes import element_bits
 from ..errors import ConfigError
 from ..modules.base import weight_of
 from ..modules.lora import LoRALinear, branch_bits, branch_factor
@@ -91,6 +93,13 @@ class LQLoRAPass(LinearPass[LQLoRAConfig]):
     def produces(self, kinds: frozenset[str]) -> frozenset[str]:
         c = self.config
         return frozenset({"LoRALinear", "QuantLinear"}) if c.budget is not None and c.rank_choice else frozenset({"LoRALinear"})
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
+        """The codes with their scales (and zero-points) plus the low-rank term; a budget decides per matrix at run time."""
+        c = self.config
+        if c.budget is not None:
+            return None
+        return _q_bits(d_out, d_in, c.bits, c.group, c.levels) + branch_bits(d_out, d_in, c.rank, c.branch_bits, element_bits(dtype))
 
     def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
         c = self.config

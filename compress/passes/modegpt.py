@@ -47,7 +47,7 @@ from ..modules.modular import NO_DENSE_REASON, full_rope_index, make_modular
 from ..registry import register_pass
 from ..solvers.allocate import allocate_sparsity, knapsack
 from ..solvers.modular import MLP_RIDGE, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
-from .base import Capabilities, LayerContext, ModelContext, ModelPass, PassPlan, Shapes, Site, layer_relative_name, require_layout
+from .base import Capabilities, LayerContext, ModelContext, ModelPass, PassPlan, Shapes, Site, Stored, layer_relative_name, require_layout
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +239,11 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
                 raise ConfigError(f"modegpt must come first: {st.by or st.shaped_by} already changed {n}, and modegpt reduces "
                                   "dense module pairs of the source model; put modegpt before it")
         return self._shapes_at(shapes, adapter, g, self._sizes(g, self.config.ratio, site.plan.refused))
+
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
+        """Dense weights of the reduced widths: known before the run for a uniform sparsity, chosen per layer
+        at run time otherwise."""
+        return super().stored_bits(d_out, d_in, dtype, before) if self.config.allocate == "uniform" else None
 
     def _pair_names(self, adapter: ModelAdapter) -> tuple[str, ...]:
         names = {"mlp": (adapter.gate_proj, adapter.up_proj, adapter.mlp_output), "qk": (adapter.q_proj, adapter.k_proj),

@@ -115,7 +115,7 @@ class _QuantPass(LinearPass[Q]):
         why = [group_error_check(self._spec(dim), d_out, d_in) for dim in dims]
         return None if any(w is None for w in why) else f"{why[0]}; choose another group size"
 
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         c = self.config
         dims = [d for d in (["oc", "ic"] if c.dim == "ada" else [c.dim]) if group_error_check(self._spec(d), d_out, d_in) is None]
         if not dims:

@@ -109,7 +109,7 @@ class PrunePass(LinearPass[P]):
             return f"input dimension {d_in} is not divisible by M = {nm[1]} of pattern {cfg.pattern}; choose another pattern"
         return None
 
-    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype) -> int | None:
+    def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         if self.config.nm == (2, 4) and d_in % 8 == 0:
             return meta_storage_bits(Sparse24Linear, d_in, d_out, dtype=dtype)
         return dense_bits(d_out, d_in, dtype)  # other patterns keep a dense weight holding the zeros

@@ -142,7 +142,7 @@ class _Walk:
                 by = None if layer_pass else p.name
                 shaped_by = p.name if after[n] != shapes[n] else stored[n].shaped_by
                 kinds = p.produces(stored[n].kinds) if p.selects(n, self.adapter) and not layer_pass else stored[n].kinds
-                stored[n] = Stored(p.stored_bits(o, i, self.dtype), by, self.elt, shaped_by, kinds)
+                stored[n] = Stored(p.stored_bits(o, i, self.dtype, before=stored[n]), by, self.elt, shaped_by, kinds)
                 changed[n] = TargetStep(k, (o, i), stored[n].bits, kinds)
         return after, stored, changed
 
