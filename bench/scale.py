@@ -106,7 +106,7 @@ def _grams(model_dir: str, data_dir: str) -> dict[str, torch.Tensor]:
     from compress.calib.data import CalibConfig, calibration_ids
     from compress.models import load_model
     from compress.pipeline import distributed
-    from compress.pipeline.sequential import profile_statistics
+    from compress.pipeline.profile import profile_statistics
 
     d, _ = distributed.init(torch.device("cpu"))
     model, tok, _ = load_model(model_dir)
@@ -121,7 +121,8 @@ def _grams(model_dir: str, data_dir: str) -> dict[str, torch.Tensor]:
             for n in GRAM_LINEARS:
                 out[f"{i}.{n}"] = stats.linears[n].gram.clone()
 
-    profile_statistics(model, get_adapter(model), ids, frozenset({"gram"}), device=torch.device("cpu"), batch_size=cfg.batch_size, on_layer=on_layer)
+    profile_statistics(model, get_adapter(model), ids, frozenset({"gram"}), device=torch.device("cpu"), batch_size=cfg.batch_size, on_layer=on_layer,
+                       dist=d)
     return out
 
 
