@@ -43,6 +43,8 @@ class ModularAttentionMixin:
     dense_export_blocker = NO_DENSE_REASON
     #: the transformers modeling module of the attention class it extends (its attention functions)
     modeling: ClassVar[Any]
+    #: the q, k, v and o projections, relative to the attention module (from the family's adapter)
+    projections: ClassVar[tuple[str, str, str, str]]
 
     qk_dim: int
     v_dim: int
@@ -61,9 +63,10 @@ class ModularAttentionMixin:
             cache = kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
-        q = self.q_proj(hidden_states).view(*input_shape, -1, self.qk_dim)  # type: ignore[attr-defined]
-        k = self.k_proj(hidden_states).view(*input_shape, -1, self.qk_dim)  # type: ignore[attr-defined]
-        v = self.v_proj(hidden_states).view(*input_shape, -1, self.v_dim).transpose(1, 2)  # type: ignore[attr-defined]
+        q_proj, k_proj, v_proj, o_proj = (self.get_submodule(n) for n in self.projections)  # type: ignore[attr-defined]
+        q = q_proj(hidden_states).view(*input_shape, -1, self.qk_dim)
+        k = k_proj(hidden_states).view(*input_shape, -1, self.qk_dim)
+        v = v_proj(hidden_states).view(*input_shape, -1, self.v_dim).transpose(1, 2)
         if getattr(self, "q_norm", None) is not None:  # per-head norms (Qwen3) are only kept at full width
             q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[attr-defined]
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -87,21 +90,27 @@ class ModularAttentionMixin:
             scaling=self.scaling, **kwargs,  # type: ignore[attr-defined]
         )
         out = out.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(out), weights  # type: ignore[attr-defined]
+        return o_proj(out), weights
 
 
-_MODULAR_CLASSES: dict[type, type] = {}
+_MODULAR_CLASSES: dict[tuple[type, tuple[str, str, str, str]], type] = {}
+
+#: the projections of a Llama-family attention, relative to it
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def make_modular(attn: nn.Module, qk_dim: int, v_dim: int, rope_index: torch.Tensor) -> None:
+def make_modular(attn: nn.Module, qk_dim: int, v_dim: int, rope_index: torch.Tensor,
+                 projections: tuple[str, str, str, str] = LLAMA_PROJECTIONS) -> None:
     """Turn ``attn`` (in place) into its reduced-width subclass; its linears must already have
     their new shapes. ``rope_index``: (n_kv_heads, qk_dim) original head dimensions of the kept q/k
     dimensions, first halves of the rotary pairs then their partners."""
     cls = type(attn)
     if not isinstance(attn, ModularAttentionMixin):
-        if cls not in _MODULAR_CLASSES:
-            _MODULAR_CLASSES[cls] = type(f"Modular{cls.__name__}", (ModularAttentionMixin, cls), {"modeling": sys.modules[cls.__module__]})
-        attn.__class__ = _MODULAR_CLASSES[cls]
+        key = (cls, projections)
+        if key not in _MODULAR_CLASSES:
+            body = {"modeling": sys.modules[cls.__module__], "projections": projections}
+            _MODULAR_CLASSES[key] = type(f"Modular{cls.__name__}", (ModularAttentionMixin, cls), body)
+        attn.__class__ = _MODULAR_CLASSES[key]
     assert isinstance(attn, ModularAttentionMixin)
     attn.qk_dim = int(qk_dim)
     attn.v_dim = int(v_dim)

@@ -68,6 +68,14 @@ class MoDeGPTConfig(PassConfig):
     round_to: int = option(8, "round each layer's kept MLP width to a multiple of this", min=1)
 
 
+def _projections(adapter: ModelAdapter) -> tuple[str, str, str, str]:
+    """The adapter's q, k, v and o projections, relative to its attention module."""
+    prefix = adapter.attention + "."
+    names = (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj)
+    rel = tuple(n.removeprefix(prefix) for n in names)
+    return rel[0], rel[1], rel[2], rel[3]
+
+
 @dataclass(frozen=True)
 class _Geometry:
     heads: int
@@ -324,7 +332,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
                     set_linear_weight(o, W_o)
                     infos[a.v_proj] = infos[a.attn_output] = {**base, "v_dim": vo, "head_dim": g.head_dim}
                 del C
-                make_modular(attn, qk, vo, rope.to(q.weight.device))
+                make_modular(attn, qk, vo, rope.to(q.weight.device), _projections(a))
             if dims["mlp"] < g.intermediate:
                 C = ctx.observe([a.mlp_output], frozenset({"gram"})).linears[a.mlp_output].gram
                 assert C is not None
@@ -363,7 +371,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
             if (int(d["qk_dim"]), int(d["v_dim"])) != (hd, hd):
                 # the weights' shapes (and rope_index's) come with the state dict
                 make_modular(layer.get_submodule(adapter.attention), int(d["qk_dim"]), int(d["v_dim"]),
-                             torch.zeros(kv, int(d["qk_dim"]), dtype=torch.long))
+                             torch.zeros(kv, int(d["qk_dim"]), dtype=torch.long), _projections(adapter))
 
     def notes(self, summary: dict[str, Any]) -> list[str]:
         if not self._dims:
