@@ -14,7 +14,6 @@ from torch import nn
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
     from ..pipeline.stats import LayerStats, LinearStats
-    from .base import Pass
 
 #: shapes of the target linears of a model, by full name: (d_out, d_in)
 Shapes = dict[str, tuple[int, int]]
@@ -88,6 +87,16 @@ class Capabilities:
     propagate_dense: bool = False
 
 
+class Neighbour(Protocol):
+    """Another pass of the recipe as a pass sees it in its :class:`PassPlan`: its name and options."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> Any: ...
+
+
 @dataclass(frozen=True)
 class PassPlan:
     """What planning decided for one pass of a run; the engine hands it to the pass in its contexts."""
@@ -95,8 +104,8 @@ class PassPlan:
     #: position of the pass in the recipe
     index: int = 0
     #: the passes before and after it in the recipe
-    before: tuple["Pass[Any]", ...] = ()
-    later: tuple["Pass[Any]", ...] = ()
+    before: tuple["Neighbour", ...] = ()
+    later: tuple["Neighbour", ...] = ()
     #: sizes of each part that a later pass of the recipe cannot take (see :meth:`Pass.size_variants`)
     refused: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
