@@ -136,3 +136,9 @@ def test_a_recipe_files_calibration_errors_name_its_key(tmp_path: Path) -> None:
         run(STORIES, str(recipe), tmp_path / "o")
     with pytest.raises(CompressError, match="unknown calibration key"):
         plan(make_tiny("llama"), {"passes": [{"pass": "svd"}], "calibration": {"sampels": 4}})
+
+
+def test_a_calibration_split_that_does_not_exist_is_named_before_anything_is_opened(tmp_path: Path) -> None:
+    r = _cli("run", str(STORIES), "--pass", "gptq:bits=4,group=0", "--out", str(tmp_path / "o"), "--calib-split", "validation")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "c4 split 'validation' not found" in " ".join(r.stderr.split()) and not (tmp_path / "o").exists()

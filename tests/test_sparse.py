@@ -129,3 +129,29 @@ def test_quantizing_a_24_layer_is_refused_and_pruned_zeros_survive_gptq(calib_id
     for layer in model.model.layers:
         W = layer.mlp.down_proj.dense_weight()
         assert satisfies_nm(W, 4, 8)
+
+
+def test_ria_score_is_relative_importance_times_activation() -> None:
+    """Each entry's share of its column and of its row ℓ1 norms, times ‖X_j‖₂^a; a = 0 drops the activation."""
+    from compress.solvers.sparse import ria_score
+
+    W = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    sq = torch.tensor([4.0, 16.0])  # ‖X_j‖₂ = 2, 4
+    expected = torch.tensor([[1 / 4 + 1 / 3, 2 / 6 + 2 / 3], [3 / 4 + 3 / 7, 4 / 6 + 4 / 7]]) * torch.tensor([2.0, 4.0]) ** 0.5
+    assert torch.allclose(ria_score(W, sq, 0.5), expected)
+    assert torch.allclose(ria_score(W, sq, 0.0), expected / torch.tensor([2.0, 4.0]) ** 0.5)
+    assert torch.isfinite(ria_score(torch.zeros(2, 2), sq, 0.5)).all()  # an all-zero row or column divides by nothing
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ria_unstructured_per_layer_or_per_row(per_row: bool, calib_ids: torch.Tensor) -> None:
+    """per_row=true removes exactly half of every output row; per layer (the paper's) half of the matrix,
+    rows unevenly."""
+    model = make_tiny("llama")
+    compress(model, [f"ria:sparsity=0.5,per_row={str(per_row).lower()}"], calib_ids)
+    W = model.model.layers[0].mlp.down_proj.weight
+    zeros = (W == 0).sum(dim=1)
+    assert int((W == 0).sum()) == W.numel() // 2
+    assert bool((zeros == W.shape[1] // 2).all()) is per_row
+    with pytest.raises(ConfigError, match=r"pass 'ria' option 'a' must be in \[0.0, inf\], got -1.0"):
+        parse_shorthand("ria:a=-1")
