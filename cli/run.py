@@ -36,6 +36,12 @@ def run(
     out: Path = typer.Option(..., "--out", "-o", help="output directory (refused if it exists, unless --overwrite)"),
     passes: list[str] = typer.Option([], "--pass", "-p", help="pass in shorthand NAME:key=val,key=val; repeat for several"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML (passes + optional calibration)"),
+    budget: Optional[str] = typer.Option(None, "--budget", metavar="KIND=VALUE",
+                                         help="choose the method per linear for a size instead of --pass: bits=3.0 (stored bits per weight of the "
+                                              "decoder linears), size=0.5 (of their dense bytes), params=0.75 (of their parameters; structured methods)"),
+    search: Optional[str] = typer.Option(None, "--search", metavar="LIST",
+                                         help="candidates of --budget, comma-separated: gptq, rtn, svd-llm, sparsegpt, A+gptq [default: gptq,sparsegpt; "
+                                              "svd-llm for params=]"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="local data folder (else $COMPRESS_DATA_DIR, else the hub)"),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float16"),
     device: str = typer.Option("auto", "--device", help="compute device: cpu, cuda, auto"),
@@ -67,15 +73,20 @@ def run(
     setup_logging(verbose, quiet)
     if recipe is not None and passes:
         raise CompressError("give either --recipe or --pass, not both")
-    if recipe is None and not passes:
-        raise CompressError("no passes: give --pass NAME:key=val (see 'compress ls passes') or --recipe FILE")
+    if budget is not None and (recipe is not None or passes):
+        raise CompressError(f"--budget chooses the passes itself: drop {'--recipe' if recipe is not None else '--pass'}, or drop --budget to run them as given")
+    if recipe is None and not passes and budget is None:
+        raise CompressError("no passes: give --pass NAME:key=val (see 'compress ls passes'), --recipe FILE, or --budget bits=3.0")
     spec = eval_spec_of(eval_text, evaluation or {})
     if baseline and not spec:
         raise CompressError("--baseline needs something to measure: add --ppl or --eval")
-    p = api.plan(model, str(recipe) if recipe is not None else list(passes), out, calib=calib or {}, eval_spec=spec if spec else None,
+    p = api.plan(model, str(recipe) if recipe is not None else (list(passes) or None), out, calib=calib or {}, eval_spec=spec if spec else None,
                  baseline=baseline, export=tuple(export), device=device, dtype=dtype, stream="auto" if stream is None else ("on" if stream else "off"),
                  restart=restart, offload_dir=offload_dir, overwrite=overwrite, data_dir=data_dir, gguf_file=gguf_file,
-                 trust_remote_code=trust_remote_code)
+                 trust_remote_code=trust_remote_code, budget=budget, search=search)
+    if p.search is not None and not quiet:
+        for line in p.search.lines(p.adapter.layers_path):
+            out_console.print(line, markup=False, highlight=False)
     if dry_run:
         p.handle.close()
         for line in p.describe():

@@ -89,6 +89,8 @@ def run(
     stream: str = "auto",
     restart: bool = False,
     offload_dir: str | Path | None = None,
+    budget: Any = None,
+    search: str | None = None,
 ) -> Report:
     """Load a model, compress it, write the checkpoint (atomically), then export other formats and
     evaluate (with ``baseline``, the dense model too, before compressing).
@@ -101,11 +103,13 @@ def run(
     each finished layer to ``OUT.partial/`` and resumes from there when rerun (see
     :mod:`compress.stream`), unless a pass needs the whole model (then it is loaded whole); ``on``
     insists on streaming, ``off`` loads the whole model. ``restart`` discards ``OUT.partial/``.
-    ``offload_dir`` keeps the calibration activations in memory-mapped files there.
+    ``offload_dir`` keeps the calibration activations in memory-mapped files there. ``budget``
+    (``recipe`` None): the recipe is chosen per target among the ``search`` candidates
+    (:mod:`compress.search`).
     """
     p = plan(model_source, recipe, out, calib=calib, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
              gguf_file=gguf_file, data_dir=data_dir, overwrite=overwrite, export=export, eval_spec=eval_spec, baseline=baseline,
-             stream=stream, restart=restart, offload_dir=offload_dir)
+             stream=stream, restart=restart, offload_dir=offload_dir, budget=budget, search=search)
     return execute(p, on_layer=on_layer, on_stage=on_stage)
 
 

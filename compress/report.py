@@ -34,6 +34,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     #: structure the passes added to the model, by pass name
     structure: dict[str, Any] = field(default_factory=dict)
+    #: what ``--budget`` chose (:meth:`compress.search.SearchResult.to_dict` with its ``lines``)
+    search: dict[str, Any] | None = None
 
     @property
     def target_params_before(self) -> int:
@@ -94,6 +96,7 @@ class Report:
             "metrics": self.metrics,
             "notes": self.notes,
             "structure": self.structure,
+            **({"search": self.search} if self.search else {}),
             "layers": [asdict(r) for r in self.records],
         }
 
@@ -159,6 +162,8 @@ def write_report(data: dict[str, Any], directory: str | Path) -> None:
     d = Path(directory)
     for name, text in (("report.json", json.dumps(data, indent=2, default=str) + "\n"), ("report.md", render_markdown(data))):
         atomic_text(d / name, text, unique=False)
+    if data.get("search") and data.get("recipe"):  # the searched choice as a recipe to edit and rerun with --recipe
+        atomic_text(d / "plan.yaml", _yaml(data["recipe"]), unique=False)
 
 
 def merge_metrics(data: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, Any]:
@@ -180,6 +185,8 @@ def render_markdown(d: dict[str, Any]) -> str:
     """The report as Markdown, from its dict form (so that ``compress eval`` can re-render it)."""
     model = d.get("model", {})
     lines = [f"# Report: {model.get('source', '')}", ""]
+    if d.get("search"):
+        lines += ["## Search", "", "```", *d["search"].get("lines", []), "```", ""]
     if d.get("recipe"):
         lines += ["## Recipe", "", "```yaml", _yaml(d["recipe"]).rstrip(), "```", ""]
     if d.get("calibration"):

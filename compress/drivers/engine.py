@@ -47,7 +47,10 @@ def compress_model(plan: RunPlan, *, on_layer: OnLayer | None = None, stats_prov
         timings=timings,
         device=str(plan.device),
         structure=structure,
+        search={**plan.search.to_dict(), "lines": plan.search.lines(adapter.layers_path)} if plan.search is not None else None,
     )
+    if plan.search is not None:
+        timings.update({f"search_{k}": v for k, v in plan.search.seconds.items()})
     summary = report.summary()
     report.notes = [line for p in plan.passes for line in p.notes(summary)]
     return report

@@ -55,7 +55,7 @@ from .context import (
     Site,
     Stored,
 )
-from .targeting import accepts_kind, dense_bits, kind_of, layer_relative_name, matches, meta_storage_bits, require_layout
+from .targeting import accepts_kind, dense_bits, kind_of, layer_indexed_name, layer_relative_name, matches, meta_storage_bits, require_layout
 
 if TYPE_CHECKING:
     from ..adapters.base import ModelAdapter
@@ -162,7 +162,7 @@ class Pass(Generic[C]):
 
     def selects(self, name: str, adapter: "ModelAdapter") -> bool:
         """Whether the target ``name`` (full name) matches this pass's ``targets=`` option."""
-        return matches(layer_relative_name(name, adapter.layers_path), self.config.targets)
+        return matches(layer_indexed_name(name, adapter.layers_path), self.config.targets)
 
     # -- before the layer loop, at run time (global allocations) ---------------------------------
 
@@ -179,7 +179,8 @@ class Pass(Generic[C]):
     # -- helpers for the engine ------------------------------------------------------------------
 
     def targets(self, name: str, module: nn.Module) -> bool:
-        """Whether this pass compresses ``module`` (``name`` is relative to its decoder layer).
+        """Whether this pass compresses ``module`` (``name`` is relative to its decoder layer, with or
+        without the layer's index in front: '3.mlp.down_proj').
         A selected module of a type the pass does not accept is an error, never a silent skip."""
         if not matches(name, self.config.targets):
             return False
@@ -196,7 +197,7 @@ class Pass(Generic[C]):
             for group in adapter.groups(layer):
                 for n in group:
                     mod = layer.get_submodule(n)
-                    if self.targets(n, mod):
+                    if self.targets(f"{i}.{n}", mod):
                         yield f"{adapter.layers_path}.{i}.{n}", mod
 
 

@@ -4,6 +4,7 @@ the one-line refusal of a layout an adapter does not describe."""
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -46,14 +47,48 @@ def meta_storage_bits(module_cls: Any, *args: Any, **kwargs: Any) -> int:
 
 def layer_relative_name(name: str, layers_path: str) -> str:
     """'model.layers.3.self_attn.q_proj' → 'self_attn.q_proj'."""
+    return split_index(layer_indexed_name(name, layers_path))[1]
+
+
+def layer_indexed_name(name: str, layers_path: str) -> str:
+    """'model.layers.3.self_attn.q_proj' → '3.self_attn.q_proj'."""
     prefix = layers_path + "."
-    rest = name[len(prefix):] if name.startswith(prefix) else name
-    return rest.split(".", 1)[1] if "." in rest else rest
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+#: a ``targets=`` pattern narrowed to decoder layers: '3.mlp.down_proj', '0-5.self_attn.*'
+_LAYERS = re.compile(r"^(\d+)(?:-(\d+))?\.(.+)$")
+
+
+def split_index(name: str) -> tuple[int | None, str]:
+    """'3.mlp.down_proj' → (3, 'mlp.down_proj'); 'mlp.down_proj' → (None, 'mlp.down_proj')."""
+    head, _, rest = name.partition(".")
+    return (int(head), rest) if head.isdigit() and rest else (None, name)
 
 
 def matches(name: str, pattern: str) -> bool:
-    """Whether a layer-relative linear name matches a ``targets=`` glob list ('|'-separated)."""
-    return any(fnmatch.fnmatchcase(name, p.strip()) for p in str(pattern).split("|"))
+    """Whether a linear name matches a ``targets=`` glob list ('|'-separated). ``name`` is relative to
+    its decoder layer ('mlp.down_proj') or carries the layer's index ('3.mlp.down_proj'); a pattern
+    part that starts with an index or a range of them ('3.mlp.*', '0-5.self_attn.q_proj') matches only
+    in those layers, and only names that carry an index."""
+    index, rel = split_index(name)
+    for part in str(pattern).split("|"):
+        part = part.strip()
+        m = _LAYERS.match(part)
+        if m:
+            lo = int(m.group(1))
+            hi = int(m.group(2)) if m.group(2) else lo
+            if index is None or not lo <= index <= hi:
+                continue
+            part = m.group(3)
+        if fnmatch.fnmatchcase(rel, part):
+            return True
+    return False
+
+
+def layer_qualified(pattern: str) -> bool:
+    """Whether some part of a ``targets=`` pattern names decoder layers."""
+    return any(_LAYERS.match(p.strip()) for p in str(pattern).split("|"))
 
 
 def kind_of(module: nn.Module) -> str:

@@ -160,7 +160,7 @@ class _Segment:
                 continue
             assert isinstance(p, LinearPass)
             grab = p.caps.propagate_dense and p.caps.calib_source is None and dense_out is None and known is None
-            once, outs = self._observe_once(p, layer, groups, grab)
+            once, outs = self._observe_once(p, i, layer, groups, grab)
             dense_out = outs if outs is not None else dense_out
             self._linear_pass(p, i, layer, groups, once, originals, plan)
         if known is None and dense_out is not None:
@@ -171,14 +171,14 @@ class _Segment:
         return LayerState(layer, i, self.inputs_by.get(None, []), self.engine.device, self.adapter, originals,
                           getattr(self.model, "config", None), plan)
 
-    def _observe_once(self, p: LinearPass[Any], layer: nn.Module, groups: list[list[str]],
+    def _observe_once(self, p: LinearPass[Any], i: int, layer: nn.Module, groups: list[list[str]],
                       grab: bool) -> tuple[LayerStats | None, list[torch.Tensor] | None]:
         """With ``observe_once``: every target's statistics from one forward of the layer as the pass
         finds it (and, with ``grab``, the layer's outputs from that forward)."""
         c = p.caps
         if not (c.observe_once and c.requires_calibration and (self.engine.stats_provider is None or c.calib_source is not None)):
             return None, None
-        every = [n for g in groups for n in g if p.targets(n, layer.get_submodule(n))]
+        every = [n for g in groups for n in g if p.targets(f"{i}.{n}", layer.get_submodule(n))]
         if not every:
             return None, None
         outs: list[torch.Tensor] | None = [] if grab else None
@@ -203,7 +203,7 @@ class _Segment:
         """Observe, then apply ``p`` to each of its targets, sub-group by sub-group (the layer's linears
         as they were before any pass replaced them)."""
         for group in groups:
-            targets = [n for n in group if p.targets(n, layer.get_submodule(n))]
+            targets = [n for n in group if p.targets(f"{i}.{n}", layer.get_submodule(n))]
             if not targets:
                 continue
             stats = self._group_stats(p, i, layer, targets, once)

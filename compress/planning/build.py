@@ -71,6 +71,8 @@ def plan(
     trust_remote_code: bool = False,
     batch_size: int | None = None,
     precomputed_stats: bool = False,
+    budget: Any = None,
+    search: str | None = None,
 ) -> RunPlan:
     """Plan a run of ``recipe`` on ``model`` (a hub ID, a local directory, a GGUF directory, or a model
     in memory) and check everything that can fail, before any compute.
@@ -80,8 +82,17 @@ def plan(
     settings that override the recipe's block (the CLI's flags), or token ids (samples × seqlen).
     ``out``: the output directory of a run that writes a checkpoint (None: compress in memory).
     ``precomputed_stats``: the statistics come from a provider (a sweep), so only passes that read the
-    layer inputs themselves need calibration forwards."""
-    rec = as_recipe(recipe)
+    layer inputs themselves need calibration forwards. ``budget`` (``"bits=3.0"``, ``"size=0.5"``,
+    ``"params=0.75"``; then ``recipe`` is None): the recipe is chosen per target by the search among the
+    ``search`` candidates (:mod:`compress.planning.searched`)."""
+    found = None
+    if budget is not None:
+        rec, found = _search(model, recipe, out, budget, search, calib, batch_size, overwrite, eval_spec, data_dir, tokenizer,
+                             device, dtype, gguf_file, trust_remote_code)
+    elif search is not None:
+        raise CompressError("--search names the candidates of a --budget search; add --budget (e.g. --budget bits=3.0) or drop --search")
+    else:
+        rec = as_recipe(recipe)
     passes = [spec.build() for spec in rec.passes]  # the only place a run builds its passes
     check_order(passes)
     cfg = _calib_config(calib, rec, batch_size)
@@ -122,8 +133,29 @@ def plan(
         calib=cfg, calib_ids=ids, extra_ids=extra, calib_info=info, device=dev, eval_spec=eval_spec if main else None,
         baseline=baseline and main, out=out_path, overwrite=overwrite, exports=tuple(export) if main else (), data_dir=data_dir,
         stream=streaming, stream_note=note, restart=restart,
-        offload_dir=Path(offload_dir) if offload_dir is not None else None, memory=memory, dist=dist,
+        offload_dir=Path(offload_dir) if offload_dir is not None else None, memory=memory, dist=dist, search=found,
     )
+
+
+def _search(model: Any, recipe: Any, out: Any, budget: Any, search: str | None, calib: Any, batch_size: int | None, overwrite: bool,
+            eval_spec: EvalSpec | None, data_dir: Any, tokenizer: Any, device: Any, dtype: str | None, gguf_file: str | None,
+            trust_remote_code: bool) -> tuple[Recipe, Any]:
+    """The recipe a budget chooses; the checks that need no recipe run before the search's compute."""
+    from .searched import searched_recipe
+
+    if recipe:
+        raise CompressError("--budget chooses the passes itself: drop --pass/--recipe, or drop --budget to run them as given")
+    if distributed.current() is not None:
+        raise CompressError("--budget runs its search in one process; run it without torchrun")
+    rec = Recipe([], {})
+    cfg = _calib_config(calib, rec, batch_size)
+    if out is not None:
+        check_output_dir(Path(out), overwrite)
+    if eval_spec:
+        check_eval(eval_spec, data_dir)
+    dev = resolve_device(device if device is not None else "cpu")
+    return searched_recipe(model, budget, search, cfg, calib, tokenizer=tokenizer, data_dir=data_dir, device=dev, dtype=dtype,
+                           gguf_file=gguf_file, trust_remote_code=trust_remote_code, calibration={})
 
 
 def _calib_config(calib: Any, rec: Recipe, batch_size: int | None) -> CalibConfig:

@@ -77,6 +77,8 @@ class RunPlan:
     memory: str | None = None
     #: the data-parallel process group (None: one process)
     dist: Any = None
+    #: what ``--budget`` chose (a :class:`~compress.search.SearchResult`; the recipe is its choice)
+    search: Any = None
 
     @property
     def steps(self) -> list[tuple[Pass[Any], PassPlan]]:

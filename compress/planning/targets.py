@@ -14,6 +14,7 @@ from ..adapters.base import ModelAdapter
 from ..dtypes import element_bits
 from ..errors import ConfigError
 from ..passes.base import LayerPass, Pass, PassPlan, Shapes, Site, Stored, dense_bits, matches
+from ..passes.targeting import layer_qualified
 from ..pipeline.capture import linear_shape
 from ..pipeline.loop import check_segments
 from .order import check_order
@@ -59,11 +60,14 @@ def plan_targets(model: nn.Module, adapter: ModelAdapter, passes: list[Pass[Any]
     if len(layers) == 0:
         raise ConfigError("the model has no decoder layers to compress")
     names = sorted({n for g in adapter.groups(layers[0]) for n in g})
+    indexed = [f"{i}.{n}" for i, layer in enumerate(layers) for g in adapter.groups(layer) for n in g]
     for p in passes:
         pattern = p.config.targets
-        if pattern != "*" and not any(matches(n, pattern) for n in names):
-            raise ConfigError(f"pass '{p.name}': targets={pattern} matches no linear of this model; its linears are {', '.join(names)}")
-    check_order(passes, names)
+        if pattern != "*" and not any(matches(n, pattern) for n in indexed):
+            raise ConfigError(f"pass '{p.name}': targets={pattern} matches no linear of this model; its linears are {', '.join(names)}"
+                              f" in layers 0-{len(layers) - 1} (a layer's own: '3.{names[0]}')")
+    # passes narrowed to some layers are checked on every layer's linears
+    check_order(passes, indexed if any(layer_qualified(p.config.targets) for p in passes) else names)
     check_segments(passes)
     return _Walk(model, adapter, passes).run()
 

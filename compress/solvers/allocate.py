@@ -49,24 +49,18 @@ def knapsack(options: list[list[tuple[int, float]]], budget: float, resolution: 
     unit = budget / resolution
     R = resolution
     dp = torch.zeros(R + 1, dtype=torch.float64)  # least error of the items so far within b units
-    inf = torch.tensor(float("inf"), dtype=torch.float64)
     choices: list[torch.Tensor] = []
     for opts in options:
         if not opts:
             raise ValueError("an item has no options")
-        best = torch.full((R + 1,), float("inf"), dtype=torch.float64)
-        pick = torch.full((R + 1,), -1, dtype=torch.int16 if len(opts) < 32000 else torch.int32)
+        # every option of the item at once: row j is dp shifted by its cost plus its error
+        cand = torch.full((len(opts), R + 1), float("inf"), dtype=torch.float64)
         for j, (bits, err) in enumerate(opts):
             w = int(-(-bits // unit)) if bits > 0 else 0
-            if w > R:
-                continue
-            cand = torch.full((R + 1,), float("inf"), dtype=torch.float64)
-            cand[w:] = dp[: R + 1 - w] + float(err)
-            better = cand < best
-            best = torch.where(better, cand, best)
-            pick = torch.where(better, torch.tensor(j, dtype=pick.dtype), pick)
-        dp = torch.where(torch.isfinite(best), best, inf)
-        choices.append(pick)
+            if w <= R:
+                cand[j, w:] = dp[: R + 1 - w] + float(err)
+        dp, pick = cand.min(dim=0)  # ties go to the earlier option
+        choices.append(pick.to(torch.int16 if len(opts) < 32000 else torch.int32))
     if not torch.isfinite(dp[R]):
         raise ValueError("no choice of options fits the budget")
     out: list[int] = []
