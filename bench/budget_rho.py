@@ -34,8 +34,8 @@ from compress.search.candidates import family_candidates
 from compress.search.select import predicted_increase, relative_error, target_weights
 from compress.search.statistics import sensitivity_statistics
 from compress.solvers.gptq import gptq_quantize
-from compress.solvers.lowrank import factorize, rank_for_ratio
 from compress.solvers.linalg import cholesky_psd
+from compress.solvers.lowrank import factorize, rank_for_ratio
 from compress.solvers.quant import QuantSpec, dequantize
 from compress.solvers.sparse import sparsegpt_prune
 
@@ -123,13 +123,13 @@ def main() -> None:
             labels = [CANDIDATES[(k + li + j) % len(CANDIDATES)] for j in range(2)]  # two candidates per target, rotating
             name = f"{adapter.layers_path}.{li}.{rel}"
             mod, st = mods[name], stats.targets[f"{adapter.layers_path}.{li}.{rel}"]
-            W = mod.weight.data.clone()
+            W = mod.data.clone()
             for label in labels:
                 W_true = solve(label, W, st.gram.double().float())
                 W_est = estimator(label)(W, st.gram)
-                mod.weight.data.copy_(W_true)
+                mod.data.copy_(W_true)
                 measured = held.increase(li)
-                mod.weight.data.copy_(W)
+                mod.data.copy_(W)
                 row = {"target": f"{li}.{rel}", "candidate": label, "measured": measured,
                        "predicted": predicted_increase(W, W_est, st), "predicted_exact": predicted_increase(W, W_true, st),
                        "proxy": relative_error(W, W_true, st)}
@@ -140,7 +140,7 @@ def main() -> None:
     # additivity: whole plans from the dense statistics
     plans = []
     for label in ("gptq:bits=4,group=64", "gptq:bits=3,group=64"):
-        saved = {n: m.weight.data.clone() for n, m in mods.items()}
+        saved = {n: m.data.clone() for n, m in mods.items()}
         pred = 0.0
         for n, m in mods.items():
             W = saved[n]
@@ -148,10 +148,10 @@ def main() -> None:
                 continue
             W_true = solve(label, W, stats.targets[n].gram)
             pred += predicted_increase(W, W_true, stats.targets[n])
-            m.weight.data.copy_(W_true)
+            m.data.copy_(W_true)
         measured = held.loss_from(0, held.hidden[0]) - held.base
         for n, m in mods.items():
-            m.weight.data.copy_(saved[n])
+            m.data.copy_(saved[n])
         plans.append({"plan": f"every target {label} (no recalibration)", "predicted_sum": pred, "measured": measured})
         print(json.dumps(plans[-1]), flush=True)
     out = Path(args.out)

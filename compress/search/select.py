@@ -127,9 +127,16 @@ def relative_error(W: torch.Tensor, W_hat: torch.Tensor, st: Any) -> float:
     return float(((d @ st.gram) * d).sum() / ((W.float() @ st.gram) * W.float()).sum().clamp_min(1e-30))
 
 
-def target_weights(model: nn.Module, adapter: ModelAdapter) -> dict[str, nn.Module]:
-    return {f"{adapter.layers_path}.{i}.{n}": layer.get_submodule(n)
-            for i, layer in enumerate(adapter.layers(model)) for g in adapter.groups(layer) for n in g}
+def target_weights(model: nn.Module, adapter: ModelAdapter) -> dict[str, torch.Tensor]:
+    """The weight of every target linear of the decoder layers, by full name."""
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        for g in adapter.groups(layer):
+            for n in g:
+                w = layer.get_submodule(n).weight
+                assert isinstance(w, torch.Tensor)
+                out[f"{adapter.layers_path}.{i}.{n}"] = w
+    return out
 
 
 def cost_tables(model: nn.Module, adapter: ModelAdapter, budget: Budget, candidates: list[Candidate]) -> dict[str, list[tuple[int, Candidate]]]:
@@ -143,8 +150,8 @@ def cost_tables(model: nn.Module, adapter: ModelAdapter, budget: Budget, candida
     # a candidate storing more than REACH × the budget per weight on a target is not considered there
     reach = REACH * (budget.value / elt if budget.kind == "bits" else budget.value) if not budget.structured else 1.0
     tables: dict[str, list[tuple[int, Candidate]]] = {}
-    for name, mod in target_weights(model, adapter).items():
-        d_out, d_in = mod.weight.shape
+    for name, w in target_weights(model, adapter).items():
+        d_out, d_in = w.shape
         row = []
         for c in candidates:
             key = (c.label, d_out, d_in)
@@ -156,7 +163,7 @@ def cost_tables(model: nn.Module, adapter: ModelAdapter, budget: Budget, candida
             row.append((bits // elt if budget.structured else bits, c))
         tables[name] = row
     dense = sum(t[0][0] for t in tables.values())
-    weights = sum(m.weight.numel() for m in target_weights(model, adapter).values())
+    weights = sum(w.numel() for w in target_weights(model, adapter).values())
     limit = _limit(budget, dense, weights, elt)
     unit = "parameters" if budget.structured else "bits"
     if limit >= dense:
@@ -192,21 +199,22 @@ def search(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, bud
     mods = target_weights(model, adapter)
     options: list[list[tuple[int, float]]] = []
     for name, row in tables.items():
-        W = mods[name].weight.detach().float()
+        W = mods[name].detach().float()
         st = stats.targets[name]
         options.append([(cost, predicted_increase(W, c.estimator(W, st.gram), st) if c.steps else 0.0) for cost, c in row])
     seconds["candidates"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     dense = sum(t[0][0] for t in tables.values())
-    weights = sum(m.weight.numel() for m in mods.values())
-    elt = torch.finfo(next(iter(mods.values())).weight.dtype).bits
+    weights = sum(w.numel() for w in mods.values())
+    elt = torch.finfo(next(iter(mods.values())).dtype).bits
     picks = knapsack(options, _limit(budget, dense, weights, elt))
     seconds["knapsack"] = time.perf_counter() - t0
     choices = []
     for (name, row), opts, j in zip(tables.items(), options, picks):
         cand = row[j][1]
-        n = mods[name].weight.numel()
-        bits = cand.stored_bits(*mods[name].weight.shape, mods[name].weight.dtype) if cand.steps else n * elt
+        w = mods[name]
+        n = w.numel()
+        bits = cand.stored_bits(int(w.shape[0]), int(w.shape[1]), w.dtype) if cand.steps else n * elt
         choices.append(Choice(name, cand, int(bits or 0), n, opts[j][1]))
     return SearchResult(budget, choices, recipe_of(choices, adapter.layers_path), stats.loss, seconds)
 
@@ -242,7 +250,7 @@ def _compact(names: list[str]) -> str:
     for rel, idx in by.items():
         idx.sort()
         start = prev = idx[0]
-        for i in idx[1:] + [None]:  # type: ignore[list-item]
+        for i in [*idx[1:], None]:
             if i is not None and i == prev + 1:
                 prev = i
                 continue

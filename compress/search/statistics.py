@@ -126,19 +126,22 @@ def _layer_backward(i: int, layer: nn.Module, adapter: ModelAdapter, batches: li
     groups = adapter.groups(layer)
     grams: dict[str, torch.Tensor] = {}
     grad_sq: dict[str, torch.Tensor] = {}
+
+    def add(into: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+        into[key] = into[key] + value if key in into else value
     handles = []
 
     def on_input(key: str) -> Any:
         def hook(_m: nn.Module, a: tuple[Any, ...]) -> None:
             x = a[0].detach().reshape(-1, a[0].shape[-1]).to(STAT_DTYPE)
-            grams[key] = grams.get(key, 0) + x.T @ x  # type: ignore[assignment, operator]
+            add(grams, key, x.T @ x)
         return hook
 
     def on_output(name: str) -> Any:
         def hook(_m: nn.Module, _a: tuple[Any, ...], out: torch.Tensor) -> None:
             def acc(g: torch.Tensor) -> None:
                 g2 = g.detach().reshape(-1, g.shape[-1]).to(STAT_DTYPE).square().sum(0)
-                grad_sq[name] = grad_sq.get(name, 0) + g2  # type: ignore[assignment, operator]
+                add(grad_sq, name, g2)
             out.register_hook(acc)
         return hook
 
