@@ -85,14 +85,8 @@ def plan(
     layer inputs themselves need calibration forwards. ``budget`` (``"bits=3.0"``, ``"size=0.5"``,
     ``"params=0.75"``; then ``recipe`` is None): the recipe is chosen per target by the search among the
     ``search`` candidates (:mod:`compress.planning.searched`)."""
-    found = None
-    if budget is not None:
-        rec, found = _search(model, recipe, out, budget, search, calib, batch_size, overwrite, eval_spec, data_dir, tokenizer,
-                             device, dtype, gguf_file, trust_remote_code)
-    elif search is not None:
-        raise CompressError("--search names the candidates of a --budget search; add --budget (e.g. --budget bits=3.0) or drop --search")
-    else:
-        rec = as_recipe(recipe)
+    rec, found = _search(model, recipe, out, budget, search, calib, batch_size, overwrite, eval_spec, data_dir, tokenizer,
+                         device, dtype, gguf_file, trust_remote_code)
     passes = [spec.build() for spec in rec.passes]  # the only place a run builds its passes
     check_order(passes)
     cfg = _calib_config(calib, rec, batch_size)
@@ -140,9 +134,14 @@ def plan(
 def _search(model: Any, recipe: Any, out: Any, budget: Any, search: str | None, calib: Any, batch_size: int | None, overwrite: bool,
             eval_spec: EvalSpec | None, data_dir: Any, tokenizer: Any, device: Any, dtype: str | None, gguf_file: str | None,
             trust_remote_code: bool) -> tuple[Recipe, Any]:
-    """The recipe a budget chooses; the checks that need no recipe run before the search's compute."""
+    """The recipe (a budget's choice, with the search's account, or the one given); the checks that
+    need no recipe run before the search's compute."""
     from .searched import searched_recipe
 
+    if budget is None:
+        if search is not None:
+            raise CompressError("--search names the candidates of a --budget search; add --budget (e.g. --budget bits=3.0) or drop --search")
+        return as_recipe(recipe), None
     if recipe:
         raise CompressError("--budget chooses the passes itself: drop --pass/--recipe, or drop --budget to run them as given")
     if distributed.current() is not None:
