@@ -130,3 +130,20 @@ def test_budget_run_writes_a_plan_that_reruns(tmp_path: Path) -> None:
     rerun = _run("run", str(STORIES), "--recipe", str(plan), "--out", str(tmp_path / "again"), *small)
     assert rerun.returncode == 0, rerun.stderr
     assert yaml.safe_load((tmp_path / "again" / "report.json").read_text())["compression"]["target_bits_after"] == bits
+
+
+def test_cospadi_global_weighs_targets_by_the_loss_gradient(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """allocate=global profiles the loss-gradient statistics and hands each target's to its costs."""
+    from compress import compress
+    from compress.passes import dictionary
+
+    seen: list[object] = []
+    original = dictionary.CoSpaDiPass._cost_candidates
+
+    def spy(self, W, gram, name, sensitivity=None):  # type: ignore[no-untyped-def]
+        seen.append(sensitivity)
+        return original(self, W, gram, name, sensitivity)
+
+    monkeypatch.setattr(dictionary.CoSpaDiPass, "_cost_candidates", spy)
+    compress(make_tiny("llama"), ["cospadi:ratio=0.4,solver=closed-form,allocate=global"], calib_ids)
+    assert len(seen) == 14 and all(s is not None and s.grad_sq.ndim == 1 for s in seen)

@@ -34,9 +34,11 @@ Options:
   layer is compressed, and fitting it only at the group's last layer would mean revisiting layers
   the loop has already propagated through (and, for a model streamed from disk, already written).
 - ``allocate=global``: per-target ratios (0.05–0.90, at the pass's rho) chosen by a multiple-choice
-  knapsack over the candidates' relative whitened errors (the closed form's first step, on the
-  profiled statistics; it misranks rho, so rho is not allocated) so that the
-  targets' total stored bits meet the budget (see :mod:`compress.solvers.allocate`).
+  knapsack over the candidates' predicted loss increases so that the targets' total stored bits
+  meet the budget (see :mod:`compress.solvers.allocate`): each candidate's relative whitened error
+  (the closed form's first step, on the profiled statistics; it misranks rho, so rho is not
+  allocated) times the target's loss sensitivity from the loss-gradient statistics
+  (:mod:`compress.search.statistics`, one layer-walked backward pass over 16 calibration sequences).
 
 Example recipe::
 
@@ -60,7 +62,7 @@ from ..config import PassConfig, option, targets_option
 from ..dtypes import element_bits
 from ..errors import ConfigError
 from ..modules.dictionary import DictLinear
-from ..pipeline.stats import LinearStats
+from ..pipeline.stats import SENSITIVITY, LinearStats
 from ..registry import register_pass
 from ..solvers.allocate import allocate_fraction
 from ..solvers.dictionary import (
@@ -76,7 +78,7 @@ from ..solvers.dictionary import (
 )
 from ..solvers.linalg import SOLVE_DTYPE, cholesky_psd
 from ..solvers.lowrank import rank_for_ratio
-from ..solvers.metrics import relative_output_error
+from ..solvers.metrics import predicted_increase, relative_output_error
 from .base import Capabilities, LayerContext, LinearPass, PassPlan, PassResult, Shapes, Site, Stored, dense_bits, layer_relative_name
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,9 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
 
     def capabilities(self) -> Capabilities:
         c = self.config
-        profile = frozenset({"gram"}) if c.share > 1 or c.allocate == "global" else frozenset()
+        profile = frozenset({"gram"}) if c.share > 1 else frozenset()
+        if c.allocate == "global":  # the knapsack weighs each target's error by how much the loss depends on it
+            profile = frozenset({"gram", SENSITIVITY})
         return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), profile=profile)
 
     def produces(self, kinds: frozenset[str]) -> frozenset[str]:
@@ -264,7 +268,8 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
         for rel, mod, gram in self._targets_of(layer, stats):
             W = mod.weight.data.to("cpu")
             if c.allocate == "global":
-                self._candidates[f"{self._layers_path}.{index}.{rel}"] = self._cost_candidates(W, gram, f"{self._layers_path}.{index}.{rel}")
+                name = f"{self._layers_path}.{index}.{rel}"
+                self._candidates[name] = self._cost_candidates(W, gram, name, stats.sensitivity.get(rel))
             else:
                 g = index // c.share
                 self._pending.setdefault((g, rel), []).append((W, gram))
@@ -280,10 +285,13 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
         logger.info("cospadi: global allocation: %d targets, %.4f of the dense bits kept (budget %.4f), %d kept dense",
                     len(self._choice), used, 1.0 - c.ratio, kept)
 
-    def _cost_candidates(self, W: torch.Tensor, gram: torch.Tensor, name: str) -> list[tuple[int, float, tuple[float, float] | None]]:
-        """(stored bits, relative whitened error, (ratio, rho)) per candidate; the first is the dense
-        weight. The error is that of the closed form's first step
-        (:func:`~compress.solvers.dictionary.first_step_errors`)."""
+    def _cost_candidates(self, W: torch.Tensor, gram: torch.Tensor, name: str,
+                         sensitivity: Any = None) -> list[tuple[int, float, tuple[float, float] | None]]:
+        """(stored bits, predicted loss increase, (ratio, rho)) per candidate; the first is the dense
+        weight. The relative whitened error of the closed form's first step
+        (:func:`~compress.solvers.dictionary.first_step_errors`) times the target's loss sensitivity
+        ½·Σᵢ E[gᵢ²]·(W H Wᵀ)ᵢᵢ (:func:`~compress.solvers.metrics.predicted_increase` of removing the
+        whole weight): the loss increase if the error were spread over the rows like the weight."""
         d_out, d_in = W.shape
         elt = element_bits(W.dtype)
         L, _ = cholesky_psd(gram, name)
@@ -293,6 +301,9 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
             if shape is not None and shape not in [s for _, s in picked]:
                 picked.append((ratio, shape))
         errors = first_step_errors(W, L, [shape for _, shape in picked])
+        if sensitivity is not None:
+            weight = predicted_increase(W, torch.zeros_like(W), sensitivity)
+            errors = [e * weight for e in errors]
         out: list[tuple[int, float, tuple[float, float] | None]] = [(dense_bits(d_out, d_in, W.dtype), 0.0, None)]
         for (ratio, (k, s)), err in zip(picked, errors):
             out.append((dict_bits(d_out, d_in, k, d_out * s, elt), err, (ratio, self.rho)))

@@ -15,7 +15,7 @@ from .context import calibration_forward_context
 from .distributed import Dist, reduce_stats
 from .loop import layer_loop
 from .state import Engine
-from .stats import LayerStats
+from .stats import SENSITIVITY, LayerStats
 
 
 def run_profiles(model: nn.Module, adapter: ModelAdapter, passes: list[Pass[Any]], input_ids: torch.Tensor | None, engine: Engine) -> None:
@@ -25,8 +25,13 @@ def run_profiles(model: nn.Module, adapter: ModelAdapter, passes: list[Pass[Any]
         return
     kinds = frozenset().union(*(p.caps.profile for p in passes))
     layers = adapter.layers(model)
+    sensitivity = _sensitivity(model, adapter, input_ids, engine) if SENSITIVITY in kinds else None
+    kinds = kinds - {SENSITIVITY}
 
     def on_layer(i: int, stats: LayerStats) -> None:
+        if sensitivity is not None:
+            prefix = f"{adapter.layers_path}.{i}."
+            stats.sensitivity = {n[len(prefix):]: st for n, st in sensitivity.targets.items() if n.startswith(prefix)}
         for p in passes:
             p.profile_layer(i, layers[i], stats)
 
@@ -40,6 +45,18 @@ def run_profiles(model: nn.Module, adapter: ModelAdapter, passes: list[Pass[Any]
                            on_layer=on_layer, dist=engine.dist)
     for p in passes:
         p.profile_done()
+
+
+def _sensitivity(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor | None, engine: Engine) -> Any:
+    """The loss-gradient statistics of every target (:mod:`compress.search.statistics`), for passes
+    whose global choice weighs each target by how much the loss depends on it."""
+    from ..search.statistics import SEARCH_SAMPLES, sensitivity_statistics
+
+    if input_ids is None:
+        raise ValueError("a global allocation weighs targets by the loss gradient, which needs calibration token ids")
+    if engine.dist is not None:
+        raise ValueError("a global allocation weighed by the loss gradient runs in one process; run it without torchrun")
+    return sensitivity_statistics(model, adapter, input_ids[:SEARCH_SAMPLES], device=engine.device, batch_size=engine.batch_size)
 
 
 def profile_statistics(

@@ -7,6 +7,8 @@ them unchanged (see :meth:`LinearStats.tensors`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 #: dtype of the per-batch products; sums across batches are kept in ACCUM_DTYPE
@@ -15,6 +17,9 @@ ACCUM_DTYPE = torch.float64
 
 #: statistics a pass may declare
 KINDS = frozenset({"gram", "abs_mean", "rms", "abs_max"})
+#: a profile kind: the loss-gradient statistics of every target (see compress.search.statistics),
+#: in :attr:`LayerStats.sensitivity` during the profile
+SENSITIVITY = "sensitivity"
 
 
 class LinearStats:
@@ -80,6 +85,8 @@ class LayerStats:
     def __init__(self, kinds: frozenset[str]) -> None:
         self.kinds = kinds
         self.linears: dict[str, LinearStats] = {}
+        #: with the ``sensitivity`` profile: each linear's loss-gradient statistics (names relative to the layer)
+        self.sensitivity: dict[str, Any] = {}
         # (input tensor, its XᵀX): holding the tensor keeps its memory from being reused, so an
         # equal (data_ptr, shape, stride) means the same data
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None

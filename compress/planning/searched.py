@@ -21,10 +21,7 @@ from ..models import load_model
 from ..recipe import Recipe
 from ..search import Budget, SearchResult, parse_search, search
 from ..search.select import cost_tables
-
-#: calibration sequences the search's statistics read (the first of the run's set): its gradient pass
-#: costs about three forwards of them
-SEARCH_SAMPLES = 16
+from ..search.statistics import SEARCH_SAMPLES
 
 
 def searched_recipe(model: str | Path | nn.Module, budget: str | Budget, candidates: str | None, cfg: CalibConfig, calib: Any, *,

@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from ..passes.targeting import layer_indexed_name, split_index
 from ..recipe import Recipe, parse_shorthand
 from ..solvers.allocate import knapsack
+from ..solvers.metrics import predicted_increase
 from .candidates import Candidate
 from .statistics import SensitivityStats, sensitivity_statistics
 
@@ -113,12 +114,6 @@ class SearchResult:
         out.append("  layer  " + " ".join(c.rsplit(".", 1)[-1][:6].ljust(6) for c in cols))
         out += [f"  {i:5d}  " + " ".join(grid[i].get(c, "-").ljust(6) for c in cols) for i in sorted(grid)]
         return out
-
-
-def predicted_increase(W: torch.Tensor, W_hat: torch.Tensor, st: Any) -> float:
-    """½·Σᵢ E[gᵢ²]·(ΔW H ΔWᵀ)ᵢᵢ: the calibration loss increase (nats per token) the statistics predict."""
-    d = (W_hat.float() - W.float())
-    return 0.5 * float((st.grad_sq[:, None] * (d @ st.gram) * d).sum())
 
 
 def relative_error(W: torch.Tensor, W_hat: torch.Tensor, st: Any) -> float:

@@ -10,7 +10,7 @@ weights' own gradients are never formed.
 For a target with inputs x and output gradients g (per token, of the summed token loss), the loss
 grows by about ½·E[(gᵀ ΔW x)²] when W becomes W + ΔW (the Fisher approximation of the curvature).
 Taking g independent of x and keeping the diagonal of E[g gᵀ] gives the estimate
-½ · Σᵢ E[gᵢ²] · (ΔW H ΔWᵀ)ᵢᵢ with H = E[x xᵀ] (:func:`compress.search.estimate.predicted_increase`).
+½ · Σᵢ E[gᵢ²] · (ΔW H ΔWᵀ)ᵢᵢ with H = E[x xᵀ] (:func:`compress.solvers.metrics.predicted_increase`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from ..pipeline.context import calibration_forward_context
 
 #: accumulation precision of the statistics
 STAT_DTYPE = torch.float64
+#: calibration sequences the statistics read (the first of a run's set): the gradient pass costs about
+#: three forwards of them
+SEARCH_SAMPLES = 16
 
 
 @dataclass
@@ -40,6 +43,8 @@ class TargetStats:
     gram: torch.Tensor
     #: E[gᵢ²] per output channel (g: gradient of the summed token loss at the output)
     grad_sq: torch.Tensor
+    #: E[g gᵀ] (with ``full=True``): the estimate keeps the correlations between outputs
+    grad_cov: torch.Tensor | None = None
 
 
 @dataclass
@@ -60,8 +65,9 @@ def _head(model: nn.Module, adapter: ModelAdapter) -> tuple[nn.Module, nn.Module
 
 
 def sensitivity_statistics(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, *, device: torch.device,
-                           batch_size: int) -> SensitivityStats:
-    """Grams and output-gradient second moments of every target linear over ``input_ids``."""
+                           batch_size: int, full: bool = False) -> SensitivityStats:
+    """Grams and output-gradient second moments of every target linear over ``input_ids`` (with
+    ``full``, the whole output-gradient covariance E[g gᵀ], d_out² per target)."""
     layers = adapter.layers(model)
     norm, head = _head(model, adapter)
     t0 = time.perf_counter()
@@ -87,7 +93,7 @@ def sensitivity_statistics(model: nn.Module, adapter: ModelAdapter, input_ids: t
         stats: dict[str, TargetStats] = {}
         tokens = int(input_ids.numel())
         for i in reversed(range(len(layers))):
-            grads = _layer_backward(i, layers[i], adapter, batches, hidden.pop(), grads, device, tokens, stats)
+            grads = _layer_backward(i, layers[i], adapter, batches, hidden.pop(), grads, device, tokens, stats, full)
         seconds["backward"] = time.perf_counter() - t0
     finally:
         model.train(was_training)
@@ -119,13 +125,15 @@ def _head_gradients(model: nn.Module, layers: nn.ModuleList, norm: nn.Module, he
 
 
 def _layer_backward(i: int, layer: nn.Module, adapter: ModelAdapter, batches: list[Batch], inputs: list[torch.Tensor],
-                    grads: list[torch.Tensor], device: torch.device, tokens: int, stats: dict[str, TargetStats]) -> list[torch.Tensor]:
+                    grads: list[torch.Tensor], device: torch.device, tokens: int, stats: dict[str, TargetStats],
+                    full: bool = False) -> list[torch.Tensor]:
     """Rerun layer ``i`` with gradients, accumulate its targets' statistics, return its input gradients."""
     home = module_device(layer)
     layer.to(device)
     groups = adapter.groups(layer)
     grams: dict[str, torch.Tensor] = {}
     grad_sq: dict[str, torch.Tensor] = {}
+    grad_cov: dict[str, torch.Tensor] = {}
 
     def add(into: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
         into[key] = into[key] + value if key in into else value
@@ -140,8 +148,10 @@ def _layer_backward(i: int, layer: nn.Module, adapter: ModelAdapter, batches: li
     def on_output(name: str) -> Any:
         def hook(_m: nn.Module, _a: tuple[Any, ...], out: torch.Tensor) -> None:
             def acc(g: torch.Tensor) -> None:
-                g2 = g.detach().reshape(-1, g.shape[-1]).to(STAT_DTYPE).square().sum(0)
-                add(grad_sq, name, g2)
+                g2 = g.detach().reshape(-1, g.shape[-1]).to(STAT_DTYPE)
+                add(grad_sq, name, g2.square().sum(0))
+                if full:
+                    add(grad_cov, name, g2.T @ g2)
             out.register_hook(acc)
         return hook
 
@@ -165,5 +175,6 @@ def _layer_backward(i: int, layer: nn.Module, adapter: ModelAdapter, batches: li
     for group in groups:
         H = (grams[group[0]] / tokens).to(torch.float32)
         for n in group:
-            stats[f"{adapter.layers_path}.{i}.{n}"] = TargetStats(H, (grad_sq[n] / tokens).to(torch.float32))
+            cov = (grad_cov[n] / tokens).to(torch.float32) if full else None
+            stats[f"{adapter.layers_path}.{i}.{n}"] = TargetStats(H, (grad_sq[n] / tokens).to(torch.float32), cov)
     return below

@@ -7,6 +7,8 @@ the accumulated statistics without the activations.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .linalg import SOLVE_DTYPE
@@ -28,3 +30,12 @@ def relative_output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor 
     num = ((D @ H) * D).sum()
     den = ((W @ H) * W).sum().clamp_min(1e-300)
     return float(num / den)
+
+
+def predicted_increase(W: torch.Tensor, W_hat: torch.Tensor, st: Any) -> float:
+    """½·Σᵢ E[gᵢ²]·(ΔW H ΔWᵀ)ᵢᵢ: the calibration loss increase (nats per token) the statistics predict;
+    ½·tr(E[g gᵀ] ΔW H ΔWᵀ) where the statistics hold the whole output-gradient covariance."""
+    d = (W_hat.float() - W.float())
+    if getattr(st, "grad_cov", None) is not None:
+        return 0.5 * float(((st.grad_cov @ d @ st.gram) * d).sum())
+    return 0.5 * float((st.grad_sq[:, None] * (d @ st.gram) * d).sum())
