@@ -34,6 +34,7 @@ ROWS = [
     ("gptq", "bits=3,group=32"),  # 3.594 bits: the fewest at or above 3.5
     ("awq+gptq", "bits=3,group=192"),
     ("gptq", "bits=3,group=0"),  # per channel: 3.033 bits
+    ("gptq", "bits=4,group=64"),  # 4.3125 bits: the fewest at or above 4.25 (group 128 does not divide 576)
 ]
 
 
