@@ -8,9 +8,10 @@ linear with the real solver of one candidate (GPTQ with the pass defaults, Spars
 else dense, and measures the loss increase on held-out text (WikiText-2 test, ``--heldout`` windows of
 512 tokens, nats per token). Predictions, per perturbation:
 
-- ``predicted``: the search's estimate from its cheap step (RTN for quantization candidates), with
-  E[g gᵀ] kept diagonal;
-- ``predicted_full``: the same with the whole output-gradient covariance E[g gᵀ];
+- ``predicted``: the search's estimate (E[g gᵀ] kept diagonal): for GPTQ candidates from GPTQ's
+  uniform-noise row errors, for the others from their cheap step;
+- ``predicted_rtn``: GPTQ's ΔW estimated by RTN with the clip search instead;
+- ``predicted_full``: that with the whole output-gradient covariance E[g gᵀ];
 - ``predicted_exact`` / ``predicted_exact_full``: the two formulas on the solver's true ΔW;
 - ``proxy``: the relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) that the old allocators ranked by.
 
@@ -36,11 +37,12 @@ from compress.calib.data import CalibConfig, calibration_ids, join_documents, lo
 from compress.models import load_model
 from compress.pipeline.capture import capture_layer0_inputs, hidden_of, run_layer, with_hidden
 from compress.search.candidates import family_candidates
-from compress.search.select import predicted_increase, relative_error, target_weights
+from compress.search.select import relative_error, target_weights
 from compress.search.statistics import sensitivity_statistics
 from compress.solvers.gptq import gptq_quantize
 from compress.solvers.linalg import cholesky_psd
 from compress.solvers.lowrank import factorize, rank_for_ratio
+from compress.solvers.metrics import predicted_increase
 from compress.solvers.quant import QuantSpec, dequantize
 from compress.solvers.sparse import sparsegpt_prune
 
@@ -63,9 +65,9 @@ def solve(label: str, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return (lambda f: (f.B @ f.A).float())(factorize(W, rank_for_ratio(*W.shape, ratio), chol=cholesky_psd(H)[0]))
 
 
-def estimator(label: str):
+def candidate(label: str):
     fam = label.split(":")[0]
-    return next(c.estimator for c in family_candidates(fam) if c.steps[0] == label)
+    return next(c for c in family_candidates(fam) if c.steps[0] == label)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -139,7 +141,8 @@ def main() -> None:
             W = mod.data.clone()
             for label in labels:
                 W_true = solve(label, W, st.gram.double().float())
-                W_est = estimator(label)(W, st.gram)
+                cand = candidate(label)
+                W_est = cand.estimator(W, st.gram)
                 measured = known.get((f"{li}.{rel}", label))
                 if measured is None:
                     mod.data.copy_(W_true)
@@ -147,13 +150,14 @@ def main() -> None:
                     mod.data.copy_(W)
                 diag = dataclasses.replace(st, grad_cov=None)
                 row = {"target": f"{li}.{rel}", "candidate": label, "measured": measured,
-                       "predicted": predicted_increase(W, W_est, diag), "predicted_full": predicted_increase(W, W_est, st),
+                       "predicted": cand.predict(W, diag), "predicted_rtn": predicted_increase(W, W_est, diag),
+                       "predicted_full": predicted_increase(W, W_est, st),
                        "predicted_exact": predicted_increase(W, W_true, diag), "predicted_exact_full": predicted_increase(W, W_true, st),
                        "proxy": relative_error(W, W_true, st)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meas = [r["measured"] for r in rows]
-    keys = ("predicted", "predicted_full", "predicted_exact", "predicted_exact_full", "proxy")
+    keys = ("predicted", "predicted_rtn", "predicted_full", "predicted_exact", "predicted_exact_full", "proxy")
     rho = {k: spearman([r[k] for r in rows], meas) for k in keys}
     big = [r for r in rows if r["measured"] > FLOOR]
     rho_big = {k: spearman([r[k] for r in big], [r["measured"] for r in big]) for k in keys}
@@ -184,8 +188,9 @@ def main() -> None:
             "spearman_above_floor": {"threshold_nats": FLOOR, "n": len(big), **rho_big}, "rows": rows, "plans": plans}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    names = {"predicted": "search estimate, E[ggᵀ] diagonal (cheap step: RTN + clip search for gptq)",
-             "predicted_full": "search estimate, whole E[ggᵀ] (cheap step)",
+    names = {"predicted": "search estimate: E[ggᵀ] diagonal; gptq by GPTQ's uniform-noise row errors, others by their cheap step",
+             "predicted_rtn": "E[ggᵀ] diagonal, gptq's ΔW estimated by RTN + clip search",
+             "predicted_full": "whole E[ggᵀ], gptq's ΔW by RTN + clip search",
              "predicted_exact": "E[ggᵀ] diagonal, on the solver's true ΔW", "predicted_exact_full": "whole E[ggᵀ], on the solver's true ΔW",
              "proxy": "relative output error (the per-pass allocators' proxy)"}
     lines = ["# Loss estimate vs measured loss increase (single-target perturbations)", "",

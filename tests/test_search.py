@@ -12,7 +12,8 @@ from compress.adapters import get_adapter
 from compress.errors import ConfigError
 from compress.passes.targeting import matches
 from compress.search import Budget, parse_search, search
-from compress.search.select import _compact, cost_tables, predicted_increase
+from compress.search.select import _compact, cost_tables
+from compress.solvers.metrics import predicted_increase
 from compress.search.statistics import sensitivity_statistics
 
 from .conftest import STORIES, make_tiny, needs

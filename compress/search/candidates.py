@@ -5,9 +5,9 @@ A candidate is one or more pass steps (``gptq:bits=3,group=64``; ``svd-llm:ratio
 ``stored_bits``, exactly what the plan will say), whether the passes accept that shape, and a cheap
 estimate of the weight it leaves, from the target's weight and input Gram alone:
 
-- quantization: round-to-nearest on the candidate's grid with the diag(H)-weighted clipping search
-  (GPTQ's error feedback lowers the error further; the ranking this gives is validated in
-  bench/budget_rho.py);
+- GPTQ: its error per output row under a uniform-noise model (each code's rounding error uniform over
+  its group's step, weighted by the loss GPTQ's sweep assigns to its column), with the group steps of
+  GPTQ's own clipping search; RTN: round-to-nearest itself (validated in bench/budget_rho.py);
 - low-rank (svd-llm): the whitened truncated SVD itself;
 - 2:4 (sparsegpt): SparseGPT's own solve;
 - a step followed by quantization (``A+gptq``): the quantizer's estimate applied to the first step's
@@ -29,16 +29,23 @@ import torch
 from ..errors import ConfigError
 from ..passes.base import LINEAR, Pass, Stored, dense_bits
 from ..recipe import parse_shorthand
+from ..solvers.gptq import sweep_factor
 from ..solvers.linalg import cholesky_psd
 from ..solvers.lowrank import factorize, rank_for_ratio
+from ..solvers.metrics import predicted_increase
 from ..solvers.quant import QuantSpec, dequantize, quantize_rtn
 from ..solvers.sparse import sparsegpt_prune
 
 #: a candidate's estimate of the weight it leaves: (W, H) → Ŵ
 Estimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: a candidate's estimate of its error per output row, (ΔW H ΔWᵀ)ᵢᵢ, without forming Ŵ: (W, H) → (d_out,)
+RowErrors = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 QUANT_BITS = (2, 3, 4, 8)
-QUANT_GROUPS = (32, 64, 128)
+#: GPTQ's default damping (the pass's damp=)
+GPTQ_DAMP = 0.01
+#: group sizes along the input (0: the whole row); a target takes those that divide its input width
+QUANT_GROUPS = (32, 64, 128, 256, 0)
 LOWRANK_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_FAMILIES = ("gptq", "sparsegpt")
 STRUCTURED_FAMILIES = ("svd-llm",)
@@ -52,10 +59,20 @@ class Candidate:
     family: str
     steps: tuple[str, ...]
     estimator: Estimator
+    #: where set, the prediction uses these row errors instead of the estimated Ŵ
+    rows: RowErrors | None = None
 
     @property
     def label(self) -> str:
         return " + ".join(self.steps) if self.steps else "dense"
+
+    def predict(self, W: torch.Tensor, st: Any) -> float:
+        """The predicted loss increase on a target with weight W and statistics ``st``."""
+        if not self.steps:
+            return 0.0
+        if self.rows is not None:
+            return 0.5 * float((st.grad_sq * self.rows(W, st.gram)).sum())
+        return predicted_increase(W, self.estimator(W, st.gram), st)
 
     @functools.cached_property
     def passes(self) -> list[Pass[Any]]:
@@ -82,6 +99,36 @@ def _rtn(bits: int, group: int) -> Estimator:
         q = quantize_rtn(W, spec, H.diagonal())
         return dequantize(q.q, q.scales, q.zeros, spec)
     return hat
+
+
+#: the last Gram's GPTQ column weights (q/k/v and gate/up share one)
+_OBS: dict[str, Any] = {}
+
+
+def _obs_weights(H: torch.Tensor) -> torch.Tensor:
+    """1/U_jj² per input column (original order), U the upper Cholesky factor of the damped H⁻¹ in
+    GPTQ's activation order: the loss of an error e in column j, once the later columns absorb it."""
+    key = (H.data_ptr(), tuple(H.shape))
+    if _OBS.get("key") != key:
+        perm, U = sweep_factor(H.double(), True, GPTQ_DAMP, "")
+        w = torch.empty(H.shape[0], dtype=torch.float32)
+        w[perm] = U.diagonal().double().square().reciprocal().float()
+        _OBS.update(key=key, value=w)
+    return _OBS["value"]
+
+
+def _gptq_rows(bits: int, group: int) -> RowErrors:
+    """GPTQ's error per row under the uniform-noise model: every code's rounding error is uniform over
+    its group's step s (variance s²/12), weighted by :func:`_obs_weights`. The steps are those of
+    GPTQ's own group parameters (clip search weighted by diag H, from the original weights)."""
+    spec = QuantSpec(bits=bits, group_size=group, clip=True)
+
+    def rows(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+        q = quantize_rtn(W, spec, H.diagonal())
+        g, _ = spec.groups(*W.shape)
+        step = q.scales.float().repeat_interleave(g, dim=1)
+        return (step.square() / 12.0 * _obs_weights(H)[None, :]).sum(1)
+    return rows
 
 
 #: the last target's whitened factorization at full rank (every ratio of a target truncates the same one)
@@ -119,7 +166,8 @@ def family_candidates(family: str) -> list[Candidate]:
         return [Candidate(family, c.steps + (f"{then}:bits=4,group={g}",), _then(c.estimator, _rtn(4, g)))
                 for c in family_candidates(first) for g in (32, 64)]
     if family in ("gptq", "rtn"):
-        return [Candidate(family, (f"{family}:bits={b},group={g}",), _rtn(b, g)) for b in QUANT_BITS for g in QUANT_GROUPS]
+        return [Candidate(family, (f"{family}:bits={b},group={g}",), _rtn(b, g), _gptq_rows(b, g) if family == "gptq" else None)
+                for b in QUANT_BITS for g in QUANT_GROUPS]
     if family == "svd-llm":
         return [Candidate(family, (f"svd-llm:ratio={r}",), _svd(r)) for r in LOWRANK_RATIOS]
     if family == "sparsegpt":

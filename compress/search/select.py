@@ -26,7 +26,6 @@ from ..errors import ConfigError
 from ..passes.targeting import layer_indexed_name, split_index
 from ..recipe import Recipe, parse_shorthand
 from ..solvers.allocate import knapsack
-from ..solvers.metrics import predicted_increase
 from .candidates import Candidate
 from .statistics import SensitivityStats, sensitivity_statistics
 
@@ -196,7 +195,7 @@ def search(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor, bud
     for name, row in tables.items():
         W = mods[name].detach().float()
         st = stats.targets[name]
-        options.append([(cost, predicted_increase(W, c.estimator(W, st.gram), st) if c.steps else 0.0) for cost, c in row])
+        options.append([(cost, c.predict(W, st)) for cost, c in row])
     seconds["candidates"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     dense = sum(t[0][0] for t in tables.values())

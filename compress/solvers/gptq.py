@@ -29,12 +29,12 @@ class FactorCache:
         k = self._key
         if k is not None and self._value is not None and k[1] == actorder and k[2] == damp and k[0].shape == H.shape and torch.equal(k[0], H):
             return self._value
-        value = _factor(H, actorder, damp, name)
+        value = sweep_factor(H, actorder, damp, name)
         self._key, self._value = (H, actorder, damp), value
         return value
 
 
-def _factor(H: torch.Tensor, actorder: bool, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def sweep_factor(H: torch.Tensor, actorder: bool, damp: float, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(sweep order of the columns, upper Cholesky factor of the damped H⁻¹ in that order)."""
     d_in = H.shape[0]
     perm = torch.argsort(H.diagonal(), descending=True) if actorder else torch.arange(d_in)
@@ -91,7 +91,7 @@ def gptq_quantize(
     d_out, d_in = W.shape
     g, n_groups = spec.groups(d_out, d_in)
     W = W.to(SWEEP_DTYPE)
-    perm, U = cache.get(H, actorder, damp, name) if cache is not None else _factor(H, actorder, damp, name)
+    perm, U = cache.get(H, actorder, damp, name) if cache is not None else sweep_factor(H, actorder, damp, name)
     hdiag = H.diagonal().to(SWEEP_DTYPE)
     channels = d_out if spec.dim == "oc" else d_in
     scales = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)
