@@ -205,6 +205,9 @@ def main() -> None:
     lines += ["", f"Statistics (forward + layer-walked backward, {args.stat_samples} x 512 tokens, whole E[ggᵀ]): {t_stats:.1f} s.",
               f"Below about {FLOOR} nats the held-out measurement is dominated by first-order effects of either sign (several measured "
               "increases are negative): the ranking there is noise on both sides."]
+    if args.measured:
+        lines.append(f"The measured increases come from an earlier run of the same perturbations and protocol ({Path(args.measured).name}); "
+                     "this run recomputed the statistics and every prediction.")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(json.dumps(rho))
 
