@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Bench, parser, protocol_for, select
+from common import Bench, Results, parser, protocol_for, select
 
 from compress import compress
 from compress.adapters import get_adapter
@@ -24,6 +24,8 @@ from compress.planning.searched import SEARCH_SAMPLES
 from compress.search import Budget, parse_search, search
 from compress.search.statistics import sensitivity_statistics
 
+COLUMNS = ["method", "options", "ppl", "bits_per_weight", "search_bits_per_weight", "predicted_increase", "histogram", "seconds",
+           "seconds_vs_forward", "search_seconds_vs_forward"]
 ROWS = [
     ("search", "bits=3.0"),
     ("search", "bits=2.5"),
@@ -38,13 +40,34 @@ ROWS = [
 ]
 
 
+NOTES = [
+    "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
+    "bits_per_weight: stored bits per weight of the linears the passes compressed; search_bits_per_weight: over every decoder "
+    "linear, dense ones included (the budget's measure).",
+    "search: candidates gptq bits 2/3/4/8 x group 32/64/128/256/whole row (where the group divides) and dense (sparsegpt 2:4 "
+    "lies above 4x these budgets and is not estimated); GPTQ candidates estimated by GPTQ's uniform-noise row errors; "
+    "statistics from 16 x 512 calibration tokens, gathered once (their time is in every search row).",
+    "search-v1 rows: the first version, GPTQ candidates estimated by RTN + clip search and groups 32/64/128 only (replaced).",
+    "seconds_vs_forward: over one dense forward of the 32 x 512 calibration set measured at the start of the same run "
+    "(calib_forward_seconds; the appended rows' run re-measured it at 78.9 s while another benchmark shared the CPU, against 39.5 s "
+    "alone, and its first search row's times are inflated the same way); search_seconds_vs_forward: the search's extra cost alone "
+    "(statistics + candidate estimates + knapsack).",
+]
+
+
+def write_markdown(results: Results) -> None:
+    results.write_markdown("Searched plans vs uniform recipes on SmolLM2-135M-Instruct", NOTES)
+
+
 def main() -> None:
     ap = parser(__doc__, "budget", rows=True)
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json and exit")
     args = ap.parse_args()
     protocol = protocol_for(args)
-    cols = ["method", "options", "ppl", "bits_per_weight", "search_bits_per_weight", "predicted_increase", "histogram", "seconds",
-            "seconds_vs_forward", "search_seconds_vs_forward"]
-    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, cols, append=args.append)
+    if args.markdown_only:
+        write_markdown(Results(Path(args.out), protocol, COLUMNS, append=True))
+        return
+    bench = Bench(args.model, args.data_dir, Path(args.out), protocol, COLUMNS, append=args.append)
     adapter = get_adapter(bench.model)
     stats = None
     t_stats = 0.0
@@ -76,16 +99,7 @@ def main() -> None:
         }
         bench.results.add(row)
         print({k: v for k, v in row.items() if k not in ("recipe", "map")}, flush=True)
-    bench.results.write_markdown("Searched plans vs uniform recipes on SmolLM2-135M-Instruct", [
-        "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
-        "bits_per_weight: stored bits per weight of the linears the passes compressed; search_bits_per_weight: over every decoder "
-        "linear, dense ones included (the budget's measure).",
-        "search: candidates gptq bits 2/3/4/8 x group 32/64/128 (where the group divides) and dense (sparsegpt 2:4 lies above 4x "
-        "these budgets and is left out); statistics from 16 x 512 calibration tokens, gathered once (their time is in every search row).",
-        "seconds_vs_forward: over one dense forward of the 32 x 512 calibration set, same run; search_seconds_vs_forward: the search's "
-        "extra cost alone (statistics + candidate estimates + knapsack).",
-    ])
-
+    write_markdown(bench.results)
 
 if __name__ == "__main__":
     main()
