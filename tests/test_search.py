@@ -13,8 +13,8 @@ from compress.errors import ConfigError
 from compress.passes.targeting import matches
 from compress.search import Budget, parse_search, search
 from compress.search.select import _compact, cost_tables
-from compress.solvers.metrics import predicted_increase
 from compress.search.statistics import sensitivity_statistics
+from compress.solvers.metrics import predicted_increase
 
 from .conftest import STORIES, make_tiny, needs
 from .test_cli import _assert_one_line_error, _run
