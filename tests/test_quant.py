@@ -262,8 +262,8 @@ def test_static_group_sweep_matches_the_general_sweep_and_reuses_equal_factors(m
         assert torch.equal(fast.q, general.q) and torch.equal(fast.scales, general.scales)
         assert lf == pytest.approx(lg, rel=1e-5)
     calls = []
-    real = G._factor
-    monkeypatch.setattr(G, "_factor", lambda *a: calls.append(1) or real(*a))
+    real = G.sweep_factor
+    monkeypatch.setattr(G, "sweep_factor", lambda *a: calls.append(1) or real(*a))
     cache = G.FactorCache()
     a, _ = G.gptq_quantize(W, H, QuantSpec(bits=4, group_size=32), actorder=True, cache=cache)
     b, _ = G.gptq_quantize(W[:20], H.clone(), QuantSpec(bits=4, group_size=32), actorder=True, cache=cache)

@@ -102,7 +102,7 @@ def test_budget_and_candidate_refusals() -> None:
         (["--budget", "bits=3", "--pass", "gptq"], "--budget chooses the passes itself: drop --pass"),
         (["--search", "gptq", "--pass", "gptq"], "--search names the candidates of a --budget search"),
         (["--budget", "bits=40"], "at or above the dense model (bits=32)"),
-        (["--budget", "bits=3"], "below the cheapest plan these candidates reach"),
+        (["--budget", "bits=1.5"], "below the cheapest plan these candidates reach"),
         (["--budget", "bits=12", "--search", "svd-llm+gptq"], "does not compose"),
         (["--budget", "params=0.5", "--search", "gptq"], "does not remove parameters"),
     ],
