@@ -20,9 +20,9 @@ from common import Bench, Results, parser, protocol_for, select
 
 from compress import compress
 from compress.adapters import get_adapter
+from compress.pipeline.gradients import sensitivity_statistics
 from compress.planning.searched import SEARCH_SAMPLES
 from compress.search import Budget, parse_search, search
-from compress.search.statistics import sensitivity_statistics
 
 COLUMNS = ["method", "options", "ppl", "bits_per_weight", "search_bits_per_weight", "predicted_increase", "histogram", "seconds",
            "seconds_vs_forward", "search_seconds_vs_forward"]

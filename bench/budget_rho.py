@@ -36,9 +36,9 @@ from compress.adapters import get_adapter
 from compress.calib.data import CalibConfig, calibration_ids, join_documents, load_documents
 from compress.models import load_model
 from compress.pipeline.capture import capture_layer0_inputs, hidden_of, run_layer, with_hidden
+from compress.pipeline.gradients import sensitivity_statistics
 from compress.search.candidates import family_candidates
 from compress.search.select import relative_error, target_weights
-from compress.search.statistics import sensitivity_statistics
 from compress.solvers.gptq import gptq_quantize
 from compress.solvers.linalg import cholesky_psd
 from compress.solvers.lowrank import factorize, rank_for_ratio

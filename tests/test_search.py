@@ -11,9 +11,9 @@ import yaml
 from compress.adapters import get_adapter
 from compress.errors import ConfigError
 from compress.passes.targeting import matches
+from compress.pipeline.gradients import sensitivity_statistics
 from compress.search import Budget, parse_search, search
 from compress.search.select import _compact, cost_tables
-from compress.search.statistics import sensitivity_statistics
 from compress.solvers.metrics import predicted_increase
 
 from .conftest import STORIES, make_tiny, needs

@@ -38,7 +38,7 @@ Options:
   meet the budget (see :mod:`compress.solvers.allocate`): each candidate's relative whitened error
   (the closed form's first step, on the profiled statistics; it misranks rho, so rho is not
   allocated) times the target's loss sensitivity from the loss-gradient statistics
-  (:mod:`compress.search.statistics`, one layer-walked backward pass over 16 calibration sequences).
+  (:mod:`compress.pipeline.gradients`, one layer-walked backward pass over 16 calibration sequences).
 
 Example recipe::
 

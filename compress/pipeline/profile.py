@@ -13,6 +13,7 @@ from ..passes.base import Pass
 from .capture import Batch, capture_layer0_inputs, run_layer
 from .context import calibration_forward_context
 from .distributed import Dist, reduce_stats
+from .gradients import SEARCH_SAMPLES, sensitivity_statistics
 from .loop import layer_loop
 from .state import Engine
 from .stats import SENSITIVITY, LayerStats
@@ -48,10 +49,8 @@ def run_profiles(model: nn.Module, adapter: ModelAdapter, passes: list[Pass[Any]
 
 
 def _sensitivity(model: nn.Module, adapter: ModelAdapter, input_ids: torch.Tensor | None, engine: Engine) -> Any:
-    """The loss-gradient statistics of every target (:mod:`compress.search.statistics`), for passes
+    """The loss-gradient statistics of every target (:mod:`compress.pipeline.gradients`), for passes
     whose global choice weighs each target by how much the loss depends on it."""
-    from ..search.statistics import SEARCH_SAMPLES, sensitivity_statistics
-
     if input_ids is None:
         raise ValueError("a global allocation weighs targets by the loss gradient, which needs calibration token ids")
     if engine.dist is not None:

@@ -17,7 +17,7 @@ ACCUM_DTYPE = torch.float64
 
 #: statistics a pass may declare
 KINDS = frozenset({"gram", "abs_mean", "rms", "abs_max"})
-#: a profile kind: the loss-gradient statistics of every target (see compress.search.statistics),
+#: a profile kind: the loss-gradient statistics of every target (see compress.pipeline.gradients),
 #: in :attr:`LayerStats.sensitivity` during the profile
 SENSITIVITY = "sensitivity"
 

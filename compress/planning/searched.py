@@ -18,10 +18,10 @@ from ..adapters import get_adapter
 from ..calib.data import CalibConfig, calibration_ids
 from ..errors import ConfigError
 from ..models import load_model
+from ..pipeline.gradients import SEARCH_SAMPLES
 from ..recipe import Recipe
 from ..search import Budget, SearchResult, parse_search, search
 from ..search.select import cost_tables
-from ..search.statistics import SEARCH_SAMPLES
 
 
 def searched_recipe(model: str | Path | nn.Module, budget: str | Budget, candidates: str | None, cfg: CalibConfig, calib: Any, *,

@@ -1,6 +1,6 @@
 """The search: one candidate per target under one size budget, by the predicted loss increase.
 
-1. Statistics of the dense model (:mod:`compress.search.statistics`): input Grams and output-gradient
+1. Statistics of the dense model (:mod:`compress.pipeline.gradients`): input Grams and output-gradient
    second moments, one streamed backward pass.
 2. Per target and candidate: the stored bits (the passes' own accounting) and the predicted increase
    of the calibration loss, ½·Σᵢ E[gᵢ²]·(ΔW H ΔWᵀ)ᵢᵢ, from the candidate's cheap estimate of Ŵ.
@@ -24,10 +24,10 @@ from torch import nn
 from ..adapters.base import ModelAdapter
 from ..errors import ConfigError
 from ..passes.targeting import layer_indexed_name, split_index
+from ..pipeline.gradients import SensitivityStats, sensitivity_statistics
 from ..recipe import Recipe, parse_shorthand
 from ..solvers.allocate import knapsack
 from .candidates import Candidate
-from .statistics import SensitivityStats, sensitivity_statistics
 
 BUDGET_KINDS = ("bits", "size", "params")
 #: candidates above this multiple of the budget's bits per weight are left out (their estimate costs

@@ -1,5 +1,6 @@
-"""What the search knows about every target linear of the dense model: the Gram of its inputs and the
-mean squared gradient of the calibration loss at each of its outputs, from one backward pass.
+"""Loss-gradient statistics of every target linear of the dense model (the budget search and global
+allocations read them): the Gram of its inputs and the mean squared gradient of the calibration loss at
+each of its outputs, from one backward pass.
 
 The backward pass is walked one decoder layer at a time, the way the rest of the engine works: a
 forward keeps every layer's input hidden states (on the CPU), the head gives the gradient at the last
@@ -25,8 +26,8 @@ from torch.nn import functional as F
 
 from ..adapters.base import ModelAdapter
 from ..errors import CompressError
-from ..pipeline.capture import Batch, capture_layer0_inputs, hidden_of, module_device, move_outside_layers, run_layer, with_hidden
-from ..pipeline.context import calibration_forward_context
+from .capture import Batch, capture_layer0_inputs, hidden_of, module_device, move_outside_layers, run_layer, with_hidden
+from .context import calibration_forward_context
 
 #: accumulation precision of the statistics
 STAT_DTYPE = torch.float64
