@@ -22,6 +22,7 @@ import glob
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 
 from ..config import Options, option
 from ..errors import CompressError
+from ..readers import decode, read_text
 
 DATA_DIR_ENV = "COMPRESS_DATA_DIR"
 NAMED_SOURCES = ("wikitext2", "c4", "ptb")
@@ -63,34 +65,70 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     return p
 
 
-def _read_jsonl(path: Path, field: str = "text") -> list[str]:
-    opener = gzip.open if path.suffix == ".gz" else open
+def _read_jsonl(path: Path, field: str = "text", user: bool = False) -> list[str]:
+    """The ``field`` of each row. ``user``: a file the user named, whose rows must each hold text
+    (an empty one is skipped, a null or non-string one refused); a named source keeps its rows as
+    they are (WikiText-2's empty rows are part of its text)."""
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    what = "calibration file" if user else "data file"
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise CompressError(f"cannot read {what} '{path}': {getattr(e, 'strerror', None) or e}; check or re-download it") from None
+    text = decode(data, path, what)
     out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            if field not in row:
-                raise CompressError(f"{path}: line {i + 1} has no '{field}' field")
-            out.append(str(row[field]))
+        except json.JSONDecodeError as e:
+            raise CompressError(f"{what} '{path}': line {i + 1} is not JSON ({e.msg}); each line must be one object such as {{\"{field}\": \"...\"}}") from None
+        if not isinstance(row, dict):
+            raise CompressError(f"{what} '{path}': line {i + 1} is a JSON {type(row).__name__}, not an object with a '{field}' field")
+        if field not in row:
+            raise CompressError(f"{what} '{path}': line {i + 1} has no '{field}' field")
+        value = row[field]
+        if user and not isinstance(value, str):
+            raise CompressError(f"{what} '{path}': line {i + 1} has a {'null' if value is None else type(value).__name__} '{field}', not text; remove the row or give it text")
+        if user and not value.strip():
+            continue
+        out.append(str(value))
     return out
 
 
 def _read_file(path: Path) -> list[str]:
     suffixes = "".join(path.suffixes[-2:])
     if path.suffix == ".txt" or path.suffix == ".raw":
-        return [path.read_text(encoding="utf-8")]
+        return [read_text(path, "calibration file")]
     if path.suffix == ".jsonl" or suffixes == ".jsonl.gz":
-        return _read_jsonl(path)
+        return _read_jsonl(path, user=True)
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise CompressError("reading .parquet needs pyarrow: pip install 'compress[parquet]'") from None
-        table = pq.read_table(path, columns=["text"])
-        return [str(t) for t in table.column("text").to_pylist()]
+        return _read_parquet(path)
     raise CompressError(f"unsupported data file '{path}': use .txt, .jsonl (a 'text' field) or .parquet")
+
+
+def _read_parquet(path: Path) -> list[str]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CompressError("reading .parquet needs pyarrow: pip install 'compress[parquet]'") from None
+    try:
+        schema = pq.read_schema(path)
+        if "text" not in schema.names:
+            raise CompressError(f"calibration file '{path}' has no 'text' column (columns: {', '.join(schema.names[:8])})")
+        values = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise CompressError(f"calibration file '{path}' is not a readable parquet file ({str(e).splitlines()[0][:120]}); check or re-export it") from None
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise CompressError(f"calibration file '{path}': row {i} has a {'null' if v is None else type(v).__name__} 'text', not text; drop the row or give it text")
+        if v.strip():
+            out.append(v)
+    return out
 
 
 def _local_named(source: str, split: str, root: Path) -> list[str]:
@@ -101,7 +139,7 @@ def _local_named(source: str, split: str, root: Path) -> list[str]:
         if rows.is_file():
             return _read_jsonl(rows)
         if raw.is_file():
-            return [raw.read_text(encoding="utf-8")]
+            return [read_text(raw, "data file")]
         candidates = [rows, raw]
     elif source == "c4":
         hf_split = "validation" if s == "valid" else s
@@ -112,7 +150,7 @@ def _local_named(source: str, split: str, root: Path) -> list[str]:
     else:  # ptb
         p = root / "ptb" / f"ptb.{s}.txt"
         if p.is_file():
-            return [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+            return [line.strip() for line in read_text(p, "data file").splitlines()]
         candidates = [p]
     raise CompressError(
         f"{source} split '{split}' not found in data directory '{root}' (looked for {', '.join(map(str, candidates))}); "

@@ -10,6 +10,7 @@ import typer
 from ..calib.data import CalibConfig
 from ..errors import CompressError
 from ..evalspec import EvalSpec
+from ..recipe import load_recipe
 from .app import console, out_console, progress_bar, setup_logging
 from .options import with_options
 from .show import print_layers, print_summary
@@ -80,7 +81,7 @@ def run(
     spec = eval_spec_of(eval_text, evaluation or {})
     if baseline and not spec:
         raise CompressError("--baseline needs something to measure: add --ppl or --eval")
-    p = api.plan(model, str(recipe) if recipe is not None else (list(passes) or None), out, calib=calib or {}, eval_spec=spec if spec else None,
+    p = api.plan(model, load_recipe(recipe) if recipe is not None else (list(passes) or None), out, calib=calib or {}, eval_spec=spec if spec else None,
                  baseline=baseline, export=tuple(export), device=device, dtype=dtype, stream="auto" if stream is None else ("on" if stream else "off"),
                  restart=restart, offload_dir=offload_dir, overwrite=overwrite, data_dir=data_dir, gguf_file=gguf_file,
                  trust_remote_code=trust_remote_code, budget=budget, search=search)

@@ -17,6 +17,6 @@ def validate(recipe: Path = typer.Argument(..., help="recipe YAML")) -> None:
 
     rec = load_recipe(recipe)
     check_order([spec.build() for spec in rec.passes])
-    CalibConfig.from_dict(rec.calibration, where=lambda f: f"calibration: {f} of the recipe", what="recipe calibration")
+    CalibConfig.from_dict(rec.calibration, where=lambda f: f"the recipe's 'calibration: {f}'", what="recipe calibration")
     out_console.print(rec.to_yaml(), highlight=False)
     out_console.print("recipe is valid")

@@ -33,6 +33,7 @@ from .hf_format import quantization_config, write_quantization_config
 from .model_tensors import STRUCTURE_ATTR, dedupe  # noqa: F401  (STRUCTURE_ATTR re-exported)
 from .modules import CompressedLinear
 from .modules.base import hf_config
+from .readers import integer, read_json
 from .version import FORMAT_VERSION, __version__
 
 MANIFEST = "manifest.json"
@@ -144,13 +145,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     p = d / MANIFEST
     if not p.is_file():
         raise CompressError(f"'{d}' is not a compressed checkpoint (no {MANIFEST}); run 'compress run' to make one")
-    try:
-        manifest = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        raise CompressError(f"'{p}' is not valid JSON; the checkpoint is damaged") from None
-    if manifest.get("format") != _FORMAT:
+    manifest = read_json(p, "checkpoint manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
         raise CompressError(f"'{p}' is not a compress manifest")
-    version = int(manifest.get("format_version", 0))
+    version = integer(manifest.get("format_version", 0), "format_version", f"'{p}'")
     if version > FORMAT_VERSION:
         raise CompressError(
             f"checkpoint '{d}' has format version {version}, newer than this library reads ({FORMAT_VERSION}); upgrade compress"

@@ -75,15 +75,19 @@ def check_entry(entry: dict[str, Any], where: str = "the checkpoint") -> None:
     """Refuse a newer format version or a module type this version does not know (one line each)."""
     from .errors import CompressError
     from .modules import MODULE_TYPES
+    from .readers import integer
     from .version import FORMAT_VERSION, __version__
 
-    version = int(entry.get("format_version", 0))
+    version = integer(entry.get("format_version", 0), "format_version", f"{where}'s quantization_config")
     if version > FORMAT_VERSION:
         raise CompressError(
             f"{where} has compress format version {version}, newer than this library reads ({FORMAT_VERSION}, compress "
             f"{__version__}); upgrade compress (pip install -U compress)"
         )
-    for name, m in (entry.get("modules") or {}).items():
+    modules = entry.get("modules") or {}
+    if not isinstance(modules, dict) or not all(isinstance(m, dict) and isinstance(m.get("spec", {}), dict) for m in modules.values()):
+        raise CompressError(f"{where}'s quantization_config has damaged 'modules' (each must be {{type, spec}}); restore config.json or rerun compress run")
+    for name, m in modules.items():
         if m.get("type") != "Linear" and m.get("type") not in MODULE_TYPES:
             raise CompressError(
                 f"{where} uses module type '{m.get('type')}' (at {name}), unknown to compress {__version__}; upgrade compress"
@@ -103,8 +107,10 @@ def _define() -> tuple[type[QuantizationConfigMixin], type[HfQuantizer]]:
         def __init__(self, modules: dict[str, Any] | None = None, structure: dict[str, Any] | None = None,
                      tied: dict[str, str] | None = None, format_version: int = FORMAT_VERSION,
                      library_version: str | None = None, **kwargs: Any) -> None:
+            from .readers import integer
+
             self.quant_method = QUANT_METHOD  # type: ignore[assignment]
-            self.format_version = int(format_version)
+            self.format_version = integer(format_version, "format_version", "the checkpoint's quantization_config")
             self.library_version = library_version
             self.modules = dict(modules or {})
             self.structure = dict(structure or {})
@@ -125,7 +131,12 @@ def _define() -> tuple[type[QuantizationConfigMixin], type[HfQuantizer]]:
 
         def _process_model_before_weight_loading(self, model: Any, checkpoint_files: list[str] | None = None,
                                                  dtype: torch.dtype | None = None, **kwargs: Any) -> Any:
-            prepare_model(model, self.quantization_config.to_dict(), dtype or torch.float32, checkpoint_files or [])
+            entry = self.quantization_config.to_dict()
+            files = checkpoint_files or []
+            saved = _saved_shapes(files)
+            prepare_model(model, entry, dtype or torch.float32, files, saved)
+            if saved:
+                check_saved(model, saved, entry.get("tied") or {}, f"checkpoint '{Path(files[0]).parent}'")
             return model
 
         def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -195,19 +206,39 @@ def install() -> None:
 
 
 def _saved_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
+    """Each saved tensor's shape, from the headers (a truncated or damaged file is a one-line error here,
+    before transformers reads a byte of it)."""
+    from .sources import read_header
 
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
-        if not str(f).endswith(".safetensors"):
-            continue
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                shapes[k] = tuple(fh.get_slice(k).get_shape())
+        if str(f).endswith(".safetensors"):
+            shapes.update(read_header(Path(f)))
     return shapes
 
 
-def prepare_model(model: Any, entry: dict[str, Any], dtype: Any, files: list[str]) -> None:
+def check_saved(model: Any, saved: dict[str, tuple[int, ...]], tied: dict[str, str], where: str) -> None:
+    """Refuse weight files whose tensors are not the ones the rebuilt model expects: a tensor missing
+    (transformers would initialize it at random), one the model does not have, or one of another shape."""
+    import re
+
+    from .errors import CompressError
+
+    skip = set(tied) | set(dict(getattr(model, "all_tied_weights_keys", None) or {}))
+    ignore = [*(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in skip}
+    missing = sorted(k for k in expected if k not in saved and not any(re.search(p, k) for p in ignore))
+    unexpected = sorted(k for k in saved if k not in expected and k not in skip)
+    wrong = sorted(f"{k} {saved[k]} != {expected[k]}" for k in expected if k in saved and saved[k] != expected[k])
+    if missing or unexpected or wrong:
+        parts = [f"{label} {', '.join(names[:3])}{' and %d more' % (len(names) - 3) if len(names) > 3 else ''}"
+                 for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names]
+        raise CompressError(f"{where}: the weight files do not match the checkpoint's description ({'; '.join(parts)}); "
+                            "the checkpoint is damaged: restore it or rerun compress run")
+
+
+def prepare_model(model: Any, entry: dict[str, Any], dtype: Any, files: list[str],
+                  saved: dict[str, tuple[int, ...]] | None = None) -> None:
     """Give a freshly built (meta or real) model the checkpoint's structure, compressed modules, saved
     shapes and tied aliases, so that its state dict names and shapes match the checkpoint's."""
     import torch
@@ -220,7 +251,10 @@ def prepare_model(model: Any, entry: dict[str, Any], dtype: Any, files: list[str
     rebuild_structure(model, entry.get("structure") or {}, dtype)
     for name, m in (entry.get("modules") or {}).items():
         set_submodule(model, name, MODULE_TYPES[m["type"]].from_spec(m["spec"], dtype=dtype, device=device))
-    resize_to(model, _saved_shapes(files), device=device)
+    if entry.get("structure"):  # a sliced model stores smaller plain matrices; a compressed module's spec has its shapes
+        modules = tuple(f"{n}." for n in entry.get("modules") or {})
+        shapes = _saved_shapes(files) if saved is None else saved
+        resize_to(model, {k: v for k, v in shapes.items() if not k.startswith(modules)}, device=device)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     tied = entry.get("tied") or {}
     if any(a in params for a in tied):

@@ -22,6 +22,7 @@ import yaml
 
 from .config import PassConfig
 from .errors import ConfigError
+from .readers import read_text
 from .registry import get_pass, pass_for_config
 
 if TYPE_CHECKING:
@@ -103,10 +104,14 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path) -> Recipe:
     p = Path(path)
+    if p.is_dir():
+        found = sorted(x.name for x in p.glob("*.y*ml"))[:3]
+        hint = f"give the file, e.g. --recipe {p / found[0]}" if found else "give the path of a recipe YAML file"
+        raise ConfigError(f"recipe '{p}' is a directory, not a file; {hint}")
     if not p.is_file():
-        raise ConfigError(f"recipe file '{p}' does not exist")
+        raise ConfigError(f"recipe file '{p}' does not exist; check the path (--recipe takes a YAML file, --pass NAME:key=val a pass)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(read_text(p, "recipe file"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""

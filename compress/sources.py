@@ -103,6 +103,11 @@ class _SafetensorsFile:
             self._fd = None
 
 
+def read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor in a .safetensors file, its header checked against the file's size."""
+    return {name: e[1] for name, e in _SafetensorsFile(path).entries.items()}
+
+
 class SafetensorsSource:
     """A single ``model.safetensors`` or the shards listed by ``model.safetensors.index.json``."""
 

@@ -6,9 +6,12 @@ equivalent one, and bad entries are refused in one line. The contract table
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -102,16 +105,47 @@ def test_unknown_module_type_is_refused_naming_it(tmp_path: Path) -> None:
         AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_a_damaged_checkpoint_is_an_error_in_load(tmp_path: Path) -> None:
-    """load() is strict where plain from_pretrained would initialize a missing weight and warn."""
+def _drop(state: dict) -> str:
+    del state["model.layers.1.mlp.up_proj.scales"]
+    return "missing model.layers.1.mlp.up_proj.scales"
+
+
+def _add(state: dict) -> str:
+    state["model.layers.1.mlp.up_proj.extra"] = torch.zeros(3)
+    return "unexpected model.layers.1.mlp.up_proj.extra"
+
+
+def _reshape(state: dict) -> str:
+    t = state["model.layers.1.mlp.up_proj.scales"]
+    state["model.layers.1.mlp.up_proj.scales"] = torch.cat([t, t])
+    return "wrong shape model.layers.1.mlp.up_proj.scales"
+
+
+@pytest.mark.parametrize("edit", [_drop, _add, _reshape], ids=["missing", "unexpected", "wrong-shape"])
+@pytest.mark.parametrize("opener", ["load", "from_pretrained"])
+def test_a_checkpoint_unlike_its_description_never_loads(tmp_path: Path, edit: Any, opener: str) -> None:
+    """Plain from_pretrained would initialize a missing weight at random and warn: the quantizer's
+    check refuses it on every path, naming the tensors."""
     from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
 
     out, _ = _checkpoint(tmp_path, ["rtn:bits=4,group=16"])
     state = load_file(str(out / "model.safetensors"))
-    del state["model.layers.1.mlp.up_proj.scales"]
+    named = edit(state)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CompressError, match="does not match its description \\(missing \\['model.layers.1.mlp.up_proj.scales'\\]"):
-        load(out)
+    with pytest.raises(CompressError, match="do not match the checkpoint's description \\(" + re.escape(named)):
+        load(out) if opener == "load" else AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_truncated_weight_file_is_named(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out, _ = _checkpoint(tmp_path, ["rtn:bits=4,group=16"])
+    f = out / "model.safetensors"
+    os.truncate(f, f.stat().st_size // 2)
+    for open_ in (load, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(CompressError, match="model.safetensors' is truncated: tensor '.*' ends at byte"):
+            open_(out)
 
 
 def test_without_the_package_transformers_names_the_method(tmp_path: Path) -> None:

@@ -165,7 +165,7 @@ def _calib_config(calib: Any, rec: Recipe, batch_size: int | None) -> CalibConfi
     else:
         given = dict(calib or {})
         merged = {**rec.calibration, **given}
-        cfg = CalibConfig.from_dict(merged, where=lambda f: CalibConfig.where(f) if f in given else f"calibration: {f} of the recipe",
+        cfg = CalibConfig.from_dict(merged, where=lambda f: CalibConfig.where(f) if f in given else f"the recipe's 'calibration: {f}'",
                                     what="recipe calibration")
     return dataclasses.replace(cfg, batch_size=batch_size) if batch_size else cfg
 
