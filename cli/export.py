@@ -20,7 +20,7 @@ def export(
     from ..adapters import get_adapter
     from ..checkpoint import MANIFEST, read_manifest
     from ..exports import get_export
-    from ..fsutil import atomic_directory
+    from ..fsutil import atomic_directory, writing
     from ..planning.checks import check_output_dir
 
     setup_logging(False)
@@ -31,6 +31,7 @@ def export(
     m, tok = api.load(checkpoint)
     layers_path = get_adapter(m).layers_path
     ex.check_model(m, layers_path)
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    need = sum(t.numel() * t.element_size() for t in m.state_dict().values())
+    with writing(out, need, "nothing was written: free space and rerun the same command"), atomic_directory(out, overwrite=overwrite) as tmp:
         ex.write(m, tok, tmp, layers_path, source)
     out_console.print(f"wrote {out}")

@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import load_checkpoint, write_config_and_tokenizer, write_manifest
 from ..errors import CompressError
-from ..fsutil import atomic_directory
+from ..fsutil import atomic_directory, writing
 from ..models import load_model
 from ..modules.base import hf_config
 from ..pipeline.state import OnLayer
@@ -88,7 +88,9 @@ def _compress(plan: RunPlan, progress: Any, t0: float, stage: Callable[[str], No
     if plan.memory:
         stage(plan.memory)
     if progress.done:
-        stage(f"resuming at layer {progress.done + 1} of {n_layers} from {progress.dir}")
+        progress.check_layers(progress.done)
+        stage(f"every layer is finished in {progress.dir}: writing the checkpoint" if progress.done >= n_layers
+              else f"resuming at layer {progress.done + 1} of {n_layers} from {progress.dir}")
     base_metrics, t_base = _baseline(plan, stage)
     stage("compressing (streamed)")
     layer_stream = LayerStream(sm, progress, getattr(torch, plan.handle.info["dtype"]), plan.offload_dir)
@@ -133,15 +135,12 @@ def _write(plan: RunPlan, progress: Any, man: dict[str, Any], report: Report, st
         sm.load_outside()  # dropped after the layer-0 inputs were captured
     finally:
         sm.source.close()
-    try:
-        with atomic_directory(out, overwrite=plan.overwrite) as tmp:
-            write_config_and_tokenizer(model, plan.handle.tokenizer, tmp)
-            files, aliases = write_streamed_weights(model, plan.adapter.layers_path, progress, n_layers, tmp)
-            write_manifest(model, tmp, man, files, aliases, plan.recipe.to_yaml())
-            report.timings["save"] = time.perf_counter() - t0
-            report.write(tmp)
-    except OSError as e:
-        raise CompressError(
-            f"cannot write {out} ({e.strerror or e}); every layer is kept in '{progress.dir}': "
-            "free space and rerun the same command to write the checkpoint"
-        ) from None
+    progress.check_layers(n_layers)
+    need = sum(progress.layer_file(i).stat().st_size for i in range(n_layers))
+    then = f"every layer is kept in '{progress.dir}': free space and rerun the same command to write the checkpoint"
+    with writing(out, need, then), atomic_directory(out, overwrite=plan.overwrite) as tmp:
+        write_config_and_tokenizer(model, plan.handle.tokenizer, tmp)
+        files, aliases = write_streamed_weights(model, plan.adapter.layers_path, progress, n_layers, tmp)
+        write_manifest(model, tmp, man, files, aliases, plan.recipe.to_yaml())
+        report.timings["save"] = time.perf_counter() - t0
+        report.write(tmp)

@@ -7,7 +7,7 @@ import time
 from typing import Callable
 
 from ..checkpoint import save_checkpoint
-from ..fsutil import atomic_directory
+from ..fsutil import atomic_directory, writing
 from ..models import load_model, weights_fingerprint
 from ..pipeline.state import OnLayer
 from ..planning import RunPlan
@@ -46,7 +46,9 @@ def run_whole(plan: RunPlan, stage: Callable[[str], None], on_layer: OnLayer | N
     man = manifest(report, info, plan.recipe, t_load, t_base)
     stage(f"writing {plan.out}")
     t0 = time.perf_counter()
-    with atomic_directory(plan.out, overwrite=plan.overwrite) as tmp:
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    then = "nothing was written (the compressed model is not kept): free space and rerun the same command, or stream it (--stream) to keep finished layers"
+    with writing(plan.out, need, then), atomic_directory(plan.out, overwrite=plan.overwrite) as tmp:
         save_checkpoint(model, tokenizer, tmp, man, recipe_yaml=plan.recipe.to_yaml())
         report.timings["save"] = time.perf_counter() - t0
         report.write(tmp)

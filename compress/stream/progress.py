@@ -4,7 +4,6 @@ one-line error that says how to resume."""
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
@@ -15,18 +14,9 @@ from safetensors.torch import save_file
 
 from ..checkpoint import dedupe
 from ..errors import CompressError
-from ..fsutil import atomic_write, try_lock
+from ..fsutil import atomic_write, try_lock, writing
 
 STATE = "state.json"
-
-
-def _disk_full(path: Path, need: int) -> CompressError:
-    amount = (f"about {need / 1024**3:.1f} GiB more are needed" if need >= 2**30 else
-              f"about {need / 1024**2:.1f} MiB more are needed" if need >= 2**20 else "more space is needed")
-    return CompressError(
-        f"disk full while writing '{path}': {amount}; the progress so far is kept in "
-        f"'{path.parent}'; free space and rerun the same command to resume"
-    )
 
 
 def _lock(directory: Path) -> Any:
@@ -83,12 +73,10 @@ class Progress:
         return self.dir / f"layer-{i:05d}.safetensors"
 
     def _write(self, path: Path, write: Any, need: int) -> None:
-        try:  # one writer per directory (the lock): a fixed temporary name, overwritten after a kill
+        then = (f"the finished layers ({self.done}) are kept in '{self.dir}': free space and rerun the same command to resume" if self.done
+                else "no layer was finished yet: free space and rerun the same command")
+        with writing(path, need, then):  # one writer per directory (the lock): a fixed temporary name, overwritten after a kill
             atomic_write(path, write, fsync=True, unique=False)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full(path, need) from None
-            raise CompressError(f"cannot write '{path}': {e.strerror or e}") from None
 
     def save_layer(
         self, i: int, n_layers: int, state: dict[str, torch.Tensor], meta: dict[str, Any], inputs: Any, remaining_bytes: int
@@ -120,7 +108,21 @@ class Progress:
         return self.dir / f"inputs-{layer:05d}{self.rank_tag}.pt"
 
     def layer_meta(self, i: int) -> dict[str, Any]:
-        return json.loads((self.dir / f"layer-{i:05d}.json").read_text())
+        p = self.dir / f"layer-{i:05d}.json"
+        try:
+            return dict(json.loads(p.read_text()))
+        except (OSError, ValueError, TypeError):
+            raise CompressError(f"'{p}', a finished layer's description, is missing or damaged; rerun with --restart to start over") from None
+
+    def check_layers(self, n: int) -> None:
+        """Every one of the first ``n`` finished layers has its files (a resume or the final write needs them)."""
+        for i in range(n):
+            for p in (self.layer_file(i), self.dir / f"layer-{i:05d}.json"):
+                if not p.is_file():
+                    raise CompressError(
+                        f"'{self.dir}' lacks '{p.name}', the file of finished layer {i + 1}; "
+                        "rerun with --restart to start over (or restore the file)"
+                    )
 
     def inputs(self) -> Any:
         path = self.inputs_file(self.done)

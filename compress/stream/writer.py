@@ -4,7 +4,6 @@ the checkpoint's weight files written from the finished layers' files (:func:`wr
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import SHARD_BYTES, compressed_modules, dedupe, write_weights
-from ..errors import CompressError
+from ..fsutil import atomic_write, writing
 from ..modules import MODULE_TYPES
 from ..records import ModuleRecord
 from .progress import Progress
@@ -78,15 +77,25 @@ class LayerStream:
             return inputs
         path = self.offload_dir / f"activations-{os.getpid()}-{self._offloaded % 2}.pt"
         self._offloaded += 1
-        try:
-            torch.save(inputs, path)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise CompressError(f"disk full while offloading activations to '{self.offload_dir}'; free space or choose another --offload-dir") from None
-            raise CompressError(f"cannot write activations to --offload-dir '{self.offload_dir}': {e.strerror or e}") from None
+        need = sum(t.numel() * t.element_size() for t in _tensors(inputs))
+        kept = (f"the finished layers ({self.progress.done}) are kept in '{self.progress.dir}'; " if self.progress.done
+                else "no layer was finished yet; ")
+        then = kept + "free space or choose another --offload-dir, and rerun the same command"
+        with writing(path, need, then):
+            atomic_write(path, lambda p: torch.save(inputs, p), unique=False)
         loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         path.unlink()  # the mapping keeps the data readable; the space is freed when it is dropped
         return loaded
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _tensors(v)]
+    return []
 
 
 def write_streamed_weights(model: nn.Module, layers_path: str, progress: Progress, n_layers: int, directory: Path) -> tuple[list[str], dict[str, str]]:
