@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 
+from ..exports import EXPORTS
 from .app import out_console, setup_logging
 
 
 def export(
     checkpoint: Path = typer.Argument(..., help="compressed checkpoint directory"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory of the export"),
-    format: str = typer.Option("dense", "--format", help="dense (multiplied out, loadable by from_pretrained), gptq, compressed-tensors, or peft"),
+    format: str = typer.Option("dense", "--format", help="; ".join(f"{n}: {f.help}" for n, f in EXPORTS.items())),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Export a compressed checkpoint to another format."""

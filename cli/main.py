@@ -10,6 +10,7 @@ import sys
 from ..errors import CompressError
 from . import env, eval, export, lm_eval, ls, run, sweep, validate
 from .app import app, console
+from .flags import command_of, respell
 
 # the commands, in the order `compress --help` lists them
 app.command("run")(run.run)
@@ -24,12 +25,24 @@ app.command("lm-eval", add_help_option=False, context_settings={"allow_extra_arg
 __all__ = ["app", "main"]
 
 
+#: the command names, for naming flags as the command that was run spells them
+COMMANDS = {str(c.name) for c in app.registered_commands}
+
+
+def fail(command: str | None, message: str, status: int = 2) -> None:
+    """Print ``message`` as the one error line of ``command`` and exit with ``status``."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(respell(command, message))}", highlight=False, soft_wrap=True)
+    sys.exit(status)
+
+
 def main() -> None:
+    command = command_of(sys.argv[1:], COMMANDS)
     try:
         app()
     except CompressError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(command, str(e))
     except KeyboardInterrupt:
         console.print("interrupted before the output directory was complete: nothing was written; rerun the same command")
         sys.exit(130)

@@ -10,6 +10,7 @@ import typer
 from ..calib.data import CalibConfig
 from ..errors import CompressError
 from ..evalspec import EvalSpec
+from ..exports import EXPORTS
 from ..recipe import load_recipe
 from .app import console, out_console, progress_bar, setup_logging
 from .options import with_options
@@ -48,8 +49,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="compute device: cpu, cuda, auto"),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="which .gguf file when the directory has several"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
-    export: list[str] = typer.Option([], "--export", help="also write, after the checkpoint: dense (plain HF checkpoint), gptq (GPTQ format), "
-                                     "compressed-tensors, peft (LoRA adapter of eora/lq-lora), in OUT/<format>"),
+    export: list[str] = typer.Option([], "--export", help="also write, after the checkpoint, in OUT/<format>: " + "; ".join(f"{n} ({f.help})" for n, f in EXPORTS.items())),
     eval_text: Optional[str] = typer.Option(None, "--eval", help='evaluation after compression, e.g. "tasks=arc_easy,piqa;ppl=wikitext2;limit=200"'),
     baseline: bool = typer.Option(False, "--baseline", help="also evaluate the dense model in the same run and report the change"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),

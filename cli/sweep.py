@@ -83,9 +83,15 @@ def sweep(
     with progress:  # type: ignore[attr-defined]
         result = run_sweep(model, points, out, eval_spec=spec, calib=cfg, data_dir=data_dir, device=device, dtype=dtype,
                            save_checkpoints=save_checkpoints, shard=shard_ij, on_point=on_point, on_stage=on_stage)
+    failed = [r for r in result.rows if r["status"] != "ok"]
+    if result.rows and len(failed) == len(result.rows):
+        first = failed[0]
+        raise CompressError(
+            f"every grid point failed ({len(failed)} of {len(result.rows)}); the first, {first['label']}: {first.get('error') or 'no message'} "
+            f"(all errors in {out}/sweep.md)"
+        )
     if not (quiet or json_lines):
         console.print((Path(out) / "sweep.md").read_text(), markup=False, highlight=False)
-        failed = [r for r in result.rows if r["status"] != "ok"]
         if failed:
             console.print(f"{len(failed)} point(s) failed; see the table", markup=False)
         out_console.print(f"wrote {out}/sweep.csv, sweep.md, sweep.png")

@@ -25,9 +25,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    accepted = "cpu, cuda, cuda:N or auto"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        hint = " ('cuda' is the GPU)" if str(device).strip().lower() in ("gpu", "nvidia") else ""
+        raise CompressError(f"unknown --device '{device}'{hint}; accepted values: {accepted}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise CompressError(f"--device '{device}' is not supported; accepted values: {accepted}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CompressError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CompressError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 …); choose one of them")
     return dev
 
 
@@ -62,7 +71,7 @@ def load_model(
     src = str(source)
     path = Path(src).expanduser()
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    info: dict[str, Any] = {"source": src}
+    info = source_info(src)
     tok_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if path.exists():
         if not path.is_dir():
@@ -134,7 +143,7 @@ def open_streamed(
     from .stream import StreamedModel, params_on_meta
 
     src = str(source)
-    info: dict[str, Any] = {"source": src}
+    info = source_info(src)
     path = _local_files(src, gguf_file)
     if not path.is_dir():
         raise CompressError(f"'{path}' is a file; give the directory that holds the model")
@@ -175,6 +184,15 @@ def open_streamed(
     info["dtype"] = str(dt).replace("torch.", "")
     info["model_type"] = getattr(config, "model_type", None)
     return streamed, tokenizer, info
+
+
+def source_info(src: str) -> dict[str, Any]:
+    """How a checkpoint records its source: a local folder by its absolute path (so that a relative
+    path typed in another folder still finds it), with the path as typed beside it; a hub ID as given."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return {"source": str(path.resolve()), "source_as_given": src}
+    return {"source": src}
 
 
 def _local_files(src: str, gguf_file: str | None) -> Path:

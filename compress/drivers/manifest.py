@@ -28,7 +28,8 @@ def manifest(report: Report, info: dict[str, Any], rec: Recipe, t_load: float, t
     if t_base is not None:
         report.timings["eval_baseline"] = t_base
     return {
-        "source": {k: info.get(k) for k in ("source", "gguf_file", "model_type", "fingerprint", "dtype")},
+        "source": {k: info.get(k) for k in ("source", "gguf_file", "model_type", "fingerprint", "dtype", "source_as_given")
+                   if k != "source_as_given" or k in info},
         "recipe": rec.to_dict(),
         "calibration": report.calibration,
         "modules": module_chains(report),

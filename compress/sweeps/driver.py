@@ -4,9 +4,11 @@ evaluated, recorded in the sweep directory and published in its table."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,12 +18,13 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..api import compress, evaluate
-from ..calib.data import CalibConfig, calibration_ids
+from ..calib.data import CalibConfig, calibration_ids, load_documents
 from ..errors import CompressError
 from ..evalspec import EvalSpec
 from ..fsutil import atomic_directory, atomic_text
 from ..models import count_parameters, load_model, resolve_device, weights_fingerprint
 from ..pipeline.profile import profile_statistics
+from ..planning.checks import check_eval
 from ..recipe import make_pass
 from ..statscache import StatsCache, default_cache_root, stats_key
 from .grid import GridPoint, shard_points
@@ -88,28 +91,26 @@ def sweep(
     mine = shard_points(grid, shard)
     shard = None if shard is None else (shard[0], shard[1])
     out = Path(out)
-    todo = _unfinished(out, mine)
-    if shard is not None:
-        stage(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the grid's {len(grid)} points, {len(todo)} not finished yet")
+    cfg = calib or CalibConfig()
+    # every refusal that needs no weights comes before the model is loaded and before `out` is made
+    dev = resolve_device(device)
+    _check(model, mine, eval_spec, cfg, data_dir)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     base, tok, source = _load(model, dtype, stage)
-    dev = resolve_device(device)
+    check_eval(eval_spec, data_dir, getattr(base, "config", None))
     adapter = get_adapter(base)
+    new_dir = not out.exists()
+    todo = _unfinished(out, mine)
+    if shard is not None:
+        stage(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the grid's {len(grid)} points, {len(todo)} not finished yet")
+    try:
+        dense, ids, cache = _prepare(out, base, tok, adapter, todo, cfg, eval_spec, data_dir, dev, cache_root, stage, timings)
+    except BaseException:
+        if new_dir and not _load_rows(out):  # refused before any point ran: leave no directory behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-    # the dense reference, measured once per sweep directory (by one job; the others wait and read it)
-    def measure_dense() -> dict[str, Any]:
-        stage("evaluating the dense model")
-        t0 = time.perf_counter()
-        base.to(dev)
-        dense = {"params": count_parameters(base), "metrics": evaluate(base, tok, eval_spec, data_dir=data_dir)}
-        base.to("cpu")
-        timings["dense_eval"] = time.perf_counter() - t0
-        return dense
-
-    dense = _dense_baseline(out, measure_dense, stage)
-    cfg = calib or CalibConfig()
-    ids, cache = _statistics(base, tok, adapter, todo, cfg, data_dir, dev, cache_root, stage, timings)
 
     for k, point in enumerate(todo):
         meanwhile = _read_row(_row_path(out, point.label))
@@ -123,6 +124,44 @@ def sweep(
             on_point(row, k + 1, len(todo))
     timings["total"] = time.perf_counter() - t_start
     return _publish(out, grid, dense, timings, source, eval_spec, shard)
+
+
+def _check(model: Any, points: list[GridPoint], eval_spec: EvalSpec, cfg: CalibConfig, data_dir: str | Path | None) -> None:
+    """The sweep's refusals that need no weights: evaluation options and data, the points' passes, the
+    calibration text they read, and (where the config can be read alone) the model's window length."""
+    check_eval(eval_spec, data_dir)
+    passes = [make_pass(p.method, p.options).build() for p in points]
+    if any(p.caps.requires_calibration for p in passes):
+        load_documents(cfg.source, cfg.split, data_dir)
+    if isinstance(model, (str, Path)) and not any(Path(model).glob("*.gguf")):
+        config = None
+        with contextlib.suppress(Exception):  # the load reports what is wrong with the model itself
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(model))
+        if config is not None:
+            check_eval(eval_spec, data_dir, config)
+
+
+def _prepare(
+    out: Path, base: nn.Module, tok: Any, adapter: Any, todo: list[GridPoint], cfg: CalibConfig, eval_spec: EvalSpec,
+    data_dir: str | Path | None, dev: Any, cache_root: Path | None, stage: Callable[[str], None], timings: dict[str, float],
+) -> tuple[dict[str, Any], torch.Tensor | None, StatsCache | None]:
+    """The dense reference (measured once per sweep directory, by one job; the others wait and read it),
+    the calibration ids and the statistics cache."""
+
+    def measure_dense() -> dict[str, Any]:
+        stage("evaluating the dense model")
+        t0 = time.perf_counter()
+        base.to(dev)
+        dense = {"params": count_parameters(base), "metrics": evaluate(base, tok, eval_spec, data_dir=data_dir)}
+        base.to("cpu")
+        timings["dense_eval"] = time.perf_counter() - t0
+        return dense
+
+    dense = _dense_baseline(out, measure_dense, stage)
+    ids, cache = _statistics(base, tok, adapter, todo, cfg, data_dir, dev, cache_root, stage, timings)
+    return dense, ids, cache
 
 
 def _unfinished(out: Path, mine: list[GridPoint]) -> list[GridPoint]:
