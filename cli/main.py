@@ -30,10 +30,20 @@ COMMANDS = {str(c.name) for c in app.registered_commands}
 
 
 def fail(command: str | None, message: str, status: int = 2) -> None:
-    """Print ``message`` as the one error line of ``command`` and exit with ``status``."""
+    """Print ``message`` as the one error line of ``command`` and exit with ``status``. Under torchrun
+    only rank 0 prints it, and then ends the launcher before it wraps the line in its own report."""
     from rich.markup import escape
 
-    console.print(f"[red]error:[/red] {escape(respell(command, message))}", highlight=False, soft_wrap=True)
+    from ..pipeline.distributed import end_launcher, launcher_ended, launcher_rank
+
+    rank = launcher_rank()
+    # another rank waits for rank 0 to end the launcher (torchrun would otherwise report this rank's exit
+    # first); an error of its own alone (rank 0 goes on) it prints itself
+    if rank is None or rank == 0 or not launcher_ended(wait_s=20.0):
+        console.print(f"[red]error:[/red] {escape(respell(command, message))}", highlight=False, soft_wrap=True)
+        console.file.flush()
+    if rank == 0:
+        end_launcher()
     sys.exit(status)
 
 

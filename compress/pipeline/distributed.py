@@ -44,6 +44,48 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launcher_rank() -> int | None:
+    """This process's rank when torchrun (or another torch elastic launcher) started it, else None."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return None
+    return int(os.environ.get("RANK", "0"))
+
+
+def end_launcher() -> None:
+    """End the torchrun process that launched this one, without its report.
+
+    torchrun answers any worker that exits non-zero with its own ``ChildFailedError`` traceback block,
+    however the worker ends; for a refusal of the user's input (printed once, by rank 0) that block
+    is noise around the one line that matters. Rank 0 therefore ends the launcher with SIGUSR2, a
+    signal torchrun leaves to its default action (it handles SIGTERM, SIGINT, SIGHUP and SIGQUIT):
+    the launcher exits at once, non-zero (status 140), printing nothing. Only a parent whose command
+    line is torch's launcher is signalled; the other ranks end on the same refusal themselves."""
+    import signal
+
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if "torchrun" in cmdline or "torch.distributed.run" in cmdline or "torch.distributed.launch" in cmdline:
+        os.kill(parent, signal.SIGUSR2)
+
+
+def launcher_ended(wait_s: float) -> bool:
+    """Whether the launcher that started this rank ended within ``wait_s`` seconds (rank 0 ends it on a
+    refusal that every rank meets; a rank that met an error of its own finds it still running)."""
+    import time
+
+    parent = os.getppid()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if os.getppid() != parent:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def init(device: torch.device) -> tuple[Dist | None, torch.device]:
     """Join the process group that torchrun describes (once); return it and this rank's compute
     device (``cuda:LOCAL_RANK`` when computing on CUDA)."""

@@ -62,6 +62,13 @@ class Progress:
             raise CompressError(f"'{state}' is damaged; rerun with --restart to start over") from None
         old = saved.get("fingerprint", {})
         diff = [k for k in sorted(set(old) | set(self.fingerprint)) if old.get(k) != self.fingerprint.get(k)]
+        if diff == ["processes"]:
+            was, now = old.get("processes"), self.fingerprint.get("processes")
+            how = "in one process (without torchrun)" if was in (None, 1) else f"with torchrun --nproc-per-node {was}"
+            raise CompressError(
+                f"'{self.dir}' holds the progress of a run of {was or 1} process(es) and this run has {now or 1}: resume it {how}, "
+                "or rerun with --restart to start over"
+            )
         if diff:
             raise CompressError(
                 f"'{self.dir}' holds the progress of a different run ({', '.join(diff)} changed); "
