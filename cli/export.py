@@ -9,11 +9,12 @@ import typer
 from ..exports import EXPORTS
 from .app import out_console, setup_logging
 
+FORMATS_HELP = "; ".join(f"{name}: {fmt.help}" for name, fmt in EXPORTS.items())
 
 def export(
     checkpoint: Path = typer.Argument(..., help="compressed checkpoint directory"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory of the export"),
-    format: str = typer.Option("dense", "--format", help="; ".join(f"{n}: {f.help}" for n, f in EXPORTS.items())),
+    format: str = typer.Option("dense", "--format", help=FORMATS_HELP),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Export a compressed checkpoint to another format."""

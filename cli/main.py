@@ -5,6 +5,7 @@ library call; errors in the user's input print one line and exit with status 2."
 
 from __future__ import annotations
 
+import os
 import sys
 
 from ..errors import CompressError
@@ -29,6 +30,10 @@ __all__ = ["app", "main"]
 COMMANDS = {str(c.name) for c in app.registered_commands}
 
 
+#: the process that started this one (under torchrun, its launcher), noted before anything can end it
+_PARENT = os.getppid()
+
+
 def fail(command: str | None, message: str, status: int = 2) -> None:
     """Print ``message`` as the one error line of ``command`` and exit with ``status``. Under torchrun
     only rank 0 prints it, and then ends the launcher before it wraps the line in its own report."""
@@ -39,11 +44,11 @@ def fail(command: str | None, message: str, status: int = 2) -> None:
     rank = launcher_rank()
     # another rank waits for rank 0 to end the launcher (torchrun would otherwise report this rank's exit
     # first); an error of its own alone (rank 0 goes on) it prints itself
-    if rank is None or rank == 0 or not launcher_ended(wait_s=20.0):
+    if rank is None or rank == 0 or not launcher_ended(_PARENT, wait_s=20.0):
         console.print(f"[red]error:[/red] {escape(respell(command, message))}", highlight=False, soft_wrap=True)
         console.file.flush()
     if rank == 0:
-        end_launcher()
+        end_launcher(_PARENT)
     sys.exit(status)
 
 

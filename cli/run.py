@@ -31,6 +31,8 @@ def eval_spec_of(text: Optional[str], flags: dict[str, Any]) -> EvalSpec:
     return EvalSpec.from_dict(merged, where=where, what="--eval")
 
 
+EXPORTS_HELP = "also write, after the checkpoint, in OUT/<format>: " + "; ".join(f"{name} ({fmt.help})" for name, fmt in EXPORTS.items())
+
 @with_options("evaluation", EvalSpec, flag_key="run_flag")
 @with_options("calib", CalibConfig)
 def run(
@@ -49,7 +51,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="compute device: cpu, cuda, auto"),
     gguf_file: Optional[str] = typer.Option(None, "--gguf-file", help="which .gguf file when the directory has several"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="allow model code from the hub"),
-    export: list[str] = typer.Option([], "--export", help="also write, after the checkpoint, in OUT/<format>: " + "; ".join(f"{n} ({f.help})" for n, f in EXPORTS.items())),
+    export: list[str] = typer.Option([], "--export", help=EXPORTS_HELP),
     eval_text: Optional[str] = typer.Option(None, "--eval", help='evaluation after compression, e.g. "tasks=arc_easy,piqa;ppl=wikitext2;limit=200"'),
     baseline: bool = typer.Option(False, "--baseline", help="also evaluate the dense model in the same run and report the change"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if it exists"),

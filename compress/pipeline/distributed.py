@@ -51,7 +51,7 @@ def launcher_rank() -> int | None:
     return int(os.environ.get("RANK", "0"))
 
 
-def end_launcher() -> None:
+def end_launcher(parent: int) -> None:
     """End the torchrun process that launched this one, without its report.
 
     torchrun answers any worker that exits non-zero with its own ``ChildFailedError`` traceback block,
@@ -62,7 +62,8 @@ def end_launcher() -> None:
     line is torch's launcher is signalled; the other ranks end on the same refusal themselves."""
     import signal
 
-    parent = os.getppid()
+    if os.getppid() != parent:
+        return
     try:
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -72,12 +73,12 @@ def end_launcher() -> None:
         os.kill(parent, signal.SIGUSR2)
 
 
-def launcher_ended(wait_s: float) -> bool:
-    """Whether the launcher that started this rank ended within ``wait_s`` seconds (rank 0 ends it on a
-    refusal that every rank meets; a rank that met an error of its own finds it still running)."""
+def launcher_ended(parent: int, wait_s: float) -> bool:
+    """Whether the launcher ``parent`` (this process's parent when it started) ended, or ends within
+    ``wait_s`` seconds (rank 0 ends it on a refusal that every rank meets; a rank that met an error of
+    its own finds it still running)."""
     import time
 
-    parent = os.getppid()
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if os.getppid() != parent:
