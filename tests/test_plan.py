@@ -132,7 +132,7 @@ def test_errors_name_the_flag_of_the_command_they_came_from(args: list[str], nam
 def test_a_recipe_files_calibration_errors_name_its_key(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes:\n  - pass: rtn\n    group: 0\ncalibration:\n  samples: 0\n")
-    with pytest.raises(ConfigError, match=r"calibration: samples of the recipe must be in \[1, inf\], got 0"):
+    with pytest.raises(ConfigError, match=r"the recipe's 'calibration: samples' must be in \[1, inf\], got 0"):
         run(STORIES, str(recipe), tmp_path / "o")
     with pytest.raises(CompressError, match="unknown calibration key"):
         plan(make_tiny("llama"), {"passes": [{"pass": "svd"}], "calibration": {"sampels": 4}})
