@@ -122,7 +122,8 @@ def ct_quantization_config(settings: dict[tuple[int, int, bool], list[str]], ign
     return {
         "quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
         "config_groups": groups, "ignore": sorted(ignore), "kv_cache_scheme": None, "global_compression_ratio": None,
-        "sparsity_config": {}, "transform_config": {}, "version": CT_VERSION,
+        # no "sparsity_config" key, not even an empty one: vLLM 0.24-0.26 refuses a checkpoint that carries one
+        "transform_config": {}, "version": CT_VERSION,
     }
 
 

@@ -65,6 +65,7 @@ def test_several_settings_become_several_config_groups(tmp_path: Path) -> None:
     export_compressed_tensors(model, None, tmp_path)
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert len(qc["config_groups"]) == 2
+    assert "sparsity_config" not in qc  # vLLM 0.24-0.26 refuses a checkpoint carrying the key, even empty (vLLM #51188)
     targets = sorted(t for g in qc["config_groups"].values() for t in g["targets"])
     assert len(targets) == 14 and all(t.startswith("model.layers.") for t in targets)
 
