@@ -45,7 +45,7 @@ class CalibConfig(Options):
     source: str = option("c4", "calibration text: c4, wikitext2, ptb or a path to a .txt/.jsonl/.parquet file", flag="--calib")
     samples: int = option(32, "calibration sequences", min=1, flag="--calib-samples")
     seqlen: int = option(512, "tokens per calibration sequence", min=1, flag="--calib-seqlen")
-    seed: int = option(0, "calibration sampling seed", flag="--seed")
+    seed: int = option(0, "calibration sampling seed", min=0, max=2**63 - 1, flag="--seed")
     batch_size: int = option(8, "calibration forward batch size", min=1, flag="--batch-size")
     split: str = option("train", "split of a named source", flag="--calib-split")
 

@@ -72,7 +72,7 @@ def eval_cmd(
     from .. import api
     from ..hf_format import is_compress_checkpoint
     from ..models import resolve_device
-    from ..planning.checks import check_eval
+    from ..planning.checks import check_eval, check_output_dir
     from ..report import merge_metrics, write_report
 
     setup_logging(verbose)
@@ -83,10 +83,23 @@ def eval_cmd(
         given["ppl"] = "wikitext2"
     spec = EvalSpec.from_dict(given, what="compress eval")
     check_eval(spec, data_dir)
+    if out is not None:
+        check_output_dir(out, overwrite=True)
+    if json_out is not None:
+        if json_out.is_dir():
+            raise CompressError(f"--json '{json_out}' is a directory; give a file path such as {json_out / 'metrics.json'}")
+        try:
+            check_output_dir(json_out.parent / f".{json_out.name}.probe", overwrite=True, flag="--json")
+        except CompressError:
+            raise CompressError(f"cannot write --json '{json_out}': '{json_out.parent}' is not writable; choose another --json") from None
     baseline = _speed_baseline(model, speed_baseline, speed_prompt, speed_new) if speed else None
     dev = resolve_device(device)
     m, tok = api.load(model, device=dev)
     check_eval(spec, data_dir, getattr(m, "config", None))
+    max_pos = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+    if speed and isinstance(max_pos, int) and speed_prompt + speed_new > max_pos:
+        raise CompressError(f"--speed-prompt {speed_prompt} + --speed-new {speed_new} exceed the model's max_position_embeddings {max_pos}; "
+                            f"pass a --speed-prompt of at most {max(1, max_pos - speed_new)}")
     if tok is None:
         raise CompressError(f"'{model}' has no tokenizer files; cannot tokenize the evaluation text")
     results = api.evaluate(m, tok, spec, data_dir=data_dir) if spec else []

@@ -27,7 +27,7 @@ def export(
 
     setup_logging(False)
     ex = get_export(format)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, keep=(checkpoint,))
     manifest = read_manifest(checkpoint) if (Path(checkpoint) / MANIFEST).is_file() else {}  # save_pretrained writes none
     source = str(manifest.get("source", {}).get("source") or checkpoint)
     m, tok = api.load(checkpoint)

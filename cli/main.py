@@ -52,15 +52,34 @@ def fail(command: str | None, message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
+def _click_exceptions() -> tuple[type[Exception], type[BaseException]]:
+    """(UsageError, Abort) of the click that typer runs on (typer >= 0.25 carries its own copy)."""
+    import typer
+
+    try:
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError  # type: ignore[assignment]
+    return UsageError, typer.Abort
+
+
 def main() -> None:
+    usage_error, abort = _click_exceptions()
     command = command_of(sys.argv[1:], COMMANDS)
     try:
-        app()
+        status = app(standalone_mode=False)  # usage errors come back here, to print as one line
     except CompressError as e:
         fail(command, str(e))
-    except KeyboardInterrupt:
+    except usage_error as e:
+        if not e.format_message().strip():  # type: ignore[attr-defined]  # no arguments at all: the help was printed
+            sys.exit(getattr(e, "exit_code", 2))
+        where = f"compress {command}" if command else "compress"
+        fail(command, f"{e.format_message()} (see '{where} --help')")  # type: ignore[attr-defined]
+    except (KeyboardInterrupt, abort):
         console.print("interrupted before the output directory was complete: nothing was written; rerun the same command")
         sys.exit(130)
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

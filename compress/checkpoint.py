@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import CompressError
+from .errors import CompressError, brief
 from .fsutil import atomic_directory  # noqa: F401  (re-exported: writers import it from here)
 from .hf_format import quantization_config, write_quantization_config
 from .model_tensors import STRUCTURE_ATTR, dedupe  # noqa: F401  (STRUCTURE_ATTR re-exported)
@@ -172,7 +172,7 @@ def load_checkpoint(
     try:
         config = AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise CompressError(f"checkpoint '{d}' is incomplete: cannot read config.json ({str(e).splitlines()[0][:120]})") from None
+        raise CompressError(f"checkpoint '{d}' is incomplete: cannot read config.json ({brief(e)})") from None
     entry = getattr(config, "quantization_config", None)
     if entry is not None and not isinstance(entry, dict):
         entry = entry.to_dict()
@@ -185,6 +185,10 @@ def load_checkpoint(
     for f in (manifest or {}).get("weights", {}).get("files", []):
         if not (d / f).is_file():
             raise CompressError(f"checkpoint '{d}' is incomplete: weight file '{f}' is missing")
+    if (d / "model.safetensors.index.json").is_file():
+        from .sources import read_weight_map
+
+        read_weight_map(d / "model.safetensors.index.json")  # transformers would fail on a damaged index with its own traceback
     dtype: Any = getattr(torch, manifest["dtype"]) if manifest and "dtype" in manifest else "auto"
     import transformers
 
@@ -196,7 +200,7 @@ def load_checkpoint(
             d, config=config, dtype=dtype, trust_remote_code=trust_remote_code, output_loading_info=True
         ))
     except OSError as e:
-        raise CompressError(f"checkpoint '{d}' cannot be read ({str(e).splitlines()[0][:160]})") from None
+        raise CompressError(f"checkpoint '{d}' cannot be read ({brief(e)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))

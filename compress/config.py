@@ -13,6 +13,7 @@ and the flags of the CLI (:mod:`compress.cli.options`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Callable, ClassVar, TypeVar
@@ -72,20 +73,25 @@ def _convert(value: Any, typ: Any, field: str) -> Any:
     if typ is int:
         if isinstance(value, bool):
             raise OptionError(field, f"{{where}}: expected an integer, got {value!r}", field)
+        if isinstance(value, int):
+            return value
         try:
             f = float(value)
         except (TypeError, ValueError):
             raise OptionError(field, f"{{where}}: expected an integer, got {value!r}", field) from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise OptionError(field, f"{{where}}: expected an integer, got {value!r}", field)
-        return int(f)
+        return int(str(value).strip()) if isinstance(value, str) and str(value).strip().lstrip("+-").isdigit() else int(f)
     if typ is float:
         if isinstance(value, bool):
             raise OptionError(field, f"{{where}}: expected a number, got {value!r}", field)
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise OptionError(field, f"{{where}}: expected a number, got {value!r}", field) from None
+        if not math.isfinite(f):
+            raise OptionError(field, f"{{where}}: expected a finite number, got {value!r}", field)
+        return f
     if typ is str:
         return str(value)
     return value
@@ -107,6 +113,8 @@ def _check_type(value: Any, typ: Any, field: str) -> Any:
         return float(value)
     if typ in names and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
         raise OptionError(field, f"{{where}}: expected {names[typ]}, got {value!r}", field)
+    if typ is float and not math.isfinite(value):
+        raise OptionError(field, f"{{where}}: expected a finite number, got {value!r}", field)
     return value
 
 

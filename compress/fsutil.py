@@ -73,7 +73,9 @@ def disk_full(e: BaseException, path: Path) -> OSError | None:
     text = str(e)
     if any(s in text for s in ("No space left", "os error 28", "Disk quota exceeded", "os error 122")):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-    short_write = isinstance(e, OSError) or any(s in text for s in ("inline_container", "file write failed", "unexpected pos", "write", "Write"))
+    # an OSError with another errno says what it is; a writer's own error without one may hide ENOSPC
+    short_write = (not isinstance(e, OSError) or not e.errno) and any(
+        s in text for s in ("inline_container", "file write failed", "unexpected pos", "write", "Write"))
     free = free_bytes(path)
     if short_write and free is not None and free < _NEARLY_FULL:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .dtypes import USER_DTYPES, parse_dtype
-from .errors import CompressError
+from .errors import CompressError, brief
 
 if TYPE_CHECKING:
     from .modules.base import CompressedLinear
@@ -105,10 +105,9 @@ def load_model(
         # typed as a module: transformers' @wraps-decorated PreTrainedModel.to does not type-check as a bound method
         model: nn.Module = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except ImportError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CompressError(f"cannot load '{src}': {msg} (for GGUF: pip install 'compress[gguf]')") from None
+        raise CompressError(f"cannot load '{src}': {brief(e)} (for GGUF: pip install 'compress[gguf]')") from None
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = brief(e, 300)
         if not path.exists():
             raise CompressError(
                 f"model '{src}' is not a local directory and could not be fetched from the hub (offline or unknown ID): {first[:200]}"
@@ -117,7 +116,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, **tok_kwargs)
     except Exception as e:  # tokenizer problems should not hide behind a traceback
-        raise CompressError(f"cannot load the tokenizer of '{src}': {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        raise CompressError(f"cannot load the tokenizer of '{src}' ({brief(e)}); put its tokenizer files (tokenizer.json, tokenizer_config.json) in the model directory") from None
     model.to(dev)
     model.eval()
     info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -160,8 +159,9 @@ def open_streamed(
         raise CompressError(f"directory '{path}' holds no model: expected config.json with *.safetensors/*.bin weights, or a .gguf file")
     try:
         config = AutoConfig.from_pretrained(path, **cfg_kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise CompressError(f"cannot read the config of '{src}': {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # a damaged config.json or .gguf header, an unknown model_type
+        what = f"the .gguf file '{gguf}' may be damaged or truncated" if gguf else "check its config.json"
+        raise CompressError(f"cannot read the config of '{src}' ({brief(e)}); {what}") from None
     quant = getattr(config, "quantization_config", None)
     if quant is not None and gguf is None:
         method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
@@ -180,7 +180,7 @@ def open_streamed(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
     except Exception as e:  # tokenizer problems should not hide behind a traceback
-        raise CompressError(f"cannot load the tokenizer of '{src}': {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        raise CompressError(f"cannot load the tokenizer of '{src}' ({brief(e)}); put its tokenizer files (tokenizer.json, tokenizer_config.json) in the model directory") from None
     info["dtype"] = str(dt).replace("torch.", "")
     info["model_type"] = getattr(config, "model_type", None)
     return streamed, tokenizer, info
@@ -213,7 +213,7 @@ def _local_files(src: str, gguf_file: str | None) -> Path:
     try:
         return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "tokenizer*", *([gguf_file] if gguf_file else [])]))
     except Exception as e:  # unknown repo, gated model, network failure
-        raise CompressError(f"cannot download '{src}' from the hub: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        raise CompressError(f"cannot download '{src}' from the hub: {brief(e)}") from None
 
 
 def _skeleton_dtype(dtype: str | torch.dtype | None, gguf: str | None, config: Any, tensors: Any) -> torch.dtype:

@@ -103,6 +103,17 @@ class _SafetensorsFile:
             self._fd = None
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index (tensor name → file), checked."""
+    from .readers import read_json
+
+    data = read_json(index, "checkpoint index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CompressError(f"checkpoint index '{index}' is not a valid index (no weight_map of tensor names to files); restore or re-download it")
+    return weight_map
+
+
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor in a .safetensors file, its header checked against the file's size."""
     return {name: e[1] for name, e in _SafetensorsFile(path).entries.items()}
@@ -121,10 +132,7 @@ class SafetensorsSource:
 
     @classmethod
     def from_index(cls, index: Path) -> "SafetensorsSource":
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-            raise CompressError(f"checkpoint index '{index}' is not a valid index (no weight_map); re-download the checkpoint") from None
+        weight_map = read_weight_map(index)
         files = sorted(set(weight_map.values()))
         for f in files:
             if not (index.parent / f).is_file():
@@ -185,8 +193,8 @@ def weight_files(directory: Path) -> list[Path]:
     for index, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (directory / index).is_file():
             try:
-                return [directory / f for f in sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                return [directory / f for f in sorted(set(read_weight_map(directory / index).values()))]
+            except CompressError:
                 return []
         if (directory / single).is_file():
             return [directory / single]
@@ -206,8 +214,7 @@ def open_source(directory: Path, gguf_file: str | None = None, config: object = 
         if (directory / index).is_file():
             if cls is SafetensorsSource:
                 return SafetensorsSource.from_index(directory / index)
-            weight_map = json.loads((directory / index).read_text()).get("weight_map", {})
-            files = [directory / f for f in sorted(set(weight_map.values()))]
+            files = [directory / f for f in sorted(set(read_weight_map(directory / index).values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CompressError(f"checkpoint index '{index}' points to '{missing[0]}', which is missing from '{directory}'; re-download it")

@@ -28,7 +28,7 @@ from ..models import load_model, open_streamed, resolve_device
 from ..passes.base import ModelPass, Pass
 from ..pipeline import distributed
 from ..recipe import Recipe, as_recipe
-from .checks import check_eval, check_finite, check_offload_dir, check_output_dir
+from .checks import check_calib_length, check_eval, check_finite, check_offload_dir, check_output_dir
 from .memory import check_fits, streamed_estimate
 from .model import ModelHandle, RunPlan
 from .order import check_order
@@ -92,7 +92,7 @@ def plan(
     cfg = _calib_config(calib, rec, batch_size)
     out_path = Path(out) if out is not None else None
     if out_path is not None:
-        check_output_dir(out_path, overwrite)
+        check_output_dir(out_path, overwrite, keep=(model,))
     check_exports(tuple(export), passes)
     if eval_spec:
         check_eval(eval_spec, data_dir)
@@ -108,6 +108,8 @@ def plan(
         adapter = adapter or get_adapter(handle.model)
         if eval_spec:
             check_eval(eval_spec, data_dir, getattr(handle.model, "config", None))
+        if needs_ids:
+            check_calib_length(cfg.seqlen, getattr(handle.model, "config", None))
         pass_plans, targets = plan_targets(handle.model, adapter, passes)
         if dist is not None:
             distributed.check_passes(passes, dist)
@@ -149,7 +151,7 @@ def _search(model: Any, recipe: Any, out: Any, budget: Any, search: str | None, 
     rec = Recipe([], {})
     cfg = _calib_config(calib, rec, batch_size)
     if out is not None:
-        check_output_dir(Path(out), overwrite)
+        check_output_dir(Path(out), overwrite, keep=(model,))
     if eval_spec:
         check_eval(eval_spec, data_dir)
     dev = resolve_device(device if device is not None else "cpu")

@@ -4,6 +4,7 @@ evaluation options and their data. Each problem is one line naming it and a fix 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +15,29 @@ from ..errors import CompressError
 from ..evalspec import EvalSpec
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """OUT may be written: absent (or --overwrite), not a file, its parent creatable and writable."""
+def check_output_dir(out: Path, overwrite: bool, keep: tuple[object, ...] = (), flag: str = "--out") -> None:
+    """OUT may be written: absent (or --overwrite), not a file, its parent creatable and writable, and
+    not (nor inside, nor holding) one of the ``keep`` paths (the model read, the checkpoint exported):
+    a run never replaces its own input."""
     if out.exists() and not out.is_dir():
-        raise CompressError(f"output path '{out}' is a file; choose another --out")
+        raise CompressError(f"output path '{out}' is a file; choose another {flag}")
+    for k in keep:
+        if not isinstance(k, (str, Path)) or not Path(k).expanduser().exists():
+            continue
+        src, dst = Path(k).expanduser().resolve(), out.expanduser().resolve()
+        if src == dst or src.is_relative_to(dst) or dst.is_relative_to(src):
+            raise CompressError(f"{flag} '{out}' would replace the input '{k}' it is made from; choose another {flag}")
     if out.exists() and not overwrite:
-        raise CompressError(f"output directory '{out}' exists; choose another --out or pass --overwrite")
+        raise CompressError(f"output directory '{out}' exists; choose another {flag} or pass --overwrite")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CompressError(f"cannot create '{out}': '{parent}' is not writable; choose another --out")
+    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".compress-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CompressError(f"cannot create '{out}': '{parent}' is not writable ({e.strerror or e}); choose another {flag}") from None
 
 
 def check_offload_dir(path: Path) -> None:
@@ -50,6 +63,13 @@ def check_eval(spec: EvalSpec, data_dir: str | Path | None, config: Any = None) 
         from ..eval.harness import check_tasks
 
         check_tasks(list(spec.tasks), spec.tasks_dir, data_dir)
+
+
+def check_calib_length(seqlen: int, config: Any) -> None:
+    """Calibration sequences no longer than the positions the model was trained for."""
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and seqlen > max_pos:
+        raise CompressError(f"--calib-seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}; pass --calib-seqlen {max_pos} or less")
 
 
 def check_finite(model: nn.Module) -> None:

@@ -24,7 +24,7 @@ from ..evalspec import EvalSpec
 from ..fsutil import atomic_directory, atomic_text
 from ..models import count_parameters, load_model, resolve_device, weights_fingerprint
 from ..pipeline.profile import profile_statistics
-from ..planning.checks import check_eval
+from ..planning.checks import check_calib_length, check_eval, check_output_dir
 from ..recipe import make_pass
 from ..statscache import StatsCache, default_cache_root, stats_key
 from .grid import GridPoint, shard_points
@@ -94,11 +94,13 @@ def sweep(
     cfg = calib or CalibConfig()
     # every refusal that needs no weights comes before the model is loaded and before `out` is made
     dev = resolve_device(device)
+    check_output_dir(out, overwrite=True, keep=(model,) if isinstance(model, (str, Path)) else ())  # an existing sweep resumes
     _check(model, mine, eval_spec, cfg, data_dir)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     base, tok, source = _load(model, dtype, stage)
     check_eval(eval_spec, data_dir, getattr(base, "config", None))
+    check_calib_length(cfg.seqlen, getattr(base, "config", None))
     adapter = get_adapter(base)
     new_dir = not out.exists()
     todo = _unfinished(out, mine)
@@ -141,6 +143,7 @@ def _check(model: Any, points: list[GridPoint], eval_spec: EvalSpec, cfg: CalibC
             config = AutoConfig.from_pretrained(str(model))
         if config is not None:
             check_eval(eval_spec, data_dir, config)
+            check_calib_length(cfg.seqlen, config)
 
 
 def _prepare(
