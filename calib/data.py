@@ -60,6 +60,8 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path | None:
     if d is None:
         return None
     p = Path(d).expanduser()
+    if p.exists() and not p.is_dir():
+        raise CompressError(f"data directory '{p}' is a file, not a folder; pass --data-dir or set {DATA_DIR_ENV} to a folder holding wikitext-2-raw/, c4/, ptb/")
     if not p.is_dir():
         raise CompressError(f"data directory '{p}' does not exist; pass --data-dir or set {DATA_DIR_ENV} to a folder holding wikitext-2-raw/, c4/, ptb/")
     return p
@@ -154,7 +156,7 @@ def _local_named(source: str, split: str, root: Path) -> list[str]:
         candidates = [p]
     raise CompressError(
         f"{source} split '{split}' not found in data directory '{root}' (looked for {', '.join(map(str, candidates))}); "
-        "use another source or split (e.g. --calib c4), or add the file"
+        "add the file, or use another source or split"
     )
 
 

@@ -77,6 +77,8 @@ def parse_shorthand(text: str) -> PassSpec:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"pass option '{item}' in '{text}' is not key=value (example: svd-llm:ratio=0.2)")
+        if key.strip() in options:
+            raise ConfigError(f"pass option '{key.strip()}' is given twice in '{text}'; keep one")
         options[key.strip()] = value.strip()
     return make_pass(name.strip(), options)
 
@@ -109,7 +111,7 @@ def load_recipe(path: str | Path) -> Recipe:
         hint = f"give the file, e.g. --recipe {p / found[0]}" if found else "give the path of a recipe YAML file"
         raise ConfigError(f"recipe '{p}' is a directory, not a file; {hint}")
     if not p.is_file():
-        raise ConfigError(f"recipe file '{p}' does not exist; check the path (--recipe takes a YAML file, --pass NAME:key=val a pass)")
+        raise ConfigError(f"recipe file '{p}' does not exist; check the path")
     try:
         data = yaml.safe_load(read_text(p, "recipe file"))
     except yaml.YAMLError as e:

@@ -45,7 +45,7 @@ def resolve_tasks_dir(tasks_dir: str | Path | None, data_dir: str | Path | None 
     if explicit is not None:
         p = Path(explicit).expanduser()
         if not p.is_dir():
-            raise CompressError(f"tasks directory '{p}' does not exist; pass --tasks-dir DIR or set {TASKS_DIR_ENV}")
+            raise CompressError(f"tasks directory '{p}' {'is a file, not a folder' if p.exists() else 'does not exist'}; pass --tasks-dir DIR or set {TASKS_DIR_ENV}")
         return p
     data = data_dir if data_dir is not None else os.environ.get("COMPRESS_DATA_DIR")
     if data and (Path(data) / "lm_eval_tasks").is_dir():

@@ -174,6 +174,13 @@ REFUSALS: list[tuple[str, list[str], str]] = [
     ("run", ["--pass", "rtn:bits=4,group=0", "--budget", "bits=3"], r"--budget"),
     ("run", ["--pass", "rtn:bits=4,group=0", "--search", "gptq"], r"--search"),
     ("run", ["--pass", "rtn:bits=4,group=0", "--export", "peft"], r"peft"),
+    ("run", ["--pass", "gptq:bits=nan"], r"pass 'gptq' option 'bits': expected an integer, got 'nan'"),
+    ("run", ["--pass", "svd-llm:ratio=inf"], r"expected a finite number"),
+    ("run", ["--pass", "rtn:bits=4,group=0", "--seed", "99999999999999999999999"], r"--seed must be in"),
+    ("run", ["--pass", "gptq:bits=4,group=0", "--calib-seqlen", "1024"], r"--calib-seqlen 1024 exceeds the model's max_position_embeddings 512"),
+    ("run", ["--pass", "rtn:bits=4,group=0,bits=3"], r"'bits' is given twice"),
+    ("run", ["--pass", "rtn:bits=4,group=0", "--frobnicate"], r"No such option: --frobnicate \(see 'compress run --help'\)"),
+    ("run", ["--budget", "bits=0.5"], r"below the cheapest plan these candidates reach \(bits=2\.\d+"),
     ("sweep", ["--pass", "rtn:bits=4", "--grid", "group=0", "--eval", "ppl=wikitext2;ppl_seqlen=100000"], r"max_position_embeddings"),
     ("sweep", ["--pass", "rtn:bits=4", "--grid", "group=0", "--eval", "ppl=wikitext2;max_windows=0"], r"max_windows"),
     ("sweep", ["--pass", "rtn:bits=4", "--grid", "group=0", "--eval", "ppl=nope"], r"unknown perplexity dataset"),
@@ -182,10 +189,13 @@ REFUSALS: list[tuple[str, list[str], str]] = [
     ("sweep", ["--pass", "rtn:bits=4", "--eval", "ppl=wikitext2"], r"no values to sweep"),
     ("sweep", ["--pass", "rtn:bits=4", "--grid", "group=0", "--device", "gpu"], r"unknown --device"),
     ("eval", ["--ppl-seqlen", "100000"], r"max_position_embeddings"),
+    ("eval", ["--speed", "--speed-prompt", "100000", "--max-windows", "1", "--ppl-seqlen", "128"], r"--speed-prompt 100000 \+ --speed-new 32 exceed"),
+    ("eval", ["--json", "/proc/m.json"], r"cannot write --json"),
     ("eval", ["--batch-size", "0", "--tasks", "arc_easy"], r"batch-size"),
     ("eval", ["--max-windows", "0"], r"max-windows"),
     ("eval", ["--ppl", "nope"], r"unknown perplexity dataset"),
     ("export", ["--format", "foo"], r"unknown export format 'foo'"),
+    ("export", ["--format", "dense", "--overwrite", "SELF"], r"would replace the input"),
 ]
 
 
@@ -196,6 +206,8 @@ def _argv(command: str, extra: list[str], ckpt: Path, out: Path) -> list[str]:
         return ["sweep", str(STORIES), "--out", str(out / "s"), *SMALL, *extra]
     if command == "eval":
         return ["eval", str(ckpt), *extra]
+    if "SELF" in extra:  # the checkpoint exported onto itself
+        return ["export", str(ckpt), "--out", str(ckpt), *[x for x in extra if x != "SELF"]]
     return ["export", str(ckpt), "--out", str(out / "x"), *extra]
 
 
@@ -212,7 +224,7 @@ def test_every_refusal_names_flags_of_its_own_command(tmp_path: Path, ckpt: Path
     err = capsys.readouterr().err
     line = next((x for x in err.splitlines() if x.startswith("error:")), err)
     assert e.value.code != 0 and re.search(match, line), err[-2000:]
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line)) - set(extra) - {"--help"}  # the user's own flags quoted back
     assert named <= _flags(command), f"{command}: {sorted(named - _flags(command))} in {line!r}"
 
 
@@ -404,6 +416,32 @@ def test_recipe_paths_that_are_not_files(tmp_path: Path) -> None:
                r"recipe 'recipes' is a directory, not a file; give the file, e.g. --recipe recipes/q.yaml")
     (tmp_path / "bad.yaml").write_text("passes:\n  - {pass: rtn, bits: 4, group: 0}\ncalibration: {samples: many}\n")
     error_line(cli("run", str(STORIES), "--recipe", "bad.yaml", "--out", "o", cwd=tmp_path), r"the recipe's 'calibration: samples'.*'many'")
+
+
+def test_outputs_that_are_files_unwritable_or_the_input(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    shutil.copytree(STORIES, tmp_path / "m")
+    rtn = ["--pass", "rtn:bits=4,group=0"]
+    error_line(cli("run", "m", *rtn, "--out", "m", "--overwrite", cwd=tmp_path), r"--out 'm' would replace the input 'm'")
+    error_line(cli("run", "m", *rtn, "--out", "afile", cwd=tmp_path), r"output path 'afile' is a file; choose another --out")
+    error_line(cli("sweep", "m", "--pass", "rtn:bits=4", "--grid", "group=0", "--out", "afile", cwd=tmp_path), r"'afile' is a file")
+    if os.geteuid() == 0:  # root may write anywhere os.access is asked about; /proc still refuses new files
+        error_line(cli("run", "m", *rtn, "--out", "/proc/x", cwd=tmp_path), r"cannot create '/proc/x'")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["afile", "m"]
+
+
+def test_a_sweep_resumed_with_other_settings_is_refused(tmp_path: Path) -> None:
+    args = ["sweep", str(STORIES), "--pass", "rtn:bits=4", "--grid", "group=0", "--out", "s", "--eval", "ppl=wikitext2;max_windows=1;ppl_seqlen=128"]
+    assert cli(*args, "-q", cwd=tmp_path).returncode == 0
+    error_line(cli(*args, "--calib-samples", "4", cwd=tmp_path), r"was run with other settings \(calibration.samples 32 then, 4 now\)")
+
+
+def test_a_damaged_index_is_named(tmp_path: Path) -> None:
+    shutil.copytree(STORIES, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": [1, 2]}')
+    error_line(cli("run", "m", "--pass", "rtn:bits=4,group=0", "--out", "o", cwd=tmp_path), r"is not a valid index \(no weight_map")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text('{"weight_map": ')
+    error_line(cli("run", "m", "--pass", "rtn:bits=4,group=0", "--out", "o", cwd=tmp_path), r"index.json' is not valid JSON \(line 1")
 
 
 def test_run_help_lists_every_export_format() -> None:

@@ -184,9 +184,9 @@ DENSE = Candidate("dense", (), lambda W, H: W)
 
 def parse_search(text: str | None, structured: bool) -> list[Candidate]:
     """The candidates of ``--search`` (None: the defaults for the budget's kind), dense first."""
-    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(STRUCTURED_FAMILIES if structured else DEFAULT_FAMILIES)
+    names = [s.strip() for s in text.split(",") if s.strip()] if text is not None else list(STRUCTURED_FAMILIES if structured else DEFAULT_FAMILIES)
     if not names:
-        raise ConfigError("--search is empty; name candidates, e.g. --search gptq,svd-llm+gptq")
+        raise ConfigError("--search is empty; name candidates, e.g. --search gptq,rtn,sparsegpt")
     out = [DENSE]
     for name in dict.fromkeys(names):
         if name == "dense":

@@ -144,18 +144,25 @@ def cost_tables(model: nn.Module, adapter: ModelAdapter, budget: Budget, candida
     # a candidate storing more than REACH × the budget per weight on a target is not considered there
     reach = REACH * (budget.value / elt if budget.kind == "bits" else budget.value) if not budget.structured else 1.0
     tables: dict[str, list[tuple[int, Candidate]]] = {}
+    least = 0  # the cheapest plan of every candidate (those beyond the reach included), for the refusal
     for name, w in target_weights(model, adapter).items():
         d_out, d_in = w.shape
         row = []
+        cheapest = None
         for c in candidates:
             key = (c.label, d_out, d_in)
             if key not in memo:
                 memo[key] = c.stored_bits(d_out, d_in, dtype)
             bits = memo[key]
-            if bits is None or (c.steps and bits > min(1.0, reach) * d_out * d_in * elt):
+            if bits is None:
                 continue
-            row.append((bits // elt if budget.structured else bits, c))
+            cost = bits // elt if budget.structured else bits
+            cheapest = cost if cheapest is None else min(cheapest, cost)
+            if c.steps and bits > min(1.0, reach) * d_out * d_in * elt:
+                continue
+            row.append((cost, c))
         tables[name] = row
+        least += cheapest if cheapest is not None else 0
     dense = sum(t[0][0] for t in tables.values())
     weights = sum(w.numel() for w in target_weights(model, adapter).values())
     limit = _limit(budget, dense, weights, elt)
@@ -163,7 +170,8 @@ def cost_tables(model: nn.Module, adapter: ModelAdapter, budget: Budget, candida
     if limit >= dense:
         raise ConfigError(f"--budget {budget} is at or above the dense model ({_as_budget(budget, dense, dense, weights, elt)}): "
                           "nothing to compress; lower the budget")
-    least = sum(min(c for c, _ in row) for row in tables.values())
+    if least <= limit:  # reachable by every candidate; the ones kept (within the reach) must reach it too
+        least = sum(min(c for c, _ in row) for row in tables.values())
     if least > limit:
         raise ConfigError(f"--budget {budget} is below the cheapest plan these candidates reach "
                           f"({_as_budget(budget, least, dense, weights, elt)}, {least:,} {unit}); raise it to at least that, or add cheaper candidates with --search")

@@ -96,6 +96,11 @@ def sweep(
     dev = resolve_device(device)
     check_output_dir(out, overwrite=True, keep=(model,) if isinstance(model, (str, Path)) else ())  # an existing sweep resumes
     _check(model, mine, eval_spec, cfg, data_dir)
+    settings = {"model": str(model) if isinstance(model, (str, Path)) else _source_name(model[0]), "dtype": dtype,
+                "calibration": {k: v for k, v in cfg.to_dict().items() if k != "batch_size"},
+                "eval": {k: v for k, v in eval_spec.to_dict().items() if k != "batch_size"}}
+    if (out / SETTINGS).is_file():
+        _same_settings(out, settings)  # before the model is loaded
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     base, tok, source = _load(model, dtype, stage)
@@ -104,6 +109,12 @@ def sweep(
     adapter = get_adapter(base)
     new_dir = not out.exists()
     todo = _unfinished(out, mine)
+    try:
+        _same_settings(out, settings)
+    except BaseException:
+        if new_dir:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if shard is not None:
         stage(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the grid's {len(grid)} points, {len(todo)} not finished yet")
     try:
@@ -167,6 +178,36 @@ def _prepare(
     return dense, ids, cache
 
 
+SETTINGS = "settings.json"
+
+
+def _same_settings(out: Path, settings: dict[str, Any]) -> None:
+    """The settings every point of the sweep in ``out`` shares (model, dtype, calibration, evaluation):
+    recorded by the first job, and a later job with other settings is refused (its rows would sit in
+    one table beside rows measured another way)."""
+    path = out / SETTINGS
+    now = json.loads(json.dumps(settings, default=str))
+    with _locked(out / LOCK):
+        if not path.is_file():
+            if _load_rows(out):
+                return  # a sweep from before settings were recorded: nothing to compare with
+            atomic_text(path, json.dumps(now, indent=2, sort_keys=True) + "\n")
+            return
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise CompressError(f"'{path}' is damaged; restore it, or start the sweep in another --out") from None
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        return {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}
+
+    was, is_ = flat(old), flat(now)
+    changed = sorted(k for k in set(was) | set(is_) if was.get(k) != is_.get(k))
+    if changed:
+        detail = ", ".join(f"{k} {was.get(k)!r} then, {is_.get(k)!r} now" for k in changed)[:400]
+        raise CompressError(f"the sweep in '{out}' was run with other settings ({detail}); rerun with the same settings to resume it, "
+                            "or choose another --out")
+
+
 def _unfinished(out: Path, mine: list[GridPoint]) -> list[GridPoint]:
     """The points of ``mine`` not finished in ``out`` (made if new; a directory from before per-point
     result files is imported first)."""
@@ -177,11 +218,15 @@ def _unfinished(out: Path, mine: list[GridPoint]) -> list[GridPoint]:
     return [p for p in mine if p.label not in finished]
 
 
+def _source_name(base: nn.Module) -> str:
+    return str(getattr(getattr(base, "config", None), "_name_or_path", "model"))
+
+
 def _load(model: str | Path | tuple[nn.Module, Any], dtype: str | None, stage: Callable[[str], None]) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, source name) of a loaded (model, tokenizer) or a source path/ID (loaded on the CPU)."""
     if isinstance(model, tuple):
         base, tok = model
-        source = getattr(getattr(base, "config", None), "_name_or_path", "model")
+        source = _source_name(base)
     else:
         stage(f"loading {model}")
         base, tok, _ = load_model(model, dtype=dtype, device="cpu")
