@@ -106,10 +106,7 @@ def plan(
         raise CompressError(f"--offload-dir needs a streamed run, and {note}; drop --offload-dir")
     try:
         adapter = adapter or get_adapter(handle.model)
-        if eval_spec:
-            check_eval(eval_spec, data_dir, getattr(handle.model, "config", None))
-        if needs_ids:
-            check_calib_length(cfg.seqlen, getattr(handle.model, "config", None))
+        _check_lengths(handle.model, eval_spec, data_dir, cfg, needs_ids and calib is not None and not isinstance(calib, torch.Tensor))
         pass_plans, targets = plan_targets(handle.model, adapter, passes)
         if dist is not None:
             distributed.check_passes(passes, dist)
@@ -131,6 +128,15 @@ def plan(
         stream=streaming, stream_note=note, restart=restart,
         offload_dir=Path(offload_dir) if offload_dir is not None else None, memory=memory, dist=dist, search=found,
     )
+
+
+def _check_lengths(model: Any, eval_spec: EvalSpec | None, data_dir: Any, cfg: CalibConfig, from_text: bool) -> None:
+    """The evaluation options and the calibration length against the opened model's config."""
+    config = getattr(model, "config", None)
+    if eval_spec:
+        check_eval(eval_spec, data_dir, config)
+    if from_text:
+        check_calib_length(cfg.seqlen, config)
 
 
 def _search(model: Any, recipe: Any, out: Any, budget: Any, search: str | None, calib: Any, batch_size: int | None, overwrite: bool,
