@@ -49,6 +49,12 @@ class CalibConfig(Options):
     batch_size: int = option(8, "calibration forward batch size", min=1, flag="--batch-size")
     split: str = option("train", "split of a named source", flag="--calib-split")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.source not in NAMED_SOURCES and self.split != "train":
+            raise CompressError(f"{self.where('split')} {self.split} applies to the named sources ({', '.join(NAMED_SOURCES)}); "
+                                f"the file '{self.source}' is read whole: drop {self.where('split')}")
+
     @classmethod
     def unknown_message(cls, unknown: list[str], what: str) -> str:
         return f"{what + ': ' if what else ''}unknown calibration key(s) {', '.join(unknown)}; allowed: {', '.join(f.name for f in cls.fields())}"

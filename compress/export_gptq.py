@@ -60,6 +60,7 @@ def gptq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
 def check_gptq_exportable(model: nn.Module, layers_path: str) -> dict[str, Any]:
     """The common quantization settings, or a CompressError naming the layers that cannot be exported."""
     bad: list[str] = []
+    packing = False  # a layer whose widths the format's 32-bit words cannot hold at its bits
     settings: set[tuple[int, int, bool]] = set()
     for name, m in model.named_modules():
         if not name.startswith(layers_path + "."):
@@ -73,7 +74,8 @@ def check_gptq_exportable(model: nn.Module, layers_path: str) -> dict[str, Any]:
                 bad.append(f"{name} ({s.levels} levels)")
                 continue
             if (m.in_features * s.bits) % 32 or (m.out_features * s.bits) % 32:
-                bad.append(f"{name} (dimensions not packable into 32-bit words)")
+                bad.append(f"{name} ({m.out_features}x{m.in_features} at {s.bits} bits: not packable into 32-bit words)")
+                packing = True
                 continue
             if not s.sym and bool((m.zeros() == 0).any()):
                 # v1 stores zero − 1; readers add 1 back word-wise (0x11111111 for 4 bits), so a stored
@@ -87,9 +89,11 @@ def check_gptq_exportable(model: nn.Module, layers_path: str) -> dict[str, Any]:
             bad.append(f"{name} ({type(m).__name__})")
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        fix = ("this model's widths do not pack at these bits: keep the compress checkpoint (from_pretrained after import compress) or use --export dense"
+               if packing and all("packable" in b for b in bad) else "quantize every decoder linear with rtn/gptq dim=oc")
         raise CompressError(
-            "the GPTQ format holds only per-OC uniform-quantized linears; cannot export "
-            + ", ".join(bad[:3]) + more + "; quantize every decoder linear with rtn/gptq dim=oc"
+            "the GPTQ format holds only per-OC uniform-quantized linears packed in 32-bit words; cannot export "
+            + ", ".join(bad[:3]) + more + "; " + fix
         )
     if len(settings) != 1:
         raise CompressError(f"the GPTQ format needs one bits/group/sym setting for all layers, found {sorted(settings)}")

@@ -179,6 +179,7 @@ REFUSALS: list[tuple[str, list[str], str]] = [
     ("run", ["--pass", "rtn:bits=4,group=0", "--seed", "99999999999999999999999"], r"--seed must be in"),
     ("run", ["--pass", "gptq:bits=4,group=0", "--calib-seqlen", "1024"], r"--calib-seqlen 1024 exceeds the model's max_position_embeddings 512"),
     ("run", ["--pass", "rtn:bits=4,group=0,bits=3"], r"'bits' is given twice"),
+    ("run", ["--pass", "gptq:bits=4,group=0", "--calib", "mine.txt", "--calib-split", "validation"], r"--calib-split validation applies to the named"),
     ("run", ["--pass", "rtn:bits=4,group=0", "--frobnicate"], r"No such option: --frobnicate \(see 'compress run --help'\)"),
     ("run", ["--budget", "bits=0.5"], r"below the cheapest plan these candidates reach \(bits=2\.\d+"),
     ("sweep", ["--pass", "rtn:bits=4", "--grid", "group=0", "--eval", "ppl=wikitext2;ppl_seqlen=100000"], r"max_position_embeddings"),
@@ -195,6 +196,7 @@ REFUSALS: list[tuple[str, list[str], str]] = [
     ("eval", ["--max-windows", "0"], r"max-windows"),
     ("eval", ["--ppl", "nope"], r"unknown perplexity dataset"),
     ("export", ["--format", "foo"], r"unknown export format 'foo'"),
+    ("export", ["--format", "gptq"], r"not packable into 32-bit words.*do not pack at these bits: keep the compress checkpoint"),
     ("export", ["--format", "dense", "--overwrite", "SELF"], r"would replace the input"),
 ]
 
