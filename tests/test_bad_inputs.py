@@ -416,6 +416,8 @@ def test_recipe_paths_that_are_not_files(tmp_path: Path) -> None:
     error_line(cli("run", str(STORIES), "--recipe", "myrecipe", "--out", "o", cwd=tmp_path), r"recipe file 'myrecipe' does not exist")
     error_line(cli("run", str(STORIES), "--recipe", "recipes", "--out", "o", cwd=tmp_path),
                r"recipe 'recipes' is a directory, not a file; give the file, e.g. --recipe recipes/q.yaml")
+    (tmp_path / "nosrc.yaml").write_text("passes:\n  - {pass: gptq, bits: 4, group: 0}\ncalibration: {source: nosuch.txt}\n")
+    error_line(cli("validate", "nosrc.yaml", cwd=tmp_path), r"unknown data source 'nosuch.txt'")  # what a run would refuse
     (tmp_path / "bad.yaml").write_text("passes:\n  - {pass: rtn, bits: 4, group: 0}\ncalibration: {samples: many}\n")
     error_line(cli("run", str(STORIES), "--recipe", "bad.yaml", "--out", "o", cwd=tmp_path), r"the recipe's 'calibration: samples'.*'many'")
 
