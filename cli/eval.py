@@ -72,7 +72,7 @@ def eval_cmd(
     from .. import api
     from ..hf_format import is_compress_checkpoint
     from ..models import resolve_device
-    from ..planning.checks import check_eval, check_output_dir
+    from ..planning.checks import check_eval, check_output_dir, check_writable
     from ..report import merge_metrics, write_report
 
     setup_logging(verbose)
@@ -88,10 +88,7 @@ def eval_cmd(
     if json_out is not None:
         if json_out.is_dir():
             raise CompressError(f"--json '{json_out}' is a directory; give a file path such as {json_out / 'metrics.json'}")
-        try:
-            check_output_dir(json_out.parent / f".{json_out.name}.probe", overwrite=True, flag="--json")
-        except CompressError:
-            raise CompressError(f"cannot write --json '{json_out}': '{json_out.parent}' is not writable; choose another --json") from None
+        check_writable(json_out, "--json")
     baseline = _speed_baseline(model, speed_baseline, speed_prompt, speed_new) if speed else None
     dev = resolve_device(device)
     m, tok = api.load(model, device=dev)

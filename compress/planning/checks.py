@@ -29,26 +29,31 @@ def check_output_dir(out: Path, overwrite: bool, keep: tuple[object, ...] = (), 
             raise CompressError(f"{flag} '{out}' would replace the input '{k}' it is made from; choose another {flag}")
     if out.exists() and not overwrite:
         raise CompressError(f"output directory '{out}' exists; choose another {flag} or pass --overwrite")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts)
-        fd, probe = tempfile.mkstemp(prefix=".compress-probe-", dir=parent)
+    check_writable(out, flag)
+
+
+def check_writable(path: Path, flag: str, inside: bool = False) -> None:
+    """``path`` (a file or folder still to be made; with ``inside``, an existing folder) can be written:
+    the nearest existing folder takes a new file. A real file is made and removed, because os.access
+    says yes to root even where nothing can be created (/proc, read-only mounts)."""
+    folder = path if inside else path.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".compress-probe-", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise CompressError(f"cannot create '{out}': '{parent}' is not writable ({e.strerror or e}); choose another {flag}") from None
+        raise CompressError(f"{flag} '{path}' is not writable: no file can be made in '{folder}' ({e.strerror or e}); choose another {flag}") from None
 
 
 def check_offload_dir(path: Path) -> None:
     """--offload-dir exists (or can be created) and is writable."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".compress-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
         raise CompressError(f"--offload-dir '{path}' is not writable ({e.strerror or e}); choose another --offload-dir") from None
+    check_writable(path, "--offload-dir", inside=True)
 
 
 def check_eval(spec: EvalSpec, data_dir: str | Path | None, config: Any = None) -> None:
