@@ -23,8 +23,10 @@ from ..errors import CompressError
 from ..evalspec import EvalSpec
 from ..fsutil import atomic_directory, atomic_text
 from ..models import count_parameters, load_model, resolve_device, weights_fingerprint
+from ..passes.base import Pass
 from ..pipeline.profile import profile_statistics
 from ..planning.checks import check_calib_length, check_eval, check_output_dir
+from ..readers import read_json
 from ..recipe import make_pass
 from ..statscache import StatsCache, default_cache_root, stats_key
 from .grid import GridPoint, shard_points
@@ -95,7 +97,7 @@ def sweep(
     # every refusal that needs no weights comes before the model is loaded and before `out` is made
     dev = resolve_device(device)
     check_output_dir(out, overwrite=True, keep=(model,) if isinstance(model, (str, Path)) else ())  # an existing sweep resumes
-    _check(model, mine, eval_spec, cfg, data_dir)
+    passes = _check(model, mine, eval_spec, cfg, data_dir)
     settings = {"model": str(model) if isinstance(model, (str, Path)) else _source_name(model[0]), "dtype": dtype,
                 "calibration": {k: v for k, v in cfg.to_dict().items() if k != "batch_size"},
                 "eval": {k: v for k, v in eval_spec.to_dict().items() if k != "batch_size"}}
@@ -111,14 +113,10 @@ def sweep(
     todo = _unfinished(out, mine)
     try:
         _same_settings(out, settings)
-    except BaseException:
-        if new_dir:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    if shard is not None:
-        stage(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the grid's {len(grid)} points, {len(todo)} not finished yet")
-    try:
-        dense, ids, cache = _prepare(out, base, tok, adapter, todo, cfg, eval_spec, data_dir, dev, cache_root, stage, timings)
+        if shard is not None:
+            stage(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the grid's {len(grid)} points, {len(todo)} not finished yet")
+        todo_passes = [passes[p.label] for p in todo]
+        dense, ids, cache = _prepare(out, base, tok, adapter, todo_passes, cfg, eval_spec, data_dir, dev, cache_root, stage, timings)
     except BaseException:
         if new_dir and not _load_rows(out):  # refused before any point ran: leave no directory behind
             shutil.rmtree(out, ignore_errors=True)
@@ -139,12 +137,13 @@ def sweep(
     return _publish(out, grid, dense, timings, source, eval_spec, shard)
 
 
-def _check(model: Any, points: list[GridPoint], eval_spec: EvalSpec, cfg: CalibConfig, data_dir: str | Path | None) -> None:
+def _check(model: Any, points: list[GridPoint], eval_spec: EvalSpec, cfg: CalibConfig, data_dir: str | Path | None) -> dict[str, Pass[Any]]:
     """The sweep's refusals that need no weights: evaluation options and data, the points' passes, the
-    calibration text they read, and (where the config can be read alone) the model's window length."""
+    calibration text they read, and (where the config can be read alone) the model's window length.
+    Returns each point's pass, built once (label → pass)."""
     check_eval(eval_spec, data_dir)
-    passes = [make_pass(p.method, p.options).build() for p in points]
-    if any(p.caps.requires_calibration for p in passes):
+    passes = {p.label: make_pass(p.method, p.options).build() for p in points}
+    if any(p.caps.requires_calibration for p in passes.values()):
         load_documents(cfg.source, cfg.split, data_dir)
     if isinstance(model, (str, Path)) and not any(Path(model).glob("*.gguf")):
         config = None
@@ -155,10 +154,11 @@ def _check(model: Any, points: list[GridPoint], eval_spec: EvalSpec, cfg: CalibC
         if config is not None:
             check_eval(eval_spec, data_dir, config)
             check_calib_length(cfg.seqlen, config)
+    return passes
 
 
 def _prepare(
-    out: Path, base: nn.Module, tok: Any, adapter: Any, todo: list[GridPoint], cfg: CalibConfig, eval_spec: EvalSpec,
+    out: Path, base: nn.Module, tok: Any, adapter: Any, todo: list[Pass[Any]], cfg: CalibConfig, eval_spec: EvalSpec,
     data_dir: str | Path | None, dev: Any, cache_root: Path | None, stage: Callable[[str], None], timings: dict[str, float],
 ) -> tuple[dict[str, Any], torch.Tensor | None, StatsCache | None]:
     """The dense reference (measured once per sweep directory, by one job; the others wait and read it),
@@ -193,19 +193,18 @@ def _same_settings(out: Path, settings: dict[str, Any]) -> None:
                 return  # a sweep from before settings were recorded: nothing to compare with
             atomic_text(path, json.dumps(now, indent=2, sort_keys=True) + "\n")
             return
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            raise CompressError(f"'{path}' is damaged; restore it, or start the sweep in another --out") from None
-    def flat(d: dict[str, Any]) -> dict[str, Any]:
-        return {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}
-
-    was, is_ = flat(old), flat(now)
+        old = read_json(path, "sweep settings")
+    was, is_ = _flat(old if isinstance(old, dict) else {}), _flat(now)
     changed = sorted(k for k in set(was) | set(is_) if was.get(k) != is_.get(k))
     if changed:
         detail = ", ".join(f"{k} {was.get(k)!r} then, {is_.get(k)!r} now" for k in changed)[:400]
         raise CompressError(f"the sweep in '{out}' was run with other settings ({detail}); rerun with the same settings to resume it, "
                             "or choose another --out")
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    """{"calibration": {"samples": 32}} → {"calibration.samples": 32} (one level)."""
+    return {f"{k}.{k2}" if isinstance(v, dict) else k: v2 for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict) else [("", v)])}
 
 
 def _unfinished(out: Path, mine: list[GridPoint]) -> list[GridPoint]:
@@ -235,12 +234,12 @@ def _load(model: str | Path | tuple[nn.Module, Any], dtype: str | None, stage: C
 
 
 def _statistics(
-    base: nn.Module, tok: Any, adapter: Any, todo: list[GridPoint], cfg: CalibConfig, data_dir: str | Path | None, dev: Any,
+    base: nn.Module, tok: Any, adapter: Any, passes: list[Pass[Any]], cfg: CalibConfig, data_dir: str | Path | None, dev: Any,
     cache_root: Path | None, stage: Callable[[str], None], timings: dict[str, float],
 ) -> tuple[torch.Tensor | None, StatsCache | None]:
     """The calibration ids the points in ``todo`` need and the cache of the statistics they read,
-    profiled on the dense model unless cached (one job profiles; the others wait, then reuse them)."""
-    passes = [make_pass(p.method, p.options).build() for p in todo]  # what each point needs of the profile
+    profiled on the dense model unless cached (one job profiles; the others wait, then reuse them);
+    ``passes``: the unfinished points' passes, which say what each needs of the profile."""
     kinds = frozenset().union(*[p.caps.statistics for p in passes if p.caps.requires_calibration]) if passes else frozenset()
     ids: torch.Tensor | None = None
     cache: StatsCache | None = None
