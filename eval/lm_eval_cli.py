@@ -79,7 +79,7 @@ def main(args: list[str] | None = None) -> None:
         cli_evaluate()
     except (ValueError, OSError) as e:  # lm-eval's own refusals (an unknown task, a model it cannot open) in one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Tasks not found" in first or "not found" in first and "ask" in first:
+        if "Tasks not found" in first:
             raise CompressError(f"lm-eval: {first[:300]}; list the tasks with 'compress lm-eval ls tasks'") from None
         raise CompressError(f"lm-eval stopped: {type(e).__name__}: {first[:300]}") from None
 
