@@ -191,7 +191,7 @@ REFUSALS: list[tuple[str, list[str], str]] = [
     ("sweep", ["--pass", "rtn:bits=4", "--grid", "group=0", "--device", "gpu"], r"unknown --device"),
     ("eval", ["--ppl-seqlen", "100000"], r"max_position_embeddings"),
     ("eval", ["--speed", "--speed-prompt", "100000", "--max-windows", "1", "--ppl-seqlen", "128"], r"--speed-prompt 100000 \+ --speed-new 32 exceed"),
-    ("eval", ["--json", "/proc/m.json"], r"cannot write --json"),
+    ("eval", ["--json", "/proc/m.json"], r"--json '/proc/m.json' is not writable"),
     ("eval", ["--batch-size", "0", "--tasks", "arc_easy"], r"batch-size"),
     ("eval", ["--max-windows", "0"], r"max-windows"),
     ("eval", ["--ppl", "nope"], r"unknown perplexity dataset"),
@@ -418,6 +418,10 @@ def test_recipe_paths_that_are_not_files(tmp_path: Path) -> None:
                r"recipe 'recipes' is a directory, not a file; give the file, e.g. --recipe recipes/q.yaml")
     (tmp_path / "nosrc.yaml").write_text("passes:\n  - {pass: gptq, bits: 4, group: 0}\ncalibration: {source: nosuch.txt}\n")
     error_line(cli("validate", "nosrc.yaml", cwd=tmp_path), r"unknown data source 'nosuch.txt'")  # what a run would refuse
+    (tmp_path / "c4.yaml").write_text("passes:\n  - {pass: gptq, bits: 4, group: 0}\ncalibration: {source: c4}\n")
+    error_line(cli("validate", "c4.yaml", "--data-dir", "nodata", cwd=tmp_path), r"data directory 'nodata' does not exist")
+    ok = cli("validate", "c4.yaml", "--data-dir", str(DATA_DIR), cwd=tmp_path)
+    assert ok.returncode == 0 and "recipe is valid" in ok.stdout, ok.stderr[-2000:]
     (tmp_path / "bad.yaml").write_text("passes:\n  - {pass: rtn, bits: 4, group: 0}\ncalibration: {samples: many}\n")
     error_line(cli("run", str(STORIES), "--recipe", "bad.yaml", "--out", "o", cwd=tmp_path), r"the recipe's 'calibration: samples'.*'many'")
 
@@ -430,7 +434,7 @@ def test_outputs_that_are_files_unwritable_or_the_input(tmp_path: Path) -> None:
     error_line(cli("run", "m", *rtn, "--out", "afile", cwd=tmp_path), r"output path 'afile' is a file; choose another --out")
     error_line(cli("sweep", "m", "--pass", "rtn:bits=4", "--grid", "group=0", "--out", "afile", cwd=tmp_path), r"'afile' is a file")
     if os.geteuid() == 0:  # root may write anywhere os.access is asked about; /proc still refuses new files
-        error_line(cli("run", "m", *rtn, "--out", "/proc/x", cwd=tmp_path), r"cannot create '/proc/x'")
+        error_line(cli("run", "m", *rtn, "--out", "/proc/x", cwd=tmp_path), r"--out '/proc/x' is not writable: no file can be made in '/proc'")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["afile", "m"]
 
 
