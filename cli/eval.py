@@ -68,7 +68,7 @@ def eval_cmd(
     evaluation: Optional[dict[str, Any]] = None,
 ) -> None:
     """Measure perplexity (papers' token-level protocol), lm-eval tasks and inference speed of a (compressed) model.
-    Without --tasks or --ppl, perplexity on wikitext2."""
+    Without --tasks, --ppl or --speed, perplexity on wikitext2 (--speed alone measures speed only)."""
     from .. import api
     from ..hf_format import is_compress_checkpoint
     from ..models import resolve_device
@@ -79,7 +79,7 @@ def eval_cmd(
     given = dict(evaluation or {})
     if seqlen is not None:
         given.setdefault("ppl_seqlen", seqlen)
-    if not given.get("ppl") and not given.get("tasks"):
+    if not given.get("ppl") and not given.get("tasks") and not speed:
         given["ppl"] = "wikitext2"
     spec = EvalSpec.from_dict(given, what="compress eval")
     check_eval(spec, data_dir)
@@ -97,7 +97,7 @@ def eval_cmd(
     if speed and isinstance(max_pos, int) and speed_prompt + speed_new > max_pos:
         raise CompressError(f"--speed-prompt {speed_prompt} + --speed-new {speed_new} exceed the model's max_position_embeddings {max_pos}; "
                             f"pass a --speed-prompt of at most {max(1, max_pos - speed_new)}")
-    if tok is None:
+    if tok is None and spec:
         raise CompressError(f"'{model}' has no tokenizer files; cannot tokenize the evaluation text")
     results = api.evaluate(m, tok, spec, data_dir=data_dir) if spec else []
     if speed:

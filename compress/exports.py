@@ -33,6 +33,8 @@ class ExportFormat:
     check_model: Callable[[nn.Module, str], None]
     #: write(model, tokenizer, directory, layers_path, source)
     write: Callable[[nn.Module, Any, Path, str, str], None]
+    #: why the opened model (its config, tokenizer and source) cannot be written, checked before compressing
+    check_opened: Callable[[Any, Any, str], str | None] | None = None
 
 
 def final_module_types(passes: Passes) -> set[str]:
@@ -152,6 +154,30 @@ def _ct_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: st
     export_compressed_tensors(model, tokenizer, directory)
 
 
+def _gguf_recipe(passes: Passes) -> str | None:
+    from .export_gguf import recipe_reason
+
+    return recipe_reason(None, passes, final_module_types(passes))
+
+
+def _gguf_model(model: nn.Module, layers_path: str) -> None:
+    from .export_gguf import check_model
+
+    check_model(model, layers_path)
+
+
+def _gguf_write(model: nn.Module, tokenizer: Any, directory: Path, layers_path: str, source: str) -> None:
+    from .export_gguf import export_gguf
+
+    export_gguf(model, tokenizer, directory, layers_path, source)
+
+
+def _gguf_opened(model: Any, tokenizer: Any, source: str) -> str | None:
+    from .export_gguf import opened_reason
+
+    return opened_reason(model, tokenizer, source)
+
+
 EXPORTS: dict[str, ExportFormat] = {
     f.name: f for f in (
         ExportFormat("dense", "plain HF checkpoint, factors multiplied out (from_pretrained without this library)",
@@ -160,6 +186,8 @@ EXPORTS: dict[str, ExportFormat] = {
         ExportFormat("compressed-tensors", "compressed-tensors pack-quantized (llm-compressor's format; vLLM, transformers)",
                      _ct_recipe, _ct_model, _ct_write),
         ExportFormat("peft", "the low-rank branches of eora/lq-lora as a PEFT LoRA adapter", _peft_recipe, _peft_model, _peft_write),
+        ExportFormat("gguf", "one GGUF file for llama.cpp/Ollama (gptq:format=q4_k/q3_k/q6_k/q4_0/q4_1/q8_0 stored byte for byte, "
+                     "or F16 of a plain or structurally smaller model)", _gguf_recipe, _gguf_model, _gguf_write, _gguf_opened),
     )
 }
 
@@ -168,6 +196,15 @@ def get_export(name: str) -> ExportFormat:
     if name not in EXPORTS:
         raise CompressError(f"unknown export format '{name}'; available: {', '.join(EXPORTS)} (--export)")
     return EXPORTS[name]
+
+
+def check_opened(names: tuple[str, ...] | list[str], model: Any, tokenizer: Any, source: str) -> None:
+    """Refuse formats the opened model (architecture, tokenizer) cannot be written in, before any compute."""
+    for n in names:
+        check = get_export(n).check_opened
+        why = check(model, tokenizer, source) if check is not None else None
+        if why is not None:
+            raise CompressError(why)
 
 
 def check_exports(names: tuple[str, ...] | list[str], passes: Passes) -> None:

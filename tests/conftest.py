@@ -37,19 +37,19 @@ TINY_CONFIGS = {
 GENERIC_FAMILY = "opt"
 
 
-def make_tiny(family: str, seed: int = 0, hidden: int = 32, intermediate: int = 64, tied: bool = False) -> torch.nn.Module:
+def make_tiny(family: str, seed: int = 0, hidden: int = 32, intermediate: int = 64, tied: bool = False, vocab: int = 128) -> torch.nn.Module:
     """A two-layer random model of ``family`` (one of TINY_CONFIGS, or GENERIC_FAMILY)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if family == GENERIC_FAMILY:
         cfg = AutoConfig.for_model(
-            "opt", vocab_size=128, hidden_size=hidden, ffn_dim=intermediate, num_hidden_layers=2, num_attention_heads=4,
+            "opt", vocab_size=vocab, hidden_size=hidden, ffn_dim=intermediate, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, word_embed_proj_dim=hidden, tie_word_embeddings=tied,
         )
     else:
         cfg = AutoConfig.for_model(
             family,
-            vocab_size=128,
+            vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=intermediate,
             num_hidden_layers=2,

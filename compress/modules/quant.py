@@ -103,7 +103,35 @@ class QuantLinear(CompressedLinear):
         b = bcq_from_uniform(Quantized(q=self.codes(), scales=self.scales, zeros=self.zeros(), spec=self.qspec))
         return bcq_kernel_layout(pack_signs(b.signs), b.alpha, b.offset)
 
+    def cpu_kernel(self) -> str | None:
+        """PyTorch's weight-only CPU matmul these codes fit exactly (:mod:`compress.kernels.cpu`): "int4"
+        (4-bit groups of 32–256 along the input), "int8" (8-bit symmetric, one scale per output channel), or None."""
+        from ..kernels import cpu
+
+        s = self.qspec
+        if s.dim != "oc" or s.levels != "uniform":
+            return None
+        g = s.group_size or self.in_features
+        if s.bits == 4 and cpu.int4_fits(self.out_features, self.in_features, g):
+            return "int4"
+        if s.bits == 8 and s.sym and g == self.in_features:
+            return "int8"
+        return None
+
+    def _cpu_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int4 computes (c − 8)·s + t per group, so t = (8 − z)·s (exact in float32); int8 (c − 128)·s."""
+        from ..kernels import cpu
+
+        q, s = self.codes(), self.scales.float()
+        if self.cpu_kernel() == "int8":
+            return cpu.int8_layout(q.to(torch.int16) - 128, s[:, 0])
+        return cpu.int4_layout(q, s, (8.0 - self.zeros().float()) * s)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..kernels import cpu
+
+        if cpu.applies(self, x) and (kind := self.cpu_kernel()):
+            return cpu.linear(self, x, kind, self.qspec.group_size or self.in_features, ("qweight", "scales", "qzeros"), self._cpu_layout)
         if x.is_cuda and self.lut_compatible():
             from ..kernels.ops import bcq_linear
 

@@ -40,10 +40,13 @@ from torch import nn
 from ..config import PassConfig, option, targets_option
 from ..errors import ConfigError
 from ..modules.base import MODULE_TYPES, CompressedLinear
+from ..modules.ggml import GGMLLinear
 from ..modules.quant import QuantLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
-from ..solvers.gptq import FactorCache, gptq_quantize
+from ..solvers import ggml
+from ..solvers.ggml import TYPES as GGML_TYPES
+from ..solvers.gptq import FactorCache, gptq_ggml, gptq_quantize
 from ..solvers.metrics import relative_output_error
 from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
 from .base import LINEAR, QUANTIZABLE, Capabilities, LayerContext, LinearPass, PassResult, Stored, layer_relative_name, meta_storage_bits
@@ -62,9 +65,20 @@ class RTNConfig(PassConfig):
     sym: bool = option(False, "symmetric quantization (no zero-point stored)")
     clip: bool = option(False, "search a range shrink per group minimizing the (diag-H weighted) error")
     targets: str = targets_option("quantize")
+    format: str = option("int", "storage grid: int (bits/group/sym as given) or one of llama.cpp's block types, stored byte for byte "
+                         "as a GGUF file holds them (q8_0, q4_0, q5_0, q4_1, iq4_nl, q6_k, q4_k, q3_k, q2_k; bits/group/sym "
+                         "then come from the type; k-quants fall back as llama.cpp does where 256 does not divide a width)",
+                         choices=("int", *GGML_TYPES))
     sequential: bool = option(False, "observe each sub-group's inputs after the sub-groups before it in the layer were quantized "
                               "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it "
                               "(faster; equal quality measured, bench/results/speed.md)")
+
+
+    def validate(self) -> None:
+        super().validate()
+        if self.format != "int" and self.dim != "oc":
+            raise ConfigError(f"pass '{self.pass_name}': format={self.format} groups along the input of each output row; "
+                              f"dim={self.dim} cannot apply: use dim=oc or format=int")
 
 
 @dataclass
@@ -100,23 +114,36 @@ class _QuantPass(LinearPass[Q]):
     def produces(self, kinds: frozenset[str]) -> frozenset[str]:
         out = {q for k in kinds if (q := _quantized_as(k))}
         if any(_quantized_as(k) is None for k in kinds):
-            out.add("QuantLinear")
+            out.add("QuantLinear" if self.config.format == "int" else "GGMLLinear")
         return frozenset(out)
 
     def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:
         parted = sorted(k for k in (stored.kinds if stored is not None else ()) if _quantized_as(k))
+        if parted and self.config.format != "int":
+            return (f"a {parted[0]}'s parts are quantized on the integer grid; format={self.config.format} holds whole "
+                    "linears only: use format=int")
         if parted and self.config.dim != "oc":
             return (f"a {parted[0]}'s parts are quantized with per-output-channel groups (along the input); "
                     f"dim={self.config.dim} cannot apply to them: use dim=oc")
         return self.check_shape(d_out, d_in)
 
     def check_shape(self, d_out: int, d_in: int) -> str | None:
+        if self.config.format != "int":
+            if ggml.type_for(self.config.format, d_in) is None:
+                t = ggml.TYPES[self.config.format]
+                fb = ggml.FALLBACK.get(t.name)
+                sizes = f"{t.block}" + (f" (or {ggml.TYPES[fb].block} for its fallback {fb})" if fb else "")
+                return f"format={t.name} needs an input width divisible by {sizes}; this linear's is {d_in}: use format=int"
+            return None
         dims = ["oc", "ic"] if self.config.dim == "ada" else [self.config.dim]
         why = [group_error_check(self._spec(dim), d_out, d_in) for dim in dims]
         return None if any(w is None for w in why) else f"{why[0]}; choose another group size"
 
     def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         c = self.config
+        if c.format != "int":
+            t = ggml.type_for(c.format, d_in)
+            return None if t is None else meta_storage_bits(GGMLLinear, d_in, d_out, t.name, dtype=dtype)
         dims = [d for d in (["oc", "ic"] if c.dim == "ada" else [c.dim]) if group_error_check(self._spec(d), d_out, d_in) is None]
         if not dims:
             return None
@@ -139,10 +166,33 @@ class _QuantPass(LinearPass[Q]):
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         raise NotImplementedError
 
+    def quantize_ggml(self, name: str, W: torch.Tensor, t: ggml.GGMLType, stats: LinearStats | None) -> torch.Tensor:
+        """The stored bytes of W on llama.cpp block type ``t``."""
+        raise NotImplementedError
+
+    def _apply_ggml(self, name: str, module: nn.Linear, stats: LinearStats | None) -> PassResult:
+        W = module.weight.data
+        d_out, d_in = W.shape
+        t = ggml.type_for(self.config.format, d_in)
+        if t is None:
+            raise ConfigError(f"{name} ({d_out}x{d_in}): {self.check_shape(d_out, d_in)}")
+        if float((W == 0).float().mean()) >= PRUNED_FRACTION:
+            raise ConfigError(f"{name} is pruned ({float((W == 0).float().mean()):.0%} zeros); format={self.config.format} "
+                              "does not keep exact zeros through the sweep: use format=int after pruning")
+        bias = module.bias.data if module.bias is not None else None
+        new = GGMLLinear.from_blocks(self.quantize_ggml(name, W, t, stats), t.name, d_in, bias, like=W)
+        H = stats.gram if stats is not None else None
+        info: dict[str, Any] = {"format": self.config.format, "type": t.name, "bits_per_weight": new.storage_bits() / new.num_weights()}
+        info["error"] = relative_output_error(W, new.dense_weight(), H)
+        info["error_metric"] = "rel_output_err" if H is not None else "rel_weight_err"
+        return PassResult(new, info)
+
     def apply(self, name: str, module: nn.Module, stats: LinearStats | None, ctx: LayerContext) -> PassResult:
         if isinstance(module, CompressedLinear):
             return self._apply_parts(name, module, stats)
         assert isinstance(module, nn.Linear)
+        if self.config.format != "int":
+            return self._apply_ggml(name, module, stats)
         W = module.weight.data
         d_out, d_in = W.shape
         dims = ["oc", "ic"] if self.config.dim == "ada" else [self.config.dim]
@@ -236,6 +286,10 @@ class RTNPass(_QuantPass[RTNConfig]):
         hdiag = stats.gram.diagonal() if stats is not None and stats.gram is not None else None
         return quantize_rtn(W, spec, hdiag)
 
+    def quantize_ggml(self, name: str, W: torch.Tensor, t: ggml.GGMLType, stats: LinearStats | None) -> torch.Tensor:
+        hdiag = stats.gram.diagonal() if stats is not None and stats.gram is not None else None
+        return ggml.quantize(W, t, hdiag)
+
 
 @register_pass
 class GPTQPass(_QuantPass[GPTQConfig]):
@@ -263,3 +317,10 @@ class GPTQPass(_QuantPass[GPTQConfig]):
             static_groups=c.static_groups, keep=keep, name=name, cache=self._factors,
         )
         return qz
+
+    def quantize_ggml(self, name: str, W: torch.Tensor, t: ggml.GGMLType, stats: LinearStats | None) -> torch.Tensor:
+        assert stats is not None and stats.gram is not None
+        c = self.config
+        blocks, _ = gptq_ggml(W, stats.gram, t, blocksize=c.blocksize, damp=c.damp, actorder=c.actorder, name=name,
+                              cache=self._factors)
+        return blocks

@@ -23,7 +23,7 @@ from ..adapters.base import ModelAdapter
 from ..calib.data import CalibConfig, calibration_ids, load_documents
 from ..errors import CannotStream, CompressError
 from ..evalspec import EvalSpec
-from ..exports import check_exports
+from ..exports import check_exports, check_opened
 from ..models import load_model, open_streamed, resolve_device
 from ..passes.base import ModelPass, Pass
 from ..pipeline import distributed
@@ -107,6 +107,7 @@ def plan(
     try:
         adapter = adapter or get_adapter(handle.model)
         _check_lengths(handle.model, eval_spec, data_dir, cfg, needs_ids and calib is not None and not isinstance(calib, torch.Tensor))
+        check_opened(tuple(export), handle.model, handle.tokenizer or tokenizer, str(model) if isinstance(model, (str, Path)) else "")
         pass_plans, targets = plan_targets(handle.model, adapter, passes)
         if dist is not None:
             distributed.check_passes(passes, dist)

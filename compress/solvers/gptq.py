@@ -11,8 +11,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from . import ggml
+from .ggml import GGMLType
 from .obs import SWEEP_DTYPE, Block, inverse_hessian_cholesky, obs_sweep
 from .quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize_rows, qparams_clipped, quantize_rows
 
@@ -42,11 +46,12 @@ def sweep_factor(H: torch.Tensor, actorder: bool, damp: float, name: str) -> tup
     return perm, U
 
 
-def _static_sweep(Wp: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, maxq: int,
+def _static_sweep(Wp: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, step: "Step",
                   blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The OBS sweep for quantization parameters fixed up front (per column, in sweep order):
     :func:`~compress.solvers.obs.obs_sweep` with the column step inlined (the per-column Python work is
-    most of a GPTQ solve). Returns (codes, per-column loss), the same numbers as the general sweep."""
+    most of a GPTQ solve). ``step(w, s, z)`` gives a column's codes and their values from its
+    parameters. Returns (codes, per-column loss), the same numbers as the general sweep."""
     W = Wp.clone()
     d_out, n = W.shape
     codes = torch.empty_like(W)
@@ -59,15 +64,50 @@ def _static_sweep(Wp: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Z: torch.T
         Err1 = torch.empty_like(W1)
         for i in range(i2 - i1):
             w = W1[:, i]
-            q = torch.clamp(torch.round(w / S1[:, i]) + Z1[:, i], 0, maxq)
+            q, v = step(w, S1[:, i], Z1[:, i])
             codes[:, i1 + i] = q
-            err = (w - (q - Z1[:, i]) * S1[:, i]) / U1[i, i]
+            err = (w - v) / U1[i, i]
             Err1[:, i] = err
             W1[:, i:] -= err[:, None] @ U1[i, i:][None, :]
         d = U1.diagonal()
         losses[i1:i2] = (Err1 * d).square().sum(0) / d.square()
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     return codes, losses
+
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _uniform_step(maxq: int) -> Step:
+    def step(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        return q, (q - z) * s
+    return step
+
+
+def gptq_ggml(
+    W: torch.Tensor, H: torch.Tensor, t: GGMLType, *, blocksize: int = 128, damp: float = 0.01, actorder: bool = False,
+    name: str = "", cache: FactorCache | None = None,
+) -> tuple[torch.Tensor, float]:
+    """GPTQ on a llama.cpp block grid: the grid (sub-block scales and offsets, quantized as stored)
+    is chosen up front from the original weights with diag(H) as importance, then every column is
+    quantized against it with the error fed forward. Returns the stored bytes and the OBS loss."""
+    d_out, d_in = W.shape
+    g = ggml.grid(W, t, H.diagonal())
+    perm, U = cache.get(H, actorder, damp, name) if cache is not None else sweep_factor(H, actorder, damp, name)
+    cols = perm // t.sub
+    S = g.S.to(SWEEP_DTYPE)[:, cols]
+    M = g.M.to(SWEEP_DTYPE)[:, cols]
+    L = t.levels().to(SWEEP_DTYPE)
+
+    def step(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = ggml.nearest_codes(w, s, m, t)
+        return q, s * L[q.long()] - m
+
+    codes_p, losses = _static_sweep(W.to(SWEEP_DTYPE)[:, perm], U, S, M, step, blocksize)
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
+    return ggml.encode(codes.long(), g), float(losses.sum())
 
 
 def gptq_quantize(
@@ -106,7 +146,7 @@ def gptq_quantize(
     Wp = W[:, perm]
     if static and keep is None:
         cols = perm // g
-        codes_p, losses = _static_sweep(Wp, U, scales[:, cols], zeros[:, cols], spec.maxq, blocksize)
+        codes_p, losses = _static_sweep(Wp, U, scales[:, cols], zeros[:, cols], _uniform_step(spec.maxq), blocksize)
         codes[:, perm] = codes_p
         q = Quantized(q=codes.to(torch.uint8), scales=scales.to(SCALE_DTYPE), zeros=zeros.to(torch.uint8), spec=spec)
         return q, float(losses.sum())

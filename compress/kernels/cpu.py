@@ -1,0 +1,57 @@
+"""PyTorch's own weight-only matmuls on the CPU, for quantized layers whose codes fit them exactly.
+
+- int4 (``aten._weight_int4pack_mm_for_cpu``): 4-bit codes c in groups of 32, 64, 128 or 256 along
+  the input, one float scale s and offset t per group: w = (c − 8)·s + t. Output width a multiple of 16.
+- int8 (``aten._weight_int8pack_mm``): 8-bit signed codes, one scale per output channel: w = q·s.
+
+A batch-1 decoding step then reads 4 (8) bits per weight instead of dequantizing every weight. The
+product equals ``x @ dequantized.T`` up to float32 summation order. Used only outside compress's own
+loops (which keep a dense cache of each layer, faster for their long batches), on tensors that need
+no gradient, and not under the ``torch`` kernel preference (the reference path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modules.base import cached_kernel_layout, dense_cache_enabled
+
+INT4_GROUPS = (32, 64, 128, 256)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def int4_fits(out_features: int, in_features: int, group: int) -> bool:
+    return group in INT4_GROUPS and out_features % 16 == 0 and in_features % group == 0
+
+
+def int4_layout(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes (d_out, d_in) in [0, 15]; scale, offset (d_out, d_in/group) → the op's (packed, scales_and_zeros)."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    return packed, torch.stack([scale.float().T, offset.float().T], dim=2).contiguous()
+
+
+def int8_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (d_out, d_in) int8, scale (d_out,) → the op's (weight, scales)."""
+    return q.to(torch.int8).contiguous(), scale.float().contiguous()
+
+
+def applies(module: nn.Module, x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not x.requires_grad and not dense_cache_enabled(module) and module.kernels() != "torch"  # type: ignore[operator]
+
+
+def linear(module: nn.Module, x: torch.Tensor, kind: str, group: int, buffers: tuple[str, ...], build: Any) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) through the op of ``kind`` with the module's cached layout (``build()``)."""
+    packed, scales = cached_kernel_layout(module, buffers, build)
+    d_out = packed.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    dt = x2.dtype if x2.dtype in _DTYPES else torch.float32
+    if kind == "int4":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dt).contiguous(), packed, group, scales.to(dt))
+    else:
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(dt).contiguous(), packed, scales.to(dt))
+    y = y.to(x.dtype).reshape(*x.shape[:-1], d_out)
+    bias = getattr(module, "bias", None)
+    return y + bias if bias is not None else y
