@@ -38,6 +38,7 @@ OURS: list[tuple[str, list[str]]] = [
     ("gptq → Q3_K", ["gptq:format=q3_k"]),
     ("modegpt 0.2 mlp uniform → F16", ["modegpt:ratio=0.2,parts=mlp,allocate=uniform,round_to=32"]),
     ("modegpt 0.2 mlp uniform + gptq → Q4_K", ["modegpt:ratio=0.2,parts=mlp,allocate=uniform,round_to=32", "gptq:format=q4_k"]),
+    ("gptq → Q4_1", ["gptq:format=q4_1"]),  # this source's weights already sit on a Q4_1 grid, which AWQ's scaling leaves
 ]
 THREADS = 2
 
@@ -104,10 +105,52 @@ def tensor_types(path: Path) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def row_file(work: Path, i: int, method: str) -> Path:
+    """Where the run put row ``i``'s file."""
+    if method.startswith("F16"):
+        return work / "f16" / "model-F16.gguf"
+    if method.startswith("llama.cpp "):
+        return work / "llamacpp" / f"model-{method.split()[1]}.gguf"
+    (found,) = (work / method.split()[0].replace("+", "_") / str(i)).glob("model-*.gguf")
+    return found
+
+
+def redecode(out: Path, work: Path, model: str) -> None:
+    """Decode tokens/s of every row again, in one pass, and the ratios against llama.cpp's own files."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    data = json.loads(out.with_suffix(".json").read_text())
+    tok = AutoTokenizer.from_pretrained(model)
+    from compress.calib.data import join_documents, load_documents
+
+    prompt = tok(join_documents("wikitext2", load_documents("wikitext2", "test", None))[:2000]).input_ids[:16]
+    speeds: dict[str, float] = {}
+    for i, r in enumerate(data["rows"]):
+        if r["method"] == "dense" or "error" in r:
+            continue
+        r["decode_tok_s"] = round(llama_decode(row_file(work, i, r["method"]), prompt), 1)
+        if r["method"].startswith("llama.cpp "):
+            speeds[r["file_type"]] = r["decode_tok_s"]
+        print(r["method"], r["decode_tok_s"], flush=True)
+    for r in data["rows"]:
+        peer = {"Q4_K": "Q4_K_S", "Q3_K": "Q3_K_S"}.get(r.get("file_type", ""), r.get("file_type", ""))
+        if not r["method"].startswith(("llama.cpp", "F16", "dense")) and peer in speeds and "decode_tok_s" in r:
+            r["decode_vs_peer"] = round(r["decode_tok_s"] / speeds[peer], 3)
+    data["decode_remeasured"] = time.strftime("%Y-%m-%d %H:%M:%S") + " (idle machine, one pass over every file)"
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+
+
 def main() -> None:
     ap = parser(__doc__, "gguf")
     ap.add_argument("--work", default="", help="folder for the GGUF files (default: a temporary one)")
+    ap.add_argument("--redecode", action="store_true",
+                    help="re-measure only the decode speed of every row's file in --work, one after the other (on an idle machine)")
     args = ap.parse_args()
+    if args.redecode:
+        redecode(Path(args.out), Path(args.work), args.model)
+        return
     protocol = protocol_for(args)
     protocol["perplexity"]["scored_by"] = "llama.cpp logits (llama-cpp-python)"
     protocol["decode"] = {"engine": "llama.cpp", "batch": 1, "threads": THREADS, "tokens": 128, "prompt": 16, "repeats": 3}
@@ -139,10 +182,14 @@ def main() -> None:
         b.results.add(row)
         print(row, flush=True)
 
+    done = {r["method"] for r in b.results.data["rows"]}
+    peer_speed.update({r["file_type"]: r["decode_tok_s"] for r in b.results.data["rows"] if r["method"].startswith("llama.cpp ")})
     t0 = time.perf_counter()
-    f16 = export_gguf(b.model, b.tok, work / "f16", "model.layers", args.model)
-    add("F16 (our dense export)", f16, time.perf_counter() - t0)
-    for ft in PEERS:
+    f16 = work / "f16" / "model-F16.gguf"
+    if "F16 (our dense export)" not in done:
+        f16 = export_gguf(b.model, b.tok, work / "f16", "model.layers", args.model)
+        add("F16 (our dense export)", f16, time.perf_counter() - t0)
+    for ft in [p for p in PEERS if f"llama.cpp {p}" not in done]:
         out = work / "llamacpp" / f"model-{ft}.gguf"
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

@@ -6,7 +6,8 @@ What each tensor becomes:
 - a :class:`~compress.modules.quant.QuantLinear` whose codes are exactly a GGML type: symmetric
   4-bit groups of 32 → Q4_0 (d·(c − 8)), symmetric 8-bit groups of 32 → Q8_0 (d·(c − 128)); the
   float16 scale is the block's d, so the file dequantizes to the checkpoint's weights bit for bit;
-- plain linears (unquantized, or a structurally smaller model's) → F16; norms and biases → F32;
+- plain linears (unquantized, or a structurally smaller model's) → F16 (BF16 for a bfloat16 model,
+  kept exactly); norms and biases → F32;
 - the token embedding and the output head, which no pass quantizes, take the type llama.cpp's own
   quantizer gives them for the file's type (so file sizes compare): the head (or a tied embedding)
   Q6_K, or Q8_0 where 256 does not divide the width; an untied embedding the file's type. They
@@ -49,7 +50,7 @@ LINEARS = {
 }
 #: llama.cpp's file type for a file whose linears are mostly of this GGML type
 FILE_TYPES = {
-    None: "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0",
+    None: "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0",
     "iq4_nl": "MOSTLY_IQ4_NL", "q6_k": "MOSTLY_Q6_K", "q4_k": "MOSTLY_Q4_K_S", "q3_k": "MOSTLY_Q3_K_S", "q2_k": "MOSTLY_Q2_K",
 }
 #: byte-level BPE pre-tokenizer split patterns → llama.cpp's pre-tokenizer name
@@ -145,29 +146,36 @@ def linear_tensor(m: nn.Module) -> tuple[np.ndarray, str | None]:
         g = ggml.Grid(t, m.scales.float(), torch.zeros_like(m.scales, dtype=torch.float32), {"d": m.scales.to(torch.float16)})
         return ggml.encode(m.codes().long(), g).numpy(), name
     assert isinstance(m, nn.Linear)
-    return m.weight.detach().to(torch.float16).cpu().numpy(), None
+    return _plain(m.weight)
+
+
+def _plain(w: torch.Tensor) -> tuple[np.ndarray, str | None]:
+    """An unquantized weight: BF16 when it is bfloat16 (kept exactly), else F16 (type None)."""
+    if w.dtype == torch.bfloat16:
+        return w.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint8).reshape(w.shape[0], -1), "bf16"
+    return w.detach().to(torch.float16).cpu().numpy(), None
 
 
 def _head_type(base: str | None, width: int) -> str | None:
     """llama.cpp's type for the output head (or a tied embedding) in a file of type ``base``."""
-    if base is None:
+    if base not in ggml.TYPES:
         return None
     return "q8_0" if width % ggml.QK_K or base == "q8_0" else "q6_k"
 
 
 def _quantized(W: torch.Tensor, name: str | None) -> tuple[np.ndarray, str | None]:
     if name is None:
-        return W.detach().to(torch.float16).cpu().numpy(), None
+        return _plain(W)
     t = ggml.TYPES[name]
     return ggml.quantize(W.detach().float().cpu(), t).numpy(), name
 
 
 def _base_type(types: list[str | None]) -> str | None:
     """The file's type: the most frequent k-quant among the linears (the one asked for; the others are
-    its fallbacks), else the most frequent type, None for F16."""
-    counted = Counter(t for t in types if t is not None)
+    its fallbacks), else the most frequent type; "bf16" or None (F16) without quantized linears."""
+    counted = Counter(t for t in types if t in ggml.TYPES)
     if not counted:
-        return None
+        return "bf16" if "bf16" in types else None
     kq = [t for t, _ in counted.most_common() if t.endswith("_k")]
     return kq[0] if kq else counted.most_common(1)[0][0]
 
@@ -213,7 +221,7 @@ def gguf_tensors(model: nn.Module, layers_path: str) -> tuple[list[tuple[str, np
     if tied:
         e_arr, e_t = _quantized(emb, _head_type(base, hidden))
     else:
-        e_t0 = ggml.type_for(base, hidden) if base is not None else None
+        e_t0 = ggml.type_for(base, hidden) if base in ggml.TYPES else None
         e_arr, e_t = _quantized(emb, e_t0.name if e_t0 is not None else None)
     head_tensors = [("token_embd.weight", e_arr, e_t)]
     final_norm: Any = model.get_submodule(layers_path.rsplit(".", 1)[0] + ".norm") if "." in layers_path else None
@@ -419,6 +427,8 @@ def export_gguf(model: nn.Module, tokenizer: Any, directory: Path, layers_path: 
             writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
         elif t is None:
             writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float16))
+        elif t == "bf16":
+            writer.add_tensor(name, np.ascontiguousarray(arr), raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             writer.add_tensor(name, np.ascontiguousarray(arr), raw_dtype=gguf.GGMLQuantizationType(ggml.TYPES[t].ggml_id))
     writer.write_header_to_file()

@@ -7,8 +7,6 @@ skipped without it) loads the file, tokenizes as the tokenizer does and gives ou
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +137,22 @@ def test_export_reads_back_to_our_model(family: str, recipe: str | None, ftype: 
         assert torch.equal(a, b)
 
 
+@needs(STORIES)
+def test_a_bfloat16_model_is_written_exactly_as_bf16(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    model = make_tiny("qwen2", hidden=256, intermediate=512, vocab=len(tok)).to(torch.bfloat16)
+    path = export_gguf(model, tok, tmp_path, "model.layers", "")
+    assert path.name == "model-BF16.gguf"
+    by = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name, p in (("blk.1.ffn_down.weight", model.model.layers[1].mlp.down_proj.weight), ("token_embd.weight", model.model.embed_tokens.weight)):
+        t = by[name]
+        assert t.tensor_type.name == "BF16"
+        got = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(p.shape)
+        assert _same_bits(got, p.detach().float().numpy()), name
+
+
 def test_recipes_without_a_gguf_form_are_refused_before_compressing() -> None:
     def why(*specs: str) -> str:
         with pytest.raises(CompressError) as e:
@@ -179,12 +193,38 @@ def test_format_options_are_checked() -> None:
 
 
 @needs(STORIES)
-def test_cli_refuses_a_width_the_type_cannot_hold(tmp_path: Path) -> None:
-    # stories260k's MLP is 172 wide: no block of 32 divides it
-    r = subprocess.run([sys.executable, "-m", "compress", "run", str(STORIES), "--pass", "gptq:format=q4_0", "--calib-samples", "4",
-                        "--calib-seqlen", "32", "--out", str(tmp_path / "o"), "--export", "gguf"], capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "format=q4_0 needs an input width divisible by 32" in r.stderr and not (tmp_path / "o").exists()
+def test_cli_runs_exports_and_refuses(tmp_path: Path) -> None:
+    from .test_bad_inputs import SMALL, cli, error_line
+
+    # stories260k's MLP is 172 wide: no block of 32 divides it, refused before anything is compressed
+    p = cli("run", str(STORIES), "--pass", "gptq:format=q4_0", *SMALL, "--out", str(tmp_path / "w"), "--export", "gguf", cwd=tmp_path)
+    error_line(p, r"format=q4_0 needs an input width divisible by 32; this linear's is 172", only=False)
+    assert not (tmp_path / "w").exists()
+    p = cli("run", str(STORIES), "--pass", "gptq:bits=3,group=32", *SMALL, "--out", str(tmp_path / "w"), "--export", "gguf", cwd=tmp_path)
+    error_line(p, r"bits=4,group=32,sym=true \(→ Q4_0\)")
+    # the attention quantized on Q8_0's grid, the MLP left in F16
+    out = tmp_path / "c"
+    p = cli("run", str(STORIES), "--pass", "gptq:format=q8_0,targets=self_attn.*", *SMALL, "--out", str(out), "--export", "gguf", "-q",
+            cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (file,) = (out / "gguf").glob("*.gguf")
+    assert file.name == "model-Q8_0.gguf"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(file)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.ffn_down.weight"] == "F16"
+    # compress export to a file; then refused over it without --overwrite
+    p = cli("export", str(out), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "m.gguf").read_bytes() == file.read_bytes() and not list(tmp_path.glob(".m.gguf*"))
+    p = cli("export", str(out), "--format", "gguf", "--out", str(tmp_path / "m.gguf"), cwd=tmp_path)
+    error_line(p, r"output file .*m.gguf' exists; choose another --out or pass --overwrite")
+    # an architecture the exporter does not map, before compressing
+    opt = tmp_path / "opt"
+    make_tiny("opt").save_pretrained(opt)
+    AutoTokenizer = __import__("transformers").AutoTokenizer
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(opt)
+    p = cli("run", str(opt), "--pass", "rtn:format=q8_0", "--out", str(tmp_path / "o"), "--export", "gguf", cwd=tmp_path)
+    error_line(p, r"this model is 'opt': use --export dense", only=False)
+    assert not (tmp_path / "o").exists()
 
 
 @needs(STORIES)
