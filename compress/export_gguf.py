@@ -82,7 +82,7 @@ def recipe_reason(model_type: str | None, passes: list[Any], final_kinds: set[st
         c = p.config
         if p.dense_blocker():
             return f"--export gguf needs a plain transformers model; {p.name}: {p.dense_blocker()}"
-        if getattr(c, "format", "int") == "int" and hasattr(c, "bits") and hasattr(c, "group"):
+        if getattr(c, "format", "int") == "int" and "QuantLinear" in p.produces(frozenset({"Linear"})):
             sym, dim = getattr(c, "sym", False), getattr(c, "dim", "oc")
             if not (sym and dim == "oc" and c.group == 32 and c.bits in (4, 8)):
                 return (f"--export gguf stores {p.name}:bits={c.bits},group={c.group}{',sym=true' if sym else ''} in no GGUF type exactly; "

@@ -68,6 +68,8 @@ class _Target:
     spec: QuantSpec
     pattern: str
     label: str
+    #: the llama.cpp block type the pass quantizes to (its ``format``), None for the integer grid
+    ggml_type: str | None = None
 
 
 def _target(plan: PassPlan) -> _Target | None:
@@ -79,6 +81,12 @@ def _target(plan: PassPlan) -> _Target | None:
         return None
     c = q.config
     assert isinstance(c, RTNConfig)
+    if c.format != "int":
+        from ..solvers.ggml import TYPES
+
+        t = TYPES[c.format]
+        return _Target(QuantSpec(bits=t.bits, group_size=t.sub, sym=t.form != "affine", dim="oc"), c.targets,
+                       f"{q.name}:format={c.format}", c.format)
     return _Target(QuantSpec(bits=c.bits, group_size=c.group, sym=c.sym, dim=c.dim), c.targets, f"{q.name}:bits={c.bits},group={c.group}")
 
 
@@ -183,10 +191,10 @@ class AWQPass(LayerPass[AWQConfig]):
             for alpha, s in candidate_scales(x_mean, w_mean, self.config.grid):
                 s_in = s[expand] if expand is not None else s
                 if H is not None:
-                    D = mods[0].weight.detach().float() - fake_quantized(mods[0].weight.detach(), s_in.to(W.device), spec).float()
+                    D = mods[0].weight.detach().float() - fake_quantized(mods[0].weight.detach(), s_in.to(W.device), spec, target.ggml_type).float()
                     err = output_error(D, H)
                 else:
-                    trial: dict[str, nn.Module] = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), spec))
+                    trial: dict[str, nn.Module] = {n: _with_weight(m, fake_quantized(m.weight.detach(), s_in.to(m.weight.device), spec, target.ggml_type))
                              for n, m in zip(g.linears, mods)}
                     err = ctx.block_error(g.block, trial, samples=self.config.samples or None)
                 if alpha is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ggml
 from .quant import QuantSpec, quantize_rtn
 
 #: floor of x̄ and w̄ (channels that never fire must not give a zero or infinite scale)
@@ -44,9 +45,14 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, grid: in
     return out
 
 
-def fake_quantized(W: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Q(W·diag(s))·diag(s)⁻¹: what the linear computes on the unscaled input once the scale is folded."""
+def fake_quantized(W: torch.Tensor, s: torch.Tensor, spec: QuantSpec, ggml_type: str | None = None) -> torch.Tensor:
+    """Q(W·diag(s))·diag(s)⁻¹: what the linear computes on the unscaled input once the scale is folded
+    (Q: round to nearest on the integer grid of ``spec``, or on llama.cpp's block type ``ggml_type``)."""
     Ws = W.float() * s[None, :]
+    if ggml_type is not None:
+        t = ggml.type_for(ggml_type, Ws.shape[1])
+        if t is not None:
+            return (ggml.decode(ggml.quantize(Ws, t), t, *Ws.shape) / s[None, :]).to(W.dtype)
     return (quantize_rtn(Ws, spec).dequantize() / s[None, :]).to(W.dtype)
 
 
