@@ -145,6 +145,8 @@ def redecode(out: Path, work: Path, model: str) -> None:
 def main() -> None:
     ap = parser(__doc__, "gguf")
     ap.add_argument("--work", default="", help="folder for the GGUF files (default: a temporary one)")
+    ap.add_argument("--peers", default=",".join(PEERS), help="llama.cpp file types to make (comma-separated)")
+    ap.add_argument("--no-decode", action="store_true", help="perplexity and size only (a second model)")
     ap.add_argument("--redecode", action="store_true",
                     help="re-measure only the decode speed of every row's file in --work, one after the other (on an idle machine)")
     args = ap.parse_args()
@@ -171,13 +173,13 @@ def main() -> None:
 
     def add(method: str, path: Path, secs: float, peer: str | None = None) -> None:
         ppl, ppl_s = llama_ppl(path, ids, args.seqlen, args.windows)
-        tok_s = llama_decode(path, prompt)
+        tok_s = float("nan") if args.no_decode else llama_decode(path, prompt)
         size = path.stat().st_size
         row: dict[str, Any] = {"method": method, "file_type": path.stem.split("-")[-1], "ppl": round(ppl, 3), "file_mb": round(size / 1e6, 2),
-                               "bits_per_weight": round(8 * size / n_params, 3), "decode_tok_s": round(tok_s, 1),
+                               "bits_per_weight": round(8 * size / n_params, 3), "decode_tok_s": None if args.no_decode else round(tok_s, 1),
                                "seconds": round(secs, 1), "llama_ppl_seconds": round(ppl_s, 1), "tensor_types": tensor_types(path),
                                "params": n_params, "config": {}}
-        if peer is not None and peer in peer_speed:
+        if peer is not None and peer_speed.get(peer) and not args.no_decode:
             row["decode_vs_peer"] = round(tok_s / peer_speed[peer], 3)
         b.results.add(row)
         print(row, flush=True)
@@ -189,7 +191,7 @@ def main() -> None:
     if "F16 (our dense export)" not in done:
         f16 = export_gguf(b.model, b.tok, work / "f16", "model.layers", args.model)
         add("F16 (our dense export)", f16, time.perf_counter() - t0)
-    for ft in [p for p in PEERS if f"llama.cpp {p}" not in done]:
+    for ft in [p for p in args.peers.split(",") if p and f"llama.cpp {p}" not in done]:
         out = work / "llamacpp" / f"model-{ft}.gguf"
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

@@ -22,8 +22,6 @@ with a known pre-tokenizer, or SentencePiece-style BPE with byte fallback).
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import CompressError
+from .gguf_vocab import copy_tokenizer, source_gguf, tokenizer_reason, write_tokenizer
 from .modules import CompressedLinear
 from .modules.base import hf_config
 from .modules.ggml import GGMLLinear
@@ -53,13 +52,6 @@ FILE_TYPES = {
     None: "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0",
     "iq4_nl": "MOSTLY_IQ4_NL", "q6_k": "MOSTLY_Q6_K", "q4_k": "MOSTLY_Q4_K_S", "q3_k": "MOSTLY_Q3_K_S", "q2_k": "MOSTLY_Q2_K",
 }
-#: byte-level BPE pre-tokenizer split patterns → llama.cpp's pre-tokenizer name
-_PRE_PATTERNS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
-}
-
-
 def exact_type(m: QuantLinear) -> str | None:
     """The GGML type holding this quantized linear's codes exactly, or None."""
     s = m.qspec
@@ -234,7 +226,7 @@ def gguf_tensors(model: nn.Module, layers_path: str) -> tuple[list[tuple[str, np
     return head_tensors + out, base
 
 
-# -- metadata and tokenizer ------------------------------------------------------------------------
+# -- metadata --------------------------------------------------------------------------------------
 
 
 def _rope(cfg: Any) -> tuple[float, dict[str, Any]]:
@@ -263,117 +255,6 @@ def _llama3_factors(cfg: Any, params: dict[str, Any], head_dim: int, theta: floa
     out = torch.where(wavelen < high_wl, torch.ones_like(freqs),
                       torch.where(wavelen > low_wl, torch.full_like(freqs, factor), 1.0 / ((1 - smooth) / factor + smooth)))
     return out.float().numpy()
-
-
-def source_gguf(source: str) -> Path | None:
-    """The source's GGUF file when the model came from exactly one."""
-    p = Path(source)
-    if p.is_file() and p.suffix == ".gguf":
-        return p
-    found = sorted(p.glob("*.gguf")) if p.is_dir() else []
-    return found[0] if len(found) == 1 else None
-
-
-def _copy_tokenizer(writer: Any, path: Path, n_vocab: int) -> bool:
-    """Copy the tokenizer.* keys of a GGUF file (when its vocabulary is the model's)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    if tokens is None or len(tokens.data) != n_vocab:
-        return False
-    for key, f in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = f.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
-        else:
-            writer.add_key_value(key, f.contents(), vtype)
-    return True
-
-
-def tokenizer_reason(tokenizer: Any, n_vocab: int | None = None) -> str | None:
-    """Why a tokenizer cannot be written for a model of ``n_vocab`` embedding rows (None: it can)."""
-    if tokenizer is None:
-        return "the model has no tokenizer to write into the GGUF file; pass a source with tokenizer files"
-    tj = _tokenizer_json(tokenizer)
-    if tj is None:
-        return "the tokenizer has no tokenizer.json (fast tokenizer); GGUF export writes fast BPE tokenizers only"
-    size = len(tokenizer)
-    if n_vocab is not None and size > n_vocab:
-        return (f"the tokenizer has {size:,} tokens but the model embeds {n_vocab:,}; a GGUF file holds one vocabulary: "
-                "export with the model's own tokenizer")
-    model = tj.get("model", {})
-    if model.get("type") != "BPE":
-        return f"the tokenizer is {model.get('type')}, not BPE; use --export dense and llama.cpp's convert_hf_to_gguf.py"
-    if model.get("byte_fallback"):
-        return None
-    if _pre_name(tj) is None:
-        return ("the tokenizer's pre-tokenizer is not one this exporter maps to llama.cpp's (gpt-2, llama-bpe, qwen2, smollm); "
-                "use --export dense and llama.cpp's convert_hf_to_gguf.py")
-    return None
-
-
-def _tokenizer_json(tokenizer: Any) -> dict[str, Any] | None:
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not hasattr(backend, "to_str"):
-        return None
-    return json.loads(backend.to_str())
-
-
-def _pre_name(tj: dict[str, Any]) -> str | None:
-    pre = tj.get("pre_tokenizer") or {}
-    items = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in items]
-    if kinds == ["ByteLevel"] and items[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and items[0].get("individual_digits") and items[1].get("use_regex", True):
-        return "smollm"
-    if kinds[:1] == ["Split"] and "ByteLevel" in kinds[1:]:
-        pattern = items[0].get("pattern", {})
-        return _PRE_PATTERNS.get(pattern.get("Regex", ""))
-    return None
-
-
-def _write_tokenizer(writer: Any, tokenizer: Any, n_vocab: int) -> None:
-    import gguf
-
-    tj = _tokenizer_json(tokenizer)
-    assert tj is not None
-    vocab: dict[str, int] = dict(tj["model"]["vocab"])
-    added = {t["id"]: t for t in tj.get("added_tokens", [])}
-    for i, t in added.items():
-        vocab[t["content"]] = i
-    by_id = {i: tok for tok, i in vocab.items()}
-    spm = bool(tj["model"].get("byte_fallback"))
-    tokens, types, scores = [], [], []
-    for i in range(n_vocab):
-        tok = by_id.get(i)
-        if tok is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(tok)
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-        elif spm and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-            tokens.append(tok)
-            types.append(gguf.TokenType.BYTE)
-        else:
-            tokens.append(tok)
-            types.append(gguf.TokenType.NORMAL)
-        # SentencePiece BPE ranks pieces by score; its pieces are ordered by merge, so −id keeps that order
-        scores.append(-float(i) if types[-1] == gguf.TokenType.NORMAL else 0.0)
-    writer.add_tokenizer_model("llama" if spm else "gpt2")
-    writer.add_tokenizer_pre("default" if spm else (_pre_name(tj) or "default"))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if spm:
-        writer.add_token_scores(scores)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(tmp, load_merges=not spm, n_vocab=n_vocab)
-        special.add_to_gguf(writer, quiet=True)
 
 
 def export_gguf(model: nn.Module, tokenizer: Any, directory: Path, layers_path: str, source: str) -> Path:
@@ -415,11 +296,11 @@ def export_gguf(model: nn.Module, tokenizer: Any, directory: Path, layers_path: 
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(int(gguf.LlamaFileType[FILE_TYPES[base]]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if not (src is not None and _copy_tokenizer(writer, src, n_vocab)):
+    if not (src is not None and copy_tokenizer(writer, src, n_vocab)):
         why = tokenizer_reason(tokenizer, n_vocab)
         if why:
             raise CompressError(why)
-        _write_tokenizer(writer, tokenizer, n_vocab)
+        write_tokenizer(writer, tokenizer, n_vocab)
     if kind == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_factors(cfg, params, head_dim, theta))
     for name, arr, t in tensors:
