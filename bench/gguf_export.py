@@ -41,6 +41,7 @@ OURS: list[tuple[str, list[str]]] = [
     ("gptq → Q4_1", ["gptq:format=q4_1"]),  # this source's weights already sit on a Q4_1 grid, which AWQ's scaling leaves
 ]
 THREADS = 2
+COLUMNS = ["method", "file_type", "ppl", "file_mb", "bits_per_weight", "params", "decode_tok_s", "decode_vs_peer", "seconds"]
 
 
 def llama_ppl(path: Path, ids: torch.Tensor, seqlen: int, windows: int) -> tuple[float, float]:
@@ -94,6 +95,13 @@ def quantize_peer(f16: Path, out: Path, ftype: str) -> None:
         raise RuntimeError(f"llama_model_quantize {ftype} returned {rc}")
 
 
+def file_params(path: Path) -> int:
+    """Weights the file holds (every tensor's elements)."""
+    import gguf
+
+    return int(sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors))
+
+
 def tensor_types(path: Path) -> dict[str, int]:
     import gguf
 
@@ -130,7 +138,9 @@ def redecode(out: Path, work: Path, model: str) -> None:
     for i, r in enumerate(data["rows"]):
         if r["method"] == "dense" or "error" in r:
             continue
-        r["decode_tok_s"] = round(llama_decode(row_file(work, i, r["method"]), prompt), 1)
+        f = row_file(work, i, r["method"])
+        r["decode_tok_s"] = round(llama_decode(f, prompt), 1)
+        r["params"] = file_params(f)
         if r["method"].startswith("llama.cpp "):
             speeds[r["file_type"]] = r["decode_tok_s"]
         print(r["method"], r["decode_tok_s"], flush=True)
@@ -139,7 +149,19 @@ def redecode(out: Path, work: Path, model: str) -> None:
         if not r["method"].startswith(("llama.cpp", "F16", "dense")) and peer in speeds and "decode_tok_s" in r:
             r["decode_vs_peer"] = round(r["decode_tok_s"] / speeds[peer], 3)
     data["decode_remeasured"] = time.strftime("%Y-%m-%d %H:%M:%S") + " (idle machine, one pass over every file)"
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    from common import Results
+
+    if "notes" not in data:
+        dense = next(r for r in data["rows"] if r["method"] == "dense")
+        import gguf
+
+        f16 = gguf.GGUFReader(str(work / "f16" / "model-F16.gguf")).tensors
+        n_linear = sum(int(t.n_elements) for t in f16 if t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name)
+        data["notes"] = notes(data["protocol"]["model"], dense["params"], n_linear)
+    res = Results(out, data["protocol"], COLUMNS)
+    res.data = data
+    res.save()
+    write_markdown(res)
 
 
 def main() -> None:
@@ -156,8 +178,7 @@ def main() -> None:
     protocol = protocol_for(args)
     protocol["perplexity"]["scored_by"] = "llama.cpp logits (llama-cpp-python)"
     protocol["decode"] = {"engine": "llama.cpp", "batch": 1, "threads": THREADS, "tokens": 128, "prompt": 16, "repeats": 3}
-    columns = ["method", "file_type", "ppl", "file_mb", "bits_per_weight", "decode_tok_s", "decode_vs_peer", "seconds"]
-    b = Bench(args.model, args.data_dir, Path(args.out), protocol, columns, args.append)
+    b = Bench(args.model, args.data_dir, Path(args.out), protocol, COLUMNS, args.append)
     from compress import compress
     from compress.calib.data import join_documents, load_documents
     from compress.export_gguf import export_gguf
@@ -178,7 +199,7 @@ def main() -> None:
         row: dict[str, Any] = {"method": method, "file_type": path.stem.split("-")[-1], "ppl": round(ppl, 3), "file_mb": round(size / 1e6, 2),
                                "bits_per_weight": round(8 * size / n_params, 3), "decode_tok_s": None if args.no_decode else round(tok_s, 1),
                                "seconds": round(secs, 1), "llama_ppl_seconds": round(ppl_s, 1), "tensor_types": tensor_types(path),
-                               "params": n_params, "config": {}}
+                               "params": file_params(path), "config": {}}
         if peer is not None and peer_speed.get(peer) and not args.no_decode:
             row["decode_vs_peer"] = round(tok_s / peer_speed[peer], 3)
         b.results.add(row)
@@ -207,12 +228,22 @@ def main() -> None:
         add(method, path, time.perf_counter() - t0, {"Q4_K": "Q4_K_S", "Q3_K": "Q3_K_S"}.get(ft, ft))
         b.results.data["rows"][-1]["config"] = {"recipe": recipe}
         b.results.save()
-    b.results.write_markdown("GGUF export vs llama.cpp's quantizer (scored by llama.cpp)", [
-        f"Model: {Path(args.model).name}; {n_params:,} parameters ({n_linear:,} in the decoder linears).",
+    b.results.data["notes"] = notes(Path(args.model).name, n_params, n_linear)
+    write_markdown(b.results)
+
+
+def notes(model: str, n_params: int, n_linear: int) -> list[str]:
+    return [
+        f"Model: {model}; {n_params:,} parameters ({n_linear:,} in the decoder linears).",
         "ppl: llama.cpp's logits on the protocol's windows; dense: our PyTorch model on the same windows.",
+        "bits_per_weight: the whole file's bits per source parameter; params: the weights the file holds.",
         "decode_vs_peer: decode tokens/s against llama.cpp's own file of the same type (Q4_K/Q3_K against Q4_K_S/Q3_K_S), same run.",
-        "llama.cpp's quantizer ran without an importance matrix.",
-    ])
+        "llama.cpp's quantizer ran without an importance matrix (the bindings take one only as a C++ map).",
+    ]
+
+
+def write_markdown(results: Any) -> None:
+    results.write_markdown("GGUF export vs llama.cpp's quantizer (scored by llama.cpp)", results.data.get("notes", []))
 
 
 if __name__ == "__main__":

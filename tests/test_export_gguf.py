@@ -101,8 +101,8 @@ def _emb_from_file(model: torch.nn.Module, path: Path) -> None:
 @needs(STORIES)
 @pytest.mark.parametrize("family,recipe,ftype", [
     ("llama", "gptq:format=q4_k", "Q4_K"),
-    ("llama", "gptq:bits=4,group=32,sym=true", "Q4_0"),
-    ("qwen2", "gptq:format=q3_k", "Q3_K"),
+    ("llama", "rtn:bits=4,group=32,sym=true", "Q4_0"),
+    ("qwen2", "rtn:format=q3_k", "Q3_K"),
     ("qwen2", "rtn:format=q4_1", "Q4_1"),
     ("llama", None, "F16"),
 ])
