@@ -40,6 +40,23 @@ ROWS: list[tuple[str, list[str], dict[str, str]]] = [
 ]
 
 
+def kernel_vs_reference(model: Any, tok: Any, data_dir: str, windows: int = 4) -> dict[str, Any]:
+    """Perplexity through the bfloat16 CPU kernels and through the exact dequantizing path (the
+    protocol's WikiText-2 windows, the first ``windows``)."""
+    from compress.eval.perplexity import perplexity
+
+    out: dict[str, Any] = {"ppl_windows": windows}
+    for key, env in (("ppl_kernel", {"COMPRESS_DENSE_CACHE": "0"}), ("ppl_reference", {"COMPRESS_KERNELS": "torch"})):
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            out[key] = round(perplexity(model, tok, "wikitext2", seqlen=2048, max_windows=windows, data_dir=data_dir)["value"], 4)
+        finally:
+            for k, v in old.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return out
+
+
 def main() -> None:
     ap = parser(__doc__, "cpu_decode")
     args = ap.parse_args()
@@ -83,8 +100,9 @@ def main() -> None:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
+            ppl_rows = kernel_vs_reference(opened, tok, args.data_dir) if name.startswith("W4 g64 (int4") else {}
         row: dict[str, Any] = {
-            "method": name, "config": {"recipe": recipe, "env": env}, "decode_tok_s": round(sp["decode_tokens_per_s"], 2),
+            **ppl_rows, "method": name, "config": {"recipe": recipe, "env": env}, "decode_tok_s": round(sp["decode_tokens_per_s"], 2),
             "decode_vs_dense": round(sp["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 3),
             "prefill_tok_s": round(sp["prefill_tokens_per_s"], 1),
             "prefill_vs_dense": round(sp["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"], 3),
@@ -98,8 +116,10 @@ def main() -> None:
     res.write_markdown("Decode speed on the CPU, checkpoints opened with from_pretrained", [
         "decode_vs_dense: against the dense fp32 model measured at the start of the same run "
         f"(measured again at the end: {res.data['dense_decode_again']} tokens/s).",
-        "int4/int8 rows run PyTorch's weight-only CPU matmuls (aten._weight_int4pack_mm_for_cpu, _weight_int8pack_mm); "
+        "int4/int8 rows run PyTorch's weight-only CPU matmuls (aten._weight_int4pack_mm_for_cpu, _weight_int8pack_mm) in bfloat16; "
         "the others dequantize their weight at every step unless COMPRESS_DENSE_CACHE=1.",
+        "ppl_kernel / ppl_reference (W4 g64 row): WikiText-2 perplexity on the first 4 windows of 2048 through the bfloat16 kernels "
+        "and through the exact dequantizing path, same checkpoint.",
     ])
 
 

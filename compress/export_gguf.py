@@ -276,7 +276,7 @@ def export_gguf(model: nn.Module, tokenizer: Any, directory: Path, layers_path: 
     writer = gguf.GGUFWriter(str(path), arch)
     n_head = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    writer.add_name(str(getattr(cfg, "_name_or_path", "") or Path(source).name or "model"))
+    writer.add_name(Path(str(getattr(cfg, "_name_or_path", "") or source)).name or "model")  # a folder's name, not its path
     writer.add_context_length(int(cfg.max_position_embeddings))
     writer.add_embedding_length(int(cfg.hidden_size))
     writer.add_block_count(len(model.get_submodule(layers_path)))  # type: ignore[arg-type]

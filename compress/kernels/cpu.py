@@ -5,9 +5,13 @@
 - int8 (``aten._weight_int8pack_mm``): 8-bit signed codes, one scale per output channel: w = q·s.
 
 A batch-1 decoding step then reads 4 (8) bits per weight instead of dequantizing every weight. The
-product equals ``x @ dequantized.T`` up to float32 summation order. Used only outside compress's own
-loops (which keep a dense cache of each layer, faster for their long batches), on tensors that need
-no gradient, and not under the ``torch`` kernel preference (the reference path).
+ops are fast on the CPU only in bfloat16 (in float32 and float16 they run a slow generic loop, 10–60×
+slower than a dense float32 matmul here), so the activations and the per-group scales and offsets go
+in as bfloat16 and the result comes back in the input's dtype: the same codes, with scales rounded
+to bfloat16's 8-bit significand (the effect on perplexity is measured in bench/results/cpu_decode.md).
+Used only outside compress's own loops (calibration and evaluation keep a dense float cache of each
+layer and compute exactly), on tensors that need no gradient, and not under the ``torch`` kernel
+preference (``COMPRESS_KERNELS=torch``: the exact dequantizing path everywhere).
 """
 
 from __future__ import annotations
@@ -20,22 +24,25 @@ from torch import nn
 from ..modules.base import cached_kernel_layout, dense_cache_enabled
 
 INT4_GROUPS = (32, 64, 128, 256)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def int4_fits(out_features: int, in_features: int, group: int) -> bool:
     return group in INT4_GROUPS and out_features % 16 == 0 and in_features % group == 0
 
 
+#: the dtype the ops compute in (see the module docstring)
+COMPUTE = torch.bfloat16
+
+
 def int4_layout(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """codes (d_out, d_in) in [0, 15]; scale, offset (d_out, d_in/group) → the op's (packed, scales_and_zeros)."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-    return packed, torch.stack([scale.float().T, offset.float().T], dim=2).contiguous()
+    return packed, torch.stack([scale.float().T, offset.float().T], dim=2).to(COMPUTE).contiguous()
 
 
 def int8_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q (d_out, d_in) int8, scale (d_out,) → the op's (weight, scales)."""
-    return q.to(torch.int8).contiguous(), scale.float().contiguous()
+    return q.to(torch.int8).contiguous(), scale.to(COMPUTE).contiguous()
 
 
 def applies(module: nn.Module, x: torch.Tensor) -> bool:
@@ -46,12 +53,11 @@ def linear(module: nn.Module, x: torch.Tensor, kind: str, group: int, buffers: t
     """y = x·Wᵀ (+ bias) through the op of ``kind`` with the module's cached layout (``build()``)."""
     packed, scales = cached_kernel_layout(module, buffers, build)
     d_out = packed.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
-    dt = x2.dtype if x2.dtype in _DTYPES else torch.float32
+    x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE).contiguous()
     if kind == "int4":
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dt).contiguous(), packed, group, scales.to(dt))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales)
     else:
-        y = torch.ops.aten._weight_int8pack_mm(x2.to(dt).contiguous(), packed, scales.to(dt))
+        y = torch.ops.aten._weight_int8pack_mm(x2, packed, scales)
     y = y.to(x.dtype).reshape(*x.shape[:-1], d_out)
     bias = getattr(module, "bias", None)
     return y + bias if bias is not None else y
