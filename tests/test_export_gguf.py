@@ -16,8 +16,8 @@ import torch
 from compress import compress
 from compress.errors import CompressError, ConfigError
 from compress.export_gguf import export_gguf, opened_reason
-from compress.gguf_vocab import tokenizer_reason
 from compress.exports import check_exports
+from compress.gguf_vocab import tokenizer_reason
 from compress.modules.base import use_kernels
 from compress.modules.ggml import GGMLLinear
 from compress.recipe import parse_shorthand
