@@ -14,6 +14,7 @@ from compress import compress
 from compress.errors import CompressError
 from compress.export_ct import check_ct_exportable, export_compressed_tensors
 from compress.exports import check_exports
+from compress.modules.base import use_kernels
 from compress.modules.quant import QuantLinear
 from compress.recipe import parse_shorthand
 
@@ -39,6 +40,7 @@ def test_the_package_decompresses_our_export_bit_exactly(options: str, tmp_path:
 
     model = make_tiny("llama", tied=True)
     compress(model, [f"gptq:{options}"], IDS)
+    use_kernels(model, "torch")  # the exact dequantizing path (the CPU int4 path computes in bfloat16)
     ref = _logits(model)
     export_compressed_tensors(model, None, tmp_path)
     qc = QuantizationConfig.model_validate(json.loads((tmp_path / "config.json").read_text())["quantization_config"])
