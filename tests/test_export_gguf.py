@@ -255,3 +255,21 @@ def test_llama_cpp_runs_the_export(tmp_path: Path) -> None:
         # llama.cpp multiplies quantized weights by 8-bit-quantized activations (F16: float16 weights)
         tol = 0.02 if recipe is None else 0.05
         assert np.abs(got - want).max() <= tol * np.abs(want).max(), (family, recipe, np.abs(got - want).max())
+
+
+def test_cpu_int4_and_int8_paths_are_taken_and_stay_close_to_the_exact_one() -> None:
+    from compress.kernels import cpu
+
+    for recipe, kind in (("rtn:bits=4,group=64", "int4"), ("rtn:bits=8,group=0,sym=true", "int8"), ("rtn:format=q4_k", "int4"),
+                         ("rtn:bits=3,group=64", None)):
+        model = make_tiny("llama", hidden=256, intermediate=512)
+        compress(model, [recipe], IDS)
+        layer = model.model.layers[0].mlp.up_proj
+        assert layer.cpu_kernel() == kind, recipe
+        x = torch.randn(3, 256, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            fast = layer(x)
+            exact = x @ layer.dense_weight().T
+        assert cpu.applies(layer, x) and fast.dtype == x.dtype
+        tol = 0.0 if kind is None else 1e-2  # bfloat16 activations and scales
+        assert float((fast - exact).norm() / exact.norm()) <= tol + 1e-6, recipe
