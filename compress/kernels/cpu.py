@@ -16,12 +16,7 @@ preference (``COMPRESS_KERNELS=torch``: the exact dequantizing path everywhere).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch import nn
-
-from ..modules.base import cached_kernel_layout, dense_cache_enabled
 
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -45,13 +40,13 @@ def int8_layout(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, tor
     return q.to(torch.int8).contiguous(), scale.to(COMPUTE).contiguous()
 
 
-def applies(module: nn.Module, x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not x.requires_grad and not dense_cache_enabled(module) and module.kernels() != "torch"  # type: ignore[operator]
+def applies(x: torch.Tensor, dense_cached: bool, preference: str) -> bool:
+    """The CPU ops run for input ``x`` of a module whose dense cache is (not) on, under kernel ``preference``."""
+    return x.device.type == "cpu" and not x.requires_grad and not dense_cached and preference != "torch"
 
 
-def linear(module: nn.Module, x: torch.Tensor, kind: str, group: int, buffers: tuple[str, ...], build: Any) -> torch.Tensor:
-    """y = x·Wᵀ (+ bias) through the op of ``kind`` with the module's cached layout (``build()``)."""
-    packed, scales = cached_kernel_layout(module, buffers, build)
+def linear(x: torch.Tensor, kind: str, group: int, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) through the op of ``kind`` with a layout from :func:`int4_layout` / :func:`int8_layout`."""
     d_out = packed.shape[0]
     x2 = x.reshape(-1, x.shape[-1]).to(COMPUTE).contiguous()
     if kind == "int4":
@@ -59,5 +54,4 @@ def linear(module: nn.Module, x: torch.Tensor, kind: str, group: int, buffers: t
     else:
         y = torch.ops.aten._weight_int8pack_mm(x2, packed, scales)
     y = y.to(x.dtype).reshape(*x.shape[:-1], d_out)
-    bias = getattr(module, "bias", None)
     return y + bias if bias is not None else y

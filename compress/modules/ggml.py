@@ -17,7 +17,7 @@ from torch import nn
 
 from ..dtypes import spec_dtype
 from ..solvers import ggml
-from .base import CompressedLinear, cached_dense_weight
+from .base import CompressedLinear, cached_dense_weight, cached_kernel_layout, dense_cache_enabled
 
 
 class GGMLLinear(CompressedLinear):
@@ -71,8 +71,9 @@ class GGMLLinear(CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import cpu
 
-        if cpu.applies(self, x) and (kind := self.cpu_kernel()):
-            return cpu.linear(self, x, kind, 32, ("blocks",), self._cpu_layout)
+        if cpu.applies(x, dense_cache_enabled(self), self.kernels()) and (kind := self.cpu_kernel()):
+            packed, scales = cached_kernel_layout(self, ("blocks",), self._cpu_layout)
+            return cpu.linear(x, kind, 32, packed, scales, self.bias)
         return F.linear(x, cached_dense_weight(self, ("blocks",)).to(x.dtype), self.bias)
 
     def num_weights(self) -> int:

@@ -22,7 +22,7 @@ from torch import nn
 from ..dtypes import spec_dtype
 from ..solvers.packing import pack_bits, packed_nbytes, unpack_bits
 from ..solvers.quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize
-from .base import CompressedLinear, cached_dense_weight, cached_kernel_layout
+from .base import CompressedLinear, cached_dense_weight, cached_kernel_layout, dense_cache_enabled
 
 
 class QuantLinear(CompressedLinear):
@@ -130,8 +130,9 @@ class QuantLinear(CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..kernels import cpu
 
-        if cpu.applies(self, x) and (kind := self.cpu_kernel()):
-            return cpu.linear(self, x, kind, self.qspec.group_size or self.in_features, ("qweight", "scales", "qzeros"), self._cpu_layout)
+        if cpu.applies(x, dense_cache_enabled(self), self.kernels()) and (kind := self.cpu_kernel()):
+            packed, scales = cached_kernel_layout(self, ("qweight", "scales", "qzeros"), self._cpu_layout)
+            return cpu.linear(x, kind, self.qspec.group_size or self.in_features, packed, scales, self.bias)
         if x.is_cuda and self.lut_compatible():
             from ..kernels.ops import bcq_linear
 
