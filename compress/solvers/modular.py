@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .linalg import SOLVE_DTYPE, cholesky_psd
+from .linalg import SOLVE_DTYPE, cholesky_psd, inverse_diagonal_from_cholesky
 
 #: ridge of the MLP leverage scores, times mean(diag C) (the unofficial implementation's 1e-2)
 MLP_RIDGE = 1e-2
@@ -41,7 +41,7 @@ def nystrom_mlp(C: torch.Tensor, W_down: torch.Tensor, keep: int, ridge: float =
     n = C.shape[0]
     eye = torch.eye(n, dtype=SOLVE_DTYPE, device=C.device)
     L, _ = cholesky_psd(C + (ridge * _mean_diag(C)) * eye, "modegpt mlp")
-    scores = torch.cholesky_inverse(L).diagonal()
+    scores = inverse_diagonal_from_cholesky(L)
     kept = torch.sort(torch.topk(scores, keep, largest=False).indices).values
     C_SS = C[kept][:, kept]
     L_S, _ = cholesky_psd(C_SS + (REFIT_RIDGE * _mean_diag(C_SS)) * torch.eye(keep, dtype=SOLVE_DTYPE, device=C.device), "modegpt refit")
@@ -106,7 +106,7 @@ def nystrom_errors(C: torch.Tensor, W_down: torch.Tensor, keeps: list[int], ridg
     C = C.to(SOLVE_DTYPE)
     n = C.shape[0]
     L, _ = cholesky_psd(C + (ridge * _mean_diag(C)) * torch.eye(n, dtype=SOLVE_DTYPE, device=C.device), "modegpt mlp")
-    order = torch.argsort(torch.cholesky_inverse(L).diagonal())
+    order = torch.argsort(inverse_diagonal_from_cholesky(L))
     Wd = W_down.to(SOLVE_DTYPE)
     B = Wd @ C  # (d, n)
     total = float((B * Wd).sum())

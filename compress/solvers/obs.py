@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .linalg import SOLVE_DTYPE, cholesky_psd
+from .linalg import SOLVE_DTYPE, cholesky_psd, inverse_from_cholesky
 
 #: dtype of the column sweep (the factorizations run in SOLVE_DTYPE)
 SWEEP_DTYPE = torch.float32
@@ -30,7 +30,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tu
     H.diagonal().add_(damp * mean_diag)
     L, _ = cholesky_psd(H, name, overwrite=True)
     del H
-    Hinv = torch.cholesky_inverse(L)
+    Hinv = inverse_from_cholesky(L)
     del L
     U, _ = cholesky_psd(Hinv, f"{name} (inverse)", overwrite=True)
     del Hinv
