@@ -219,6 +219,20 @@ def targets_option(verb: str = "compress") -> Any:
     return option("*", f"which linears of each decoder layer to {verb}: glob(s) on names like 'mlp.down_proj', '|'-separated")
 
 
+def propagate_option(default: str = "compressed") -> Any:
+    """The ``propagate=`` field of a per-linear pass with calibration statistics (see ``check_propagate``)."""
+    return option(default, "the next layer's calibration inputs: this layer's outputs after the pass ('compressed': one more "
+                  "forward per layer; later layers see earlier errors) or before it ('dense': from the statistics forward, "
+                  "one forward per layer)", choices=("compressed", "dense"))
+
+
+def check_propagate(cfg: Any) -> None:
+    """propagate=dense takes the outputs of the one statistics forward, which sequential=true replaces."""
+    if cfg.propagate == "dense" and getattr(cfg, "sequential", False):
+        raise ConfigError(f"pass '{cfg.pass_name}': propagate=dense takes the layer's outputs from its one statistics forward; "
+                          "it needs sequential=false")
+
+
 def describe_field(f: dataclasses.Field[Any]) -> str:
     """One-line description of a field for listings: type, default, range, help."""
     md = f.metadata

@@ -490,6 +490,24 @@ def test_propagate_dense_calibrates_each_layer_on_the_dense_models_inputs_in_one
         compress(make_tiny("llama"), ["gptq:propagate=dense,sequential=true"], calib_ids)
 
 
+@pytest.mark.parametrize("spec", ["rtn:bits=3,group=16,clip=true", "wanda", "sparsegpt"])
+def test_propagate_dense_is_offered_where_the_mechanism_is_the_same(spec: str, calib_ids: torch.Tensor) -> None:
+    """rtn (with calibration), wanda and sparsegpt take propagate=dense as gptq does: one forward of
+    each decoder layer per batch instead of two (statistics, then the compressed layer's outputs)."""
+    sep = "," if ":" in spec else ":"
+    for propagate, per_batch in (("compressed", 3), ("dense", 2)):
+        model = make_tiny("llama")
+        calls = [0, 0]
+        for k, layer in enumerate(get_adapter(model).layers(model)[:2]):
+            layer.register_forward_pre_hook(lambda *_a, k=k: calls.__setitem__(k, calls[k] + 1))
+        compress(model, [f"{spec}{sep}propagate={propagate}"], calib_ids)
+        # layer 0: capture, statistics, and its compressed outputs unless propagated dense; layer 1
+        # (the last) only its statistics
+        assert calls[0] == per_batch * calls[1], (propagate, calls)
+    with pytest.raises(ConfigError, match="propagate=dense .* needs sequential=false"):
+        compress(make_tiny("llama"), [f"{spec}{sep}propagate=dense,sequential=true"], calib_ids)
+
+
 def test_targets_option_limits_compression(calib_ids: torch.Tensor) -> None:
     model = make_tiny("mistral")
     report = compress(model, ["svd:ratio=0.3,targets=mlp.*"], None)

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..config import PassConfig, option, targets_option
+from ..config import PassConfig, check_propagate, option, propagate_option, targets_option
 from ..errors import ConfigError
 from ..modules.base import MODULE_TYPES, CompressedLinear
 from ..modules.ggml import GGMLLinear
@@ -72,10 +72,12 @@ class RTNConfig(PassConfig):
     sequential: bool = option(False, "observe each sub-group's inputs after the sub-groups before it in the layer were quantized "
                               "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it "
                               "(faster; equal quality measured, bench/results/speed.md)")
+    propagate: str = propagate_option()
 
 
     def validate(self) -> None:
         super().validate()
+        check_propagate(self)
         if self.format != "int" and self.dim != "oc":
             raise ConfigError(f"pass '{self.pass_name}': format={self.format} groups along the input of each output row; "
                               f"dim={self.dim} cannot apply: use dim=oc or format=int")
@@ -86,19 +88,11 @@ class GPTQConfig(RTNConfig):
     clip: bool = option(True, "search a range shrink per group minimizing the diag(H)-weighted error (SmolLM2 W3 g64 with "
                         "activation order: 35.2 vs 42.6 without, bench/results/quant.md)")
     damp: float = option(0.01, "damping added to diag(H), as a fraction of its mean", min=0.0, max=1.0)
-    propagate: str = option("compressed", "the next layer's calibration inputs: this layer's outputs after quantization (one more "
-                            "forward per layer; later layers see earlier errors) or before it ('dense': from the statistics forward, "
-                            "one forward per layer)", choices=("compressed", "dense"))
+    propagate: str = propagate_option("compressed")
     blocksize: int = option(128, "columns per lazy-update block", min=1)
     actorder: bool = option(True, "quantize columns in order of decreasing diag(H), group parameters from the original weights "
                             "(static groups); SmolLM2 W3 g64: 42.6 vs 59.8 without (bench/results/quant.md)")
     static_groups: bool = option(False, "compute per-OC group parameters from the original weights up front")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.propagate == "dense" and self.sequential:
-            raise ConfigError(f"pass '{self.pass_name}': propagate=dense takes the layer's outputs from its one statistics forward; "
-                              "it needs sequential=false")
 
 
 Q = TypeVar("Q", bound=RTNConfig)
@@ -280,7 +274,8 @@ class RTNPass(_QuantPass[RTNConfig]):
         needs = c.dim == "ada" or c.clip
         # AdaDim runs sub-blocks on the layer's inputs
         return Capabilities(requires_calibration=needs, statistics=frozenset({"gram"}) if needs else frozenset(),
-                            uses_layer_inputs=c.dim == "ada", observe_once=not c.sequential)
+                            uses_layer_inputs=c.dim == "ada", observe_once=not c.sequential,
+                            propagate_dense=c.propagate == "dense")
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         hdiag = stats.gram.diagonal() if stats is not None and stats.gram is not None else None

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..config import PassConfig, option, targets_option
+from ..config import PassConfig, check_propagate, option, propagate_option, targets_option
 from ..errors import ConfigError
 from ..modules.sparse import Sparse24Linear
 from ..pipeline.stats import LinearStats
@@ -79,6 +79,11 @@ class WandaConfig(PruneOptions):
 
     sequential: bool = option(False, "observe each sub-group's inputs after the sub-groups before it in the layer were pruned "
                               "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it")
+    propagate: str = propagate_option()
+
+    def validate(self) -> None:
+        super().validate()
+        check_propagate(self)
 
 
 @dataclass
@@ -87,6 +92,11 @@ class SparseGPTConfig(PruneOptions):
     blocksize: int = option(128, "columns per mask-selection / lazy-update block", min=1)
     sequential: bool = option(False, "observe each sub-group's inputs after the sub-groups before it in the layer were pruned "
                               "(one forward per sub-group); false: every sub-group's from one forward of the layer as the pass finds it")
+    propagate: str = propagate_option()
+
+    def validate(self) -> None:
+        super().validate()
+        check_propagate(self)
 
 
 P = TypeVar("P", bound=PruneOptions)
@@ -168,7 +178,8 @@ class WandaPass(PrunePass[WandaConfig]):
     name = "wanda"
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"}), observe_once=not self.config.sequential)
+        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"}), observe_once=not self.config.sequential,
+                            propagate_dense=self.config.propagate == "dense")
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.sq_sum is not None
@@ -184,7 +195,8 @@ class SparseGPTPass(PrunePass[SparseGPTConfig]):
     name = "sparsegpt"
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), observe_once=not self.config.sequential)
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), observe_once=not self.config.sequential,
+                            propagate_dense=self.config.propagate == "dense")
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.gram is not None
