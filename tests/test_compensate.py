@@ -229,3 +229,40 @@ def test_lqlora_budget_relative_objective_ignores_the_scale_of_a_layers_activati
         assert scaled == base
     else:
         assert scaled["a"][0] > base["a"][0]
+
+
+@pytest.mark.parametrize("levels", ["nf", "uniform"])
+def test_lqlora_feedback_estimate_is_each_options_own_sweep(levels: str) -> None:
+    """The budget's estimate with feedback sweeps every option at once (rows stacked); each option's
+    error equals a GPTQ run of that option alone (static groups, activation order), and 8-bit codes
+    are rounded to nearest."""
+    from compress.solvers.gptq import gptq_quantize
+    from compress.solvers.lqlora import feedback_errors, one_alternation_errors
+    from compress.solvers.metrics import output_error
+
+    W, _, X = _setup(3)
+    W, H = W.float(), (X.T @ X).float()
+    opts = [(2, 32), (3, 32), (4, 96), (8, 32)]
+    got = dict(feedback_errors(W, H, (4, 0), opts, levels, True))
+    rtn = dict(one_alternation_errors(W, H, (4, 0), opts, levels, True))
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    for (b, g, r), e in got.items():
+        R = W - ((U[:, :r] * S[:r]) @ Vh[:r]).float() if r else W
+        if b == 8:
+            assert e == pytest.approx(rtn[(b, g, r)], rel=1e-6)
+            continue
+        q, _ = gptq_quantize(R, H, QuantSpec(bits=b, group_size=g, levels=levels), actorder=True, static_groups=True)
+        assert e == pytest.approx(output_error(R - q.dequantize(), H) / output_error(W, H), rel=1e-4)
+        assert e < rtn[(b, g, r)]
+
+
+def test_lqlora_feedback_needs_calibration_and_is_reported(calib_ids) -> None:
+    with pytest.raises(Exception, match="calibration"):
+        compress(make_tiny("llama"), ["lq-lora:bits=3,group=16,rank=4"])
+    compress(make_tiny("llama"), ["lq-lora:bits=3,group=16,rank=4,feedback=false"])  # data-free, as the paper
+    errs = {}
+    for fb in ("true", "false"):
+        report = compress(make_tiny("llama"), [f"lq-lora:bits=3,group=16,rank=4,feedback={fb}"], calib_ids)
+        errs[fb] = [r.info for r in report.records if r.pass_name == "lq-lora"]
+    assert all(i["feedback"] and i["error_metric"] == "rel_output_err" for i in errs["true"])
+    assert not any(i["feedback"] for i in errs["false"])

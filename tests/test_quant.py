@@ -299,3 +299,74 @@ def test_dense_weight_cache_lives_only_inside_compress_loops(env: str | None, ca
         assert torch.equal(model(input_ids=ids).logits, ref)  # with or without the cache, the same numbers
     evaluate(model, None, ppl=(), tasks=())
     assert cached(model) == (14 if env == "1" else 0)
+
+
+def test_bcq_feedback_on_the_converted_uniform_grid_is_gptq() -> None:
+    """With the uniform start unrefined (rounds=0) and no refit, BCQ's sweep sees exactly GPTQ's
+    static grid: the same weights come out, and both beat the grid by itself."""
+    from compress.solvers.bcq import bcq_gptq
+
+    torch.manual_seed(5)
+    W = torch.randn(24, 64)
+    X = _ill_conditioned_inputs(400, 64, seed=5)
+    H = X.T @ X
+    b, err = bcq_gptq(W, H, 3, 16, rounds=0, refits=0, damp=0.01, actorder=True)
+    q, _ = gptq_quantize(W, H, QuantSpec(bits=3, group_size=16), actorder=True, damp=0.01)
+    assert torch.equal(b.dequantize(), q.dequantize())
+    rtn = quantize_rtn(W, QuantSpec(bits=3, group_size=16), H.diagonal()).dequantize()
+    assert err == pytest.approx(_out_err(W, q.dequantize(), H), rel=1e-6) and err < 0.8 * _out_err(W, rtn, H)
+
+
+def test_bcq_full_gram_refit_is_the_least_squares_optimum() -> None:
+    """refit_full_gram against a direct least-squares solve over the calibration inputs: per output
+    row, the design matrix has one column per (group, plane) and per group offset."""
+    from compress.solvers.bcq import BCQ, bcq_gptq, refit_full_gram
+
+    torch.manual_seed(6)
+    W = torch.randn(6, 48)
+    X = _ill_conditioned_inputs(300, 48, seed=6)
+    H = X.T @ X
+    b, _ = bcq_gptq(W, H, 2, 16, refits=0)
+    alpha, offset = refit_full_gram(W, H, b.signs, 16, chunk=4)
+    Xd = X.double()
+    for r in range(W.shape[0]):
+        cols = []
+        for k in range(3):
+            for i in range(3):  # 2 planes and the offset
+                v = torch.zeros(48, dtype=torch.float64)
+                v[16 * k : 16 * (k + 1)] = (b.signs[i, r, 16 * k : 16 * (k + 1)].double() * 2 - 1) if i < 2 else 1.0
+                cols.append(Xd @ v)
+        theta = torch.linalg.lstsq(torch.stack(cols, 1), Xd @ W[r].double()[:, None]).solution[:, 0].reshape(3, 3)
+        torch.testing.assert_close(alpha[:, r].float(), theta[:, :2].T.float().to(torch.float16).float(), rtol=2e-3, atol=1e-4)
+        torch.testing.assert_close(offset[r].double(), theta[:, 2], rtol=1e-4, atol=1e-5)
+    refit = BCQ(signs=b.signs, alpha=alpha, offset=offset, group_size=16)
+    assert _out_err(W, refit.dequantize(), H) <= _out_err(W, b.dequantize(), H) * (1 + 1e-4)
+
+
+def test_bcq_with_feedback_beats_the_diagonal_refinement_on_correlated_inputs() -> None:
+    from compress.solvers.bcq import bcq_gptq
+
+    torch.manual_seed(7)
+    W = torch.randn(32, 128)
+    X = _ill_conditioned_inputs(800, 128, seed=7)
+    H = X.T @ X
+    diag = bcq_quantize(W, 3, 32, hdiag=H.diagonal()).dequantize()
+    b, err = bcq_gptq(W, H, 3, 32)
+    assert err == pytest.approx(_out_err(W, b.dequantize(), H), rel=1e-6)
+    assert err < 0.7 * _out_err(W, diag, H)
+
+
+def test_gptq_on_normalfloat_levels() -> None:
+    """NF codes through GPTQ's sweep: round to nearest exactly when the inputs are uncorrelated and
+    undamped, a lower output error than it on correlated inputs, the same absmax scales either way."""
+    torch.manual_seed(8)
+    W = torch.randn(32, 128)
+    spec = QuantSpec(bits=3, group_size=32, levels="nf")
+    rtn = quantize_rtn(W, spec)
+    q, _ = gptq_quantize(W, torch.eye(128) * 10, spec, actorder=False, damp=0.0)
+    assert torch.equal(q.q, rtn.q) and torch.equal(q.scales, rtn.scales)
+    X = _ill_conditioned_inputs(600, 128, seed=8)
+    H = X.T @ X
+    q, _ = gptq_quantize(W, H, spec, actorder=True)
+    assert torch.equal(q.scales, rtn.scales)
+    assert _out_err(W, q.dequantize(), H) < 0.8 * _out_err(W, rtn.dequantize(), H)

@@ -25,7 +25,8 @@ from ..errors import ConfigError
 from ..modules.bcq import BCQLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
-from ..solvers.bcq import bcq_quantize
+from ..solvers.bcq import bcq_gptq, bcq_quantize
+from ..solvers.gptq import FactorCache
 from ..solvers.metrics import relative_output_error
 from .base import Capabilities, LayerContext, LinearPass, PassResult, Stored, meta_storage_bits
 
@@ -38,6 +39,12 @@ class BCQConfig(PassConfig):
     init: str = option("uniform", "start: round-to-nearest uniform codes converted exactly ('uniform'; never worse than RTN at the "
                        "same bits and groups) or LUT-GEMM's greedy planes ('greedy')", choices=("uniform", "greedy"))
     weighted: bool = option(True, "weight the error by the calibration inputs' energy diag(XᵀX) (needs calibration data)")
+    feedback: bool = option(True, "GPTQ's error feedback under the full calibration Gram XᵀX: the grid from the refinement above, "
+                            "then a column sweep that feeds each weight's error forward, and refits of (α, β) for the swept signs; "
+                            "false: the refinement alone; weighted=false (data-free) skips it too")
+    refits: int = option(2, "feedback: rounds of (α, β) least squares under the full Gram, each followed by a new sweep", min=0)
+    damp: float = option(0.01, "feedback: damping added to diag(XᵀX), as a fraction of its mean", min=0.0, max=1.0)
+    actorder: bool = option(True, "feedback: sweep the columns in order of decreasing diag(XᵀX)")
     targets: str = targets_option("quantize")
 
 
@@ -48,8 +55,15 @@ class BCQPass(LinearPass[BCQConfig]):
     name = "bcq"
     accepts_reason = "it quantizes dense weights"
 
+    def __init__(self, config: BCQConfig) -> None:
+        super().__init__(config)
+        self._factors = FactorCache()  # q/k/v (and gate/up) have equal Grams: factor once
+
     def capabilities(self) -> Capabilities:
-        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"})) if self.config.weighted else Capabilities()
+        c = self.config
+        if c.feedback and c.weighted:
+            return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), observe_once=True)
+        return Capabilities(requires_calibration=True, statistics=frozenset({"rms"})) if c.weighted else Capabilities()
 
     def produces(self, kinds: frozenset[str]) -> frozenset[str]:
         return frozenset({"BCQLinear"})
@@ -75,9 +89,19 @@ class BCQPass(LinearPass[BCQConfig]):
         if why is not None:
             raise ConfigError(f"{name} ({d_out}x{d_in}): {why}")
         g = c.group or d_in
+        bias = module.bias.data if module.bias is not None else None
+        if c.feedback and c.weighted:
+            assert stats is not None and stats.gram is not None
+            H = stats.gram.float()
+            b, _ = bcq_gptq(W.float().cpu(), H.cpu(), c.bits, g, rounds=c.rounds, refits=c.refits, damp=c.damp,
+                            actorder=c.actorder, name=name, cache=self._factors)
+            new = BCQLinear.from_bcq(b, bias, like=W)
+            info = {"bits": c.bits, "group": g, "feedback": True, "error": relative_output_error(W, new.dense_weight(), H),
+                    "error_metric": "rel_output_err", "bits_per_weight": new.storage_bits() / new.num_weights()}
+            return PassResult(new, info)
         hdiag = stats.sq_sum if (c.weighted and stats is not None) else None
         b = bcq_quantize(W, c.bits, g, c.rounds, hdiag=hdiag, init=c.init)
-        new = BCQLinear.from_bcq(b, module.bias.data if module.bias is not None else None, like=W)
+        new = BCQLinear.from_bcq(b, bias, like=W)
         Wq = b.dequantize().to(W.device)
         if hdiag is not None:  # the weighted error the solver minimized, relative to the weight's
             hd = hdiag.to(W.device, torch.float64)

@@ -33,10 +33,11 @@ from ..modules.quant import QuantLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.allocate import integer_program
-from ..solvers.lqlora import lq_decompose, one_alternation_errors
+from ..solvers.gptq import FactorCache, gptq_quantize
+from ..solvers.lqlora import FEEDBACK_BITS, feedback_errors, lq_decompose, one_alternation_errors
 from ..solvers.metrics import relative_output_error
 from ..solvers.packing import packed_nbytes
-from ..solvers.quant import SUPPORTED_BITS, QuantSpec, group_error_check, quantize_rtn
+from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
 from .base import Capabilities, LayerContext, LinearPass, PassPlan, PassResult, Stored
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class LQLoRAConfig(PassConfig):
                                "as codes; false keeps rank r on every matrix (the paper's setting, branches to fine-tune)")
     objective: str = option("relative", "budget's error per matrix: its output error tr(ΔHΔᵀ) relative to its output energy "
                             "tr(WHWᵀ) ('relative'), or absolute ('output')", choices=("relative", "output"))
+    feedback: bool = option(True, "quantize Q with GPTQ's error feedback under the layer's calibration Gram XᵀX (static groups, "
+                            "activation order) at 2-4 bits, after the alternation has chosen L1·L2; the budget's estimate uses "
+                            "the same quantizer. false: round to nearest, as the paper (data-free)")
     data_aware: bool = option(False, "weight the decomposition by each input channel's activation RMS (calibration Gram diagonal)")
     branch_bits: int = option(0, "store L1 and L2 quantized to this many bits per row (0 = the model's dtype)", choices=(0, 4, 8))
     targets: str = targets_option("decompose")
@@ -81,13 +85,15 @@ class LQLoRAPass(LinearPass[LQLoRAConfig]):
 
     def __init__(self, config: LQLoRAConfig) -> None:
         super().__init__(config)
+        self._factors = FactorCache()  # q/k/v (and gate/up) have equal Grams: factor once
         self._choice: dict[str, tuple[int, int, int]] = {}
 
     def capabilities(self) -> Capabilities:
         c = self.config
         # the budget's errors are output errors: every layer's input Gram of the model as it is before the pass
-        return Capabilities(requires_calibration=c.data_aware or c.budget is not None,
-                            statistics=frozenset({"rms"}) if c.data_aware else frozenset(),
+        stats = ({"rms"} if c.data_aware else set()) | ({"gram"} if c.feedback else set())
+        return Capabilities(requires_calibration=c.data_aware or c.feedback or c.budget is not None,
+                            statistics=frozenset(stats), observe_once=True,
                             profile=frozenset({"gram"}) if c.budget is not None else frozenset())
 
     def produces(self, kinds: frozenset[str]) -> frozenset[str]:
@@ -137,7 +143,8 @@ class LQLoRAPass(LinearPass[LQLoRAConfig]):
                 H = stats.linears[n].gram.float()
                 grid = [(b, g) for b in _GRID_BITS for g in _GRID_GROUPS if d_in % g == 0]
                 ranks = (c.rank, 0) if c.rank_choice else (c.rank,)
-                table = one_alternation_errors(W, H, ranks, grid, c.levels, c.objective == "relative") if grid else []
+                estimate = feedback_errors if c.feedback else one_alternation_errors
+                table = estimate(W, H, ranks, grid, c.levels, c.objective == "relative") if grid else []
                 elt = 8 * weight_of(mod).element_size()
                 opts = [o for o, _ in table]
                 errs = [e for _, e in table]
@@ -179,10 +186,18 @@ class LQLoRAPass(LinearPass[LQLoRAConfig]):
         if why is not None:
             raise ConfigError(f"{name} ({d_out}x{d_in}): {why}; choose another group size")
         bias = module.bias.data if module.bias is not None else None
+        H = stats.gram.float().cpu() if c.feedback and stats is not None and stats.gram is not None else None
+        metric = {"error_metric": "rel_output_err" if H is not None else "rel_weight_err"}
+
+        def codes(R: torch.Tensor) -> Quantized:
+            if H is None or bits not in FEEDBACK_BITS:
+                return quantize_rtn(R, spec)
+            return gptq_quantize(R, H, spec, actorder=True, static_groups=True, name=name, cache=self._factors)[0]
+
         if rank == 0:  # budget mode chose codes over the low-rank term for this matrix
-            q = QuantLinear.from_quantized(quantize_rtn(W.float(), spec), bias, like=W)
-            info = {"bits": bits, "group": group, "rank": 0, "levels": c.levels,
-                    "error": relative_output_error(W, q.dense_weight().detach(), None), "error_metric": "rel_weight_err",
+            q = QuantLinear.from_quantized(codes(W.float().cpu()), bias, like=W)
+            info = {"bits": bits, "group": group, "rank": 0, "levels": c.levels, "feedback": H is not None,
+                    "error": relative_output_error(W, q.dense_weight().detach(), H), **metric,
                     "bits_per_weight": q.storage_bits() / q.num_weights()}
             return PassResult(q, info)
         if c.rank >= min(d_out, d_in):
@@ -192,12 +207,13 @@ class LQLoRAPass(LinearPass[LQLoRAConfig]):
             assert stats is not None
             col_w = stats.rms_value
         res = lq_decompose(W, rank, spec, iters=c.iters, tol=c.tol, col_weight=col_w)
-        base = QuantLinear.from_quantized(res.q, bias, like=W)
+        qz = res.q if H is None else codes(W.float().cpu() - res.L1 @ res.L2)
+        base = QuantLinear.from_quantized(qz, bias, like=W)
         lora = LoRALinear(base, branch_factor(res.L2, W, c.branch_bits), branch_factor(res.L1, W, c.branch_bits))
         info = {
-            "bits": bits, "group": group, "rank": rank, "levels": c.levels, "iterations": len(res.errors),
+            "bits": bits, "group": group, "rank": rank, "levels": c.levels, "iterations": len(res.errors), "feedback": H is not None,
             "errors": [round(e, 6) for e in res.errors],
-            "error": relative_output_error(W, lora.dense_weight().detach(), None), "error_metric": "rel_weight_err",
+            "error": relative_output_error(W, lora.dense_weight().detach(), H), **metric,
             "bits_per_weight": lora.storage_bits() / lora.num_weights(),
         }
         return PassResult(lora, info)

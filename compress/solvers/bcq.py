@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .gptq import FactorCache, _static_sweep, sweep_factor
+from .obs import SWEEP_DTYPE
 from .quant import Quantized
 
 ALPHA_DTYPE = torch.float16
@@ -154,3 +156,93 @@ def bcq_from_uniform(qz: Quantized) -> BCQ:
         raise ValueError("scales out of float16 range for an exact BCQ conversion")
     offset = s * ((2**q - 1) / 2 - z)
     return BCQ(signs=signs, alpha=alpha.to(ALPHA_DTYPE), offset=offset.to(OFFSET_DTYPE), group_size=g)
+
+
+def refit_full_gram(W: torch.Tensor, H: torch.Tensor, signs: torch.Tensor, g: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (α, β) of every group that minimize the output error tr((W − Ŵ) H (W − Ŵ)ᵀ) for fixed sign
+    planes (q, d_out, d_in): per output row a least-squares problem in the (q+1)·n values of its n
+    groups, coupled across groups through H. Cost d_out·d_in²·(q+1). Returns alpha (q, d_out, n)
+    rounded to float16 and offset (d_out, n)."""
+    q, d_out, d_in = signs.shape
+    n = d_in // g
+    c = q + 1
+    Hd = H.double()
+    ridge = 1e-8 * float(Hd.diagonal().mean().clamp_min(1e-30))
+    alpha = torch.empty(q, d_out, n)
+    offset = torch.empty(d_out, n)
+    Hg = Hd.reshape(d_in, n, g)  # H[:, group k]
+    for r0 in range(0, d_out, chunk):
+        r1 = min(r0 + chunk, d_out)
+        m = r1 - r0
+        S = torch.cat([signs[:, r0:r1].double() * 2 - 1, torch.ones(1, m, d_in, dtype=torch.float64)])  # (c, m, d_in)
+        S = S.reshape(c, m, n, g).permute(2, 3, 1, 0)  # (n, g, m, c)
+        HA = torch.einsum("jkg,kgmc->mjkc", Hg, S).reshape(m, d_in, n * c)  # (m, d_in, Q): H times each block column
+        Sm = S.permute(2, 0, 1, 3)  # (m, n, g, c)
+        G = torch.einsum("mkgc,mkgQ->mkcQ", Sm, HA.reshape(m, n, g, n * c)).reshape(m, n * c, n * c)
+        rhs = torch.einsum("mjQ,mj->mQ", HA, W[r0:r1].double())
+        G = G + ridge * torch.eye(n * c, dtype=torch.float64)
+        theta = torch.linalg.solve(G, rhs[:, :, None])[:, :, 0].reshape(m, n, c)
+        alpha[:, r0:r1] = theta[:, :, :q].permute(2, 0, 1).float()
+        offset[r0:r1] = theta[:, :, q].float()
+    return alpha.to(ALPHA_DTYPE), offset.to(OFFSET_DTYPE)
+
+
+def bcq_gptq(
+    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, *, rounds: int = 15, refits: int = 2, blocksize: int = 128,
+    damp: float = 0.01, actorder: bool = True, name: str = "", cache: FactorCache | None = None,
+) -> tuple[BCQ, float]:
+    """BCQ with GPTQ's error feedback under the full Gram H = XᵀX (d_in, d_in).
+
+    The first grid (α, β per group) comes from :func:`bcq_quantize` on the original weights, weighted
+    by diag(H). The OBS sweep then visits the columns (in order of decreasing diag(H) with
+    ``actorder``), gives each weight the nearest of its group's 2^q values Σ ±α_i + β, and feeds the
+    error forward to the columns not yet visited, as GPTQ does on a uniform grid with static groups.
+    Each of ``refits`` rounds then solves (α, β) for the swept signs under the full H
+    (:func:`refit_full_gram`) and sweeps again on that grid; the result with the lowest output error
+    tr(ΔHΔᵀ) is kept. Returns the codes and that error."""
+    W = W.float()
+    g = group_size or W.shape[1]
+    grid = bcq_quantize(W, bits, g, rounds, hdiag=H.diagonal(), init="uniform")
+    perm, U = cache.get(H, actorder, damp, name) if cache is not None else sweep_factor(H, actorder, damp, name)
+    Hd = H.double()
+
+    def output_error(b: BCQ) -> float:
+        D = (W - b.dequantize()).double()
+        return float(((D @ Hd) * D).sum())
+
+    best, best_err = grid, output_error(grid)
+    for k in range(refits + 1):
+        swept = BCQ(signs=_sweep_signs(W, grid, perm, U, blocksize), alpha=grid.alpha, offset=grid.offset, group_size=g)
+        e = output_error(swept)
+        if e < best_err:
+            best, best_err = swept, e
+        if k == refits:
+            break
+        alpha, offset = refit_full_gram(W, H, swept.signs, g)
+        grid = BCQ(signs=swept.signs, alpha=alpha, offset=offset, group_size=g)
+        e = output_error(grid)
+        if e < best_err:
+            best, best_err = grid, e
+    return best, best_err
+
+
+def _sweep_signs(W: torch.Tensor, grid: BCQ, perm: torch.Tensor, U: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Sign planes (q, d_out, d_in) from the OBS sweep of W on the fixed values of ``grid``."""
+    d_out, d_in = W.shape
+    bits, g = grid.bits, grid.group_size
+    n = d_in // g
+    alpha = grid.alpha.float().permute(1, 2, 0).reshape(d_out * n, bits)  # (d_out·n, q)
+    vals, signs = _candidates(alpha, grid.offset.float().reshape(-1))
+    vals = vals.reshape(d_out, n, -1).to(SWEEP_DTYPE)  # (d_out, n, 2^q)
+    group = (perm // g).to(SWEEP_DTYPE)[None, :].expand(d_out, -1)
+    rows = torch.arange(d_out)
+
+    def step(w: torch.Tensor, k: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = vals[:, int(k[0])]  # (d_out, 2^q): the values of this column's group
+        idx = (w[:, None] - v).abs().argmin(dim=1)
+        return idx.to(w.dtype), v[rows, idx]
+
+    idx_p, _ = _static_sweep(W.to(SWEEP_DTYPE)[:, perm], U, group, group, step, blocksize)
+    idx = torch.empty_like(idx_p)
+    idx[:, perm] = idx_p
+    return (signs[idx.long()] > 0).permute(2, 0, 1).contiguous()  # (q, d_out, d_in)

@@ -18,7 +18,7 @@ import torch
 from . import ggml
 from .ggml import GGMLType
 from .obs import SWEEP_DTYPE, Block, inverse_hessian_cholesky, obs_sweep
-from .quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize_rows, qparams_clipped, quantize_rows
+from .quant import SCALE_DTYPE, Quantized, QuantSpec, dequantize_rows, nf_levels, qparams_clipped, quantize_rows
 
 
 class FactorCache:
@@ -85,6 +85,16 @@ def _uniform_step(maxq: int) -> Step:
     return step
 
 
+def _nf_step(bits: int) -> Step:
+    L = nf_levels(bits).to(SWEEP_DTYPE)
+    mids = (L[1:] + L[:-1]) / 2
+
+    def step(w: torch.Tensor, s: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.bucketize(w / s, mids)  # nearest level, as quantize_rtn picks it
+        return q.to(w.dtype), L[q] * s
+    return step
+
+
 def gptq_ggml(
     W: torch.Tensor, H: torch.Tensor, t: GGMLType, *, blocksize: int = 128, damp: float = 0.01, actorder: bool = False,
     name: str = "", cache: FactorCache | None = None,
@@ -137,7 +147,17 @@ def gptq_quantize(
     scales = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)
     zeros = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)
     codes = torch.zeros(d_out, d_in, dtype=SWEEP_DTYPE)
-    static = spec.dim == "oc" and (static_groups or actorder)
+    static = spec.dim == "oc" and (static_groups or actorder or spec.levels == "nf")
+    if spec.levels == "nf":
+        if spec.dim != "oc" or keep is not None:
+            raise ValueError("NormalFloat levels take per-OC groups on an unpruned weight")
+        # absmax scales of the original weights' groups, as round to nearest stores them
+        scales = W.reshape(d_out, n_groups, g).abs().amax(dim=2).clamp_min(1e-12).to(SCALE_DTYPE).to(SWEEP_DTYPE)
+        cols = perm // g
+        codes_p, losses = _static_sweep(W[:, perm], U, scales[:, cols], zeros[:, cols], _nf_step(spec.bits), blocksize)
+        codes[:, perm] = codes_p
+        q = Quantized(q=codes.to(torch.uint8), scales=scales.to(SCALE_DTYPE), zeros=zeros.to(torch.uint8), spec=spec)
+        return q, float(losses.sum())
     if static:
         for k in range(n_groups):
             block = W[:, k * g : (k + 1) * g]

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .gptq import _static_sweep, sweep_factor
 from .metrics import output_error
-from .quant import Quantized, QuantSpec, quantize_rtn
+from .obs import SWEEP_DTYPE
+from .quant import Quantized, QuantSpec, nf_levels, quantize_rtn
 
 
 @dataclass
@@ -108,3 +110,64 @@ def one_alternation_errors(
             D = R - quantize_rtn(R, QuantSpec(bits=b, group_size=g, levels=levels)).dequantize()
             out.append(((b, g, r), output_error(D, H) / energy))
     return out
+
+
+#: bits whose codes get error feedback in the budget's estimate (8-bit codes are near exact by rounding alone)
+FEEDBACK_BITS = (2, 3, 4)
+
+
+def feedback_errors(
+    W: torch.Tensor, H: torch.Tensor, ranks: tuple[int, ...], options: list[tuple[int, int]], levels: str, relative: bool,
+    *, damp: float = 0.01, blocksize: int = 128,
+) -> list[tuple[tuple[int, int, int], float]]:
+    """As :func:`one_alternation_errors`, but each remainder W − L is quantized the way the pass
+    will store it with ``feedback``: GPTQ's column sweep under H (activation order, static groups)
+    for the bits of :data:`FEEDBACK_BITS`, round to nearest for the others. The sweeps of all options
+    run as one: GPTQ's rows are independent given H, so the remainders of every option are stacked
+    along the rows and share one factorization and one pass over the columns."""
+    d_out, d_in = W.shape
+    U_, S_, Vh_ = torch.linalg.svd(W.double(), full_matrices=False)
+    energy = max(output_error(W, H), 1e-30) if relative else 1.0
+    perm, U = sweep_factor(H, True, damp, "")
+    swept = [(r, b, g) for r in ranks for b, g in options if b in FEEDBACK_BITS]
+    remainders = {r: W - ((U_[:, :r] * S_[:r]) @ Vh_[:r]).float() if r else W for r in ranks}
+    out: dict[tuple[int, int, int], float] = {}
+    for r in ranks:
+        for b, g in options:
+            if b not in FEEDBACK_BITS:
+                R = remainders[r]
+                D = R - quantize_rtn(R, QuantSpec(bits=b, group_size=g, levels=levels)).dequantize()
+                out[(b, g, r)] = output_error(D, H) / energy
+    if swept:
+        # per stacked row and permuted column: scale, zero-point (uniform) and the row's highest code
+        Rs, Ss, Zs, Ms, Ls = [], [], [], [], []
+        nf = levels == "nf"
+        for r, b, g in swept:
+            R = remainders[r]
+            qz = quantize_rtn(R, QuantSpec(bits=b, group_size=g, levels=levels))  # its scales are the static grid
+            cols = perm // g
+            Rs.append(R[:, perm])
+            Ss.append(qz.scales.float()[:, cols])
+            Zs.append(qz.zeros.float()[:, cols])
+            Ms.append(torch.full((d_out, 1), float(2**b - 1)))
+            if nf:
+                lv = nf_levels(b)
+                Ls.append(torch.cat([lv, torch.full((16 - lv.numel(),), 1e9)])[None, :].expand(d_out, -1))
+        Rst, Sst, Zst, Mst = (torch.cat(x).to(SWEEP_DTYPE) for x in (Rs, Ss, Zs, Ms))
+        Lst = torch.cat(Ls).to(SWEEP_DTYPE) if nf else None
+        rows = torch.arange(Rst.shape[0])
+
+        def step(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if Lst is not None:
+                q = ((w / s)[:, None] - Lst).abs().argmin(dim=1)
+                return q.to(w.dtype), Lst[rows, q] * s
+            q = torch.minimum(torch.clamp(torch.round(w / s) + z, min=0), Mst[:, 0])
+            return q, (q - z) * s
+
+        codes, _ = _static_sweep(Rst, U, Sst, Zst, step, blocksize)
+        vals = (Lst.gather(1, codes.long()) * Sst) if Lst is not None else (codes - Zst) * Sst
+        for k, (r, b, g) in enumerate(swept):
+            D = torch.empty(d_out, d_in)
+            D[:, perm] = (Rst[k * d_out : (k + 1) * d_out] - vals[k * d_out : (k + 1) * d_out]).float()
+            out[(b, g, r)] = output_error(D, H) / energy
+    return [((b, g, r), out[(b, g, r)]) for r in ranks for b, g in options]
