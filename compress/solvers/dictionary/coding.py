@@ -12,6 +12,9 @@ import torch
 from ..linalg import SOLVE_DTYPE
 from .sizing import index_bits, support_format
 
+#: conjugate-gradient steps of a warm-started coefficient refit: 8 gave the relative whitened error of 24
+#: to 3 significant digits on SmolLM2's q/o/up/down (layers 3, 15, 27) at 40 % less time
+CG_ITERS = 8
 #: elements of OMP's per-chunk working set (chunk · s · max(s, k)), bounds its memory
 _OMP_CHUNK_ELEMENTS = 1 << 24
 
@@ -132,7 +135,7 @@ def refit_on_support(atoms: torch.Tensor, signals: torch.Tensor, mask: torch.Ten
     return C
 
 
-def refit_on_support_cg(atoms: torch.Tensor, signals: torch.Tensor, mask: torch.Tensor, C0: torch.Tensor, iters: int = 24) -> torch.Tensor:
+def refit_on_support_cg(atoms: torch.Tensor, signals: torch.Tensor, mask: torch.Tensor, C0: torch.Tensor, iters: int = CG_ITERS) -> torch.Tensor:
     """The least-squares coefficients of :func:`refit_on_support`, approached by ``iters`` steps of
     conjugate gradients on every row at once, warm-started from ``C0``: each step is one n × k by
     k × k product (float32), where the exact solve factors n matrices of size s × s. CG lowers the
