@@ -59,13 +59,6 @@ def cholesky_psd(H: torch.Tensor, name: str = "", overwrite: bool = False) -> tu
     raise NotPositiveDefiniteError(f"{name or 'matrix'}: Gram matrix could not be made positive definite")
 
 
-def inverse_from_cholesky(L: torch.Tensor) -> torch.Tensor:
-    """(L Lᵀ)⁻¹ from the lower Cholesky factor, by two triangular solves. torch.cholesky_inverse
-    gives the same numbers but took 15x longer on this CPU (3.4 s vs 0.22 s at n = 1536, float64),
-    most of a GPTQ solve at SmolLM2's widths."""
-    return torch.cholesky_solve(torch.eye(L.shape[0], dtype=L.dtype, device=L.device), L)
-
-
 def inverse_diagonal_from_cholesky(L: torch.Tensor) -> torch.Tensor:
     """diag((L Lᵀ)⁻¹) = the squared column norms of L⁻¹ (one triangular solve)."""
     Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype, device=L.device), upper=False)

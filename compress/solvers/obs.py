@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .linalg import SOLVE_DTYPE, cholesky_psd, inverse_from_cholesky
+from .linalg import SOLVE_DTYPE, cholesky_psd
 
 #: dtype of the column sweep (the factorizations run in SOLVE_DTYPE)
 SWEEP_DTYPE = torch.float32
@@ -28,13 +28,18 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float, name: str = "") -> tu
     H[dead, dead] = 1.0
     mean_diag = float(H.diagonal().mean())
     H.diagonal().add_(damp * mean_diag)
-    L, _ = cholesky_psd(H, name, overwrite=True)
+    # With J the order reversal, J·H·J = M·Mᵀ (M lower) gives H = R·Rᵀ with R = J·M·J upper, so
+    # H⁻¹ = R⁻ᵀ·R⁻¹ and R⁻¹ (upper, positive diagonal) is the upper Cholesky factor of H⁻¹: one
+    # factorization and one triangular inverse instead of factor, invert and factor again
+    Hf = H.flip(0, 1)
     del H
-    Hinv = inverse_from_cholesky(L)
-    del L
-    U, _ = cholesky_psd(Hinv, f"{name} (inverse)", overwrite=True)
-    del Hinv
-    return U.mT.contiguous(), dead  # the layout the sweeps always had (same BLAS paths, same bits)
+    M, _ = cholesky_psd(Hf, name, overwrite=True)
+    del Hf
+    R = M.flip(0, 1)  # at most three n×n float64 matrices live at once, as before
+    del M
+    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+    U = torch.linalg.solve_triangular(R, eye, upper=True)
+    return U, dead
 
 
 @dataclass

@@ -25,6 +25,8 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPE = torch.float16
 #: range shrink factors tried by the clipping search
 CLIP_GRID = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 … 0.5
+#: largest grid × group elements the clipping search evaluates in one batch
+_CLIP_BATCH = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,16 @@ def qparams_clipped(
     scale, zero = qparams(x, spec)
     if not spec.clip:
         return scale, zero
+    if x.numel() * len(CLIP_GRID) <= _CLIP_BATCH:
+        # every shrink at once (one set of tensor ops instead of eleven); argmin takes the first
+        # minimum, as the loop below keeps the earlier shrink on a tie
+        p = torch.tensor(CLIP_GRID, dtype=x.dtype, device=x.device)[:, None]
+        s, z = qparams(x, spec, p)  # (grid, n)
+        q = torch.clamp(torch.round(x / s[..., None]) + z[..., None], 0, spec.maxq)
+        d = ((q - z[..., None]) * s[..., None] - x).square()
+        e = (d * weight if weight is not None else d).sum(dim=-1)
+        k = e.argmin(dim=0, keepdim=True)
+        return s.gather(0, k)[0], z.gather(0, k)[0]
     best = _err(x, scale, zero, spec.maxq, weight)
     for p in CLIP_GRID[1:]:
         s, z = qparams(x, spec, p)
