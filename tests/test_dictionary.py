@@ -274,7 +274,7 @@ def test_a_layer_too_small_to_gain_is_kept_dense_and_said_so(calib_ids: torch.Te
 def test_ksvd_iteration_limit_is_a_warning_with_the_reached_error(calib_ids: torch.Tensor, caplog: pytest.LogCaptureFixture) -> None:
     model = make_tiny("llama")
     with caplog.at_level("WARNING"):
-        report = compress(model, ["cospadi:ratio=0.3,iters=1"], calib_ids)
+        report = compress(model, ["cospadi:ratio=0.3,solver=ksvd,iters=1"], calib_ids)
     assert any("K-SVD stopped at its iteration limit (1)" in r.message and "relative whitened error" in r.message for r in caplog.records)
     assert all(r.module_type == "DictLinear" for r in report.records)  # the layer is kept, never replaced by a fresh one
 
@@ -307,3 +307,35 @@ def test_per_ic_groups_on_a_dictionary_are_refused_up_front(calib_ids: torch.Ten
     model = make_tiny("llama")
     with pytest.raises(ConfigError, match="gptq: .* after cospadi\\): a DictLinear's parts are quantized .* use dim=oc"):
         compress(model, ["cospadi:ratio=0.3,solver=closed-form", "gptq:bits=4,group=16,dim=ic"], calib_ids)
+
+
+def test_slow_settings_are_announced_before_the_first_layer(caplog: pytest.LogCaptureFixture) -> None:
+    """A pass estimated far above GPTQ's time on the model is announced at planning, with a faster
+    option; K-SVD on a layer wider than its practical size names solver=closed-form; GPTQ and the
+    closed form at its defaults are not announced."""
+    import logging
+
+    from compress.planning import plan
+
+    with caplog.at_level(logging.WARNING):
+        plan(make_tiny("llama", hidden=32, intermediate=1100), ["cospadi:solver=ksvd,iters=100"], calib=torch.zeros(2, 8, dtype=torch.long))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("GPTQ's time on this model; faster: solver=closed-form" in m for m in lines), lines
+    assert any("K-SVD's OMP is impractical" in m and "mlp.gate_proj (1100x32)" in m for m in lines), lines
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        plan(make_tiny("llama"), ["gptq:bits=4,group=16"], calib=torch.zeros(2, 8, dtype=torch.long))
+        plan(make_tiny("llama"), ["cospadi:solver=closed-form"], calib=torch.zeros(2, 8, dtype=torch.long))
+    assert not [r for r in caplog.records if "GPTQ's time" in r.getMessage()]
+
+
+def test_cost_estimate_counts_each_pass_on_the_shapes_the_passes_before_leave() -> None:
+    from compress.planning.cost import FORWARDS, estimate
+    from compress.planning.targets import TargetPlan, TargetStep
+    from compress.registry import get_pass
+    from compress.solvers.gptq import gptq_work
+
+    gptq = get_pass("gptq")(get_pass("gptq").config_cls())
+    t = TargetPlan("a", (64, 128), 64 * 128 * 32, (TargetStep(0, (64, 100), None, frozenset()), TargetStep(1, (64, 100), None, frozenset())))
+    ours, ref = estimate(gptq, 1, [t], 1000)
+    assert ours == ref == gptq_work(64, 100, 1000) + FORWARDS * 64 * 100 * 1000

@@ -55,7 +55,7 @@ def test_config_names_the_method_and_version(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", [
-    ["cospadi:ratio=0.3,iters=2,share=2"],  # one dictionary buffer written once for two layers
+    ["cospadi:ratio=0.3,solver=ksvd,iters=2,share=2"],  # one dictionary buffer written once for two layers
     ["slicegpt:sparsity=0.25", "lq-lora:bits=4,group=8,rank=4"],  # added structure, resized shapes, nested modules
 ], ids=["shared-dictionary", "slicegpt+lq-lora"])
 def test_save_pretrained_of_a_loaded_model_is_an_equivalent_checkpoint(recipe: list[str], tmp_path: Path) -> None:

@@ -154,6 +154,16 @@ class Pass(Generic[C]):
             return dense_bits(d_out, d_in, dtype)
         return None
 
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        """Estimated multiply-adds to compress one d_out × d_in target from ``tokens`` calibration
+        tokens, beyond the layer forwards the engine runs anyway (None: not estimated). Only the
+        ratio to GPTQ's estimate is used (:mod:`compress.planning.cost`)."""
+        return None
+
+    def faster(self) -> str | None:
+        """Options of this pass that run faster, named when its estimate is far above GPTQ's."""
+        return None
+
     def size_variants(self, site: Site) -> list[tuple[str, int, Shapes]]:
         """Widths the pass may choose per layer only at run time (a global allocation), each as
         (part, width, the shapes with that width in every layer): the planner checks the later

@@ -26,7 +26,7 @@ from ..modules.bcq import BCQLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.bcq import bcq_gptq, bcq_quantize
-from ..solvers.gptq import FactorCache
+from ..solvers.gptq import FactorCache, gptq_work
 from ..solvers.metrics import relative_output_error
 from .base import Capabilities, LayerContext, LinearPass, PassResult, Stored, meta_storage_bits
 
@@ -48,6 +48,10 @@ class BCQConfig(PassConfig):
     targets: str = targets_option("quantize")
 
 
+#: multiply-adds one refinement round costs per weight in time (measured: element-wise, memory bound)
+BCQ_ROUND = 2000.0
+
+
 @register_pass
 class BCQPass(LinearPass[BCQConfig]):
     """Binary-coding quantization (LUT-GEMM's format): greedy + alternating refinement, data-free."""
@@ -58,6 +62,17 @@ class BCQPass(LinearPass[BCQConfig]):
     def __init__(self, config: BCQConfig) -> None:
         super().__init__(config)
         self._factors = FactorCache()  # q/k/v (and gate/up) have equal Grams: factor once
+
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        c = self.config
+        # each refinement round is element-wise work on every weight (least squares per group, nearest of 2^q values)
+        base = BCQ_ROUND * c.rounds * d_out * d_in
+        if not (c.feedback and c.weighted):
+            return base
+        return base + gptq_work(d_out, d_in, tokens) * (1 + c.refits) + c.refits * (c.bits + 1) * d_out * d_in**2
+
+    def faster(self) -> str | None:
+        return "refits=0, or feedback=false (no error feedback: lower quality)"
 
     def capabilities(self) -> Capabilities:
         c = self.config

@@ -15,6 +15,9 @@ stored size. k and s follow from ``ratio`` and ``rho`` = k/s (by default CoSpaDi
 
 Options:
 
+- ``solver=closed-form`` is the default: K-SVD did not finish SmolLM2-135M in 35 minutes on this CPU,
+  and its cost per layer grows with d_out·s·k² per iteration (bench/results/layer_cost.md); wider
+  than :data:`KSVD_PRACTICAL_WIDTH` it is announced at planning.
 - ``solver=ksvd`` (the paper): K-SVD with batched OMP; ``iters`` iterations at most (it stops
   earlier when an iteration gains less than 1e-6 relative), dictionary initialised from the top
   singular vectors of the whitened weight (``init=svd``; ``init=data`` takes random rows, the
@@ -76,6 +79,8 @@ from ..solvers.dictionary import (
 from ..solvers.dictionary import (
     stored_bits as dict_bits,
 )
+from ..solvers.dictionary.closed_form import RESELECT_REFITS
+from ..solvers.dictionary.coding import CG_ITERS
 from ..solvers.linalg import SOLVE_DTYPE, cholesky_psd
 from ..solvers.lowrank import rank_for_ratio
 from ..solvers.metrics import predicted_increase, relative_output_error
@@ -83,13 +88,20 @@ from .base import Capabilities, LayerContext, LinearPass, PassPlan, PassResult, 
 
 logger = logging.getLogger(__name__)
 
+#: widest layer (max of d_out, d_in) K-SVD is practical on here (bench/results/layer_cost.md); wider warns
+KSVD_PRACTICAL_WIDTH = 1024
+#: multiply-adds one K-SVD atom update costs in time (a Python-level step per atom)
+KSVD_ATOM_STEP = 5e6
+
 
 @dataclass
 class CoSpaDiConfig(PassConfig):
     ratio: float = option(
         0.2, "fraction of each target's stored bits removed (dictionary + values + support)", min=0.0, max=1.0, min_open=True, max_open=True
     )
-    solver: str = option("ksvd", "ksvd (K-SVD + OMP, the paper) or closed-form (ROCKET's fast path)", choices=("ksvd", "closed-form"))
+    solver: str = option("closed-form", "closed-form (ROCKET's eigenbasis, support selection and refits; the default since K-SVD "
+                         "does not finish a 135M model in 35 minutes on a CPU) or ksvd (K-SVD + OMP, the paper; small layers)",
+                         choices=("closed-form", "ksvd"))
     rho: float = option(
         0.0, "atoms per non-zero coefficient k/s (1 = low rank); 0: 2 for ksvd (the paper's), 2.5 for closed-form (measured)", min=0.0, max=64.0
     )
@@ -140,6 +152,24 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
             return None if k is None else (k, s)
         return dict_shape(d_out, d_in, ratio, self.rho if rho is None else rho, elt_bits)
 
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        c = self.config
+        shape = self.shape_for(d_out, d_in, 16)
+        if shape is None:
+            return 0.0
+        k, s = shape
+        whiten = tokens * d_in**2 + d_in**3 / 3 + 2.0 * d_out * d_in**2
+        if c.solver == "ksvd":
+            # per iteration: batched OMP (s steps, each a k-wide Gram product per row) and k atom updates
+            return whiten + c.iters * (2.0 * d_out * s * k * k + 8.0 * d_out * s * d_in + KSVD_ATOM_STEP * k)
+        cg = c.refits + c.reselect * (1 + RESELECT_REFITS)  # coefficient refits
+        atoms = c.refits + 1 + c.reselect * (1 + RESELECT_REFITS)  # atom refits (with their error checks)
+        return (whiten + 12.0 * d_out * d_in * min(d_out, d_in) + cg * 2 * CG_ITERS * d_out * k * k
+                + atoms * (d_out * k * k + 3.0 * d_out * k * d_in) + c.reselect * 2.0 * k * d_in * d_out)
+
+    def faster(self) -> str | None:
+        return "solver=closed-form" if self.config.solver == "ksvd" else "reselect=2 (lower quality)"
+
     def check(self, site: Site) -> Shapes:
         c = self.config
         if c.share > 1:
@@ -149,6 +179,13 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
             if n % c.share:
                 ok = [d for d in range(1, n + 1) if n % d == 0]
                 raise ConfigError(f"cospadi: share={c.share} does not divide the model's {n} layers; use share= one of {', '.join(map(str, ok))}")
+        if c.solver == "ksvd":
+            wide = [(n, s) for n, s in site.shapes.items() if self.selects(n, site.adapter) and max(s) > KSVD_PRACTICAL_WIDTH]
+            if wide:
+                n, (d_out, d_in) = max(wide, key=lambda w: max(w[1]))
+                logger.warning("cospadi solver=ksvd on %s (%dx%d) and %d other target(s) wider than %d: K-SVD's OMP is "
+                               "impractical at this width (bench/results/layer_cost.md); solver=closed-form is faster",
+                               n, d_out, d_in, len(wide) - 1, KSVD_PRACTICAL_WIDTH)
         return super().check(site)
 
     def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:

@@ -53,6 +53,9 @@ class EoRAPass(LinearPass[EoRAConfig]):
     consumes_previous = True
     accepts = frozenset({ANY})
 
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        return tokens * d_in**2 + 9.0 * d_in**3 + 2.0 * d_out * d_in**2  # Gram, its eigenbasis, the projected error
+
     def capabilities(self) -> Capabilities:
         c = self.config
         calib = c.variant != "svd"  # the plain-SVD ablation is data-free

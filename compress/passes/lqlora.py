@@ -33,7 +33,7 @@ from ..modules.quant import QuantLinear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.allocate import integer_program
-from ..solvers.gptq import FactorCache, gptq_quantize
+from ..solvers.gptq import FactorCache, gptq_quantize, gptq_work
 from ..solvers.lqlora import FEEDBACK_BITS, feedback_errors, lq_decompose, one_alternation_errors
 from ..solvers.metrics import relative_output_error
 from ..solvers.packing import packed_nbytes
@@ -99,6 +99,15 @@ class LQLoRAPass(LinearPass[LQLoRAConfig]):
     def produces(self, kinds: frozenset[str]) -> frozenset[str]:
         c = self.config
         return frozenset({"LoRALinear", "QuantLinear"}) if c.budget is not None and c.rank_choice else frozenset({"LoRALinear"})
+
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        c = self.config
+        svd = 12.0 * d_out * d_in * min(d_out, d_in)
+        # about ten alternations, each a subspace iteration of width rank + 8 and a round to nearest
+        w = svd + 10 * (8.0 * d_out * d_in * (c.rank + 8) + 20.0 * d_out * d_in)
+        if c.budget is not None:
+            w += svd + (gptq_work(d_out, d_in, tokens) if c.feedback else 0.0) + 24 * 2 * d_out * d_in**2
+        return w + (gptq_work(d_out, d_in, tokens) if c.feedback else 0.0)
 
     def stored_bits(self, d_out: int, d_in: int, dtype: torch.dtype, before: Stored | None = None) -> int | None:
         """The codes with their scales (and zero-points) plus the low-rank term; a budget decides per matrix at run time."""

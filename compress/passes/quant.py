@@ -46,7 +46,7 @@ from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers import ggml
 from ..solvers.ggml import TYPES as GGML_TYPES
-from ..solvers.gptq import FactorCache, gptq_ggml, gptq_quantize
+from ..solvers.gptq import FactorCache, gptq_ggml, gptq_quantize, gptq_work
 from ..solvers.metrics import relative_output_error
 from ..solvers.quant import SUPPORTED_BITS, Quantized, QuantSpec, group_error_check, quantize_rtn
 from .base import LINEAR, QUANTIZABLE, Capabilities, LayerContext, LinearPass, PassResult, Stored, layer_relative_name, meta_storage_bits
@@ -277,6 +277,10 @@ class RTNPass(_QuantPass[RTNConfig]):
                             uses_layer_inputs=c.dim == "ada", observe_once=not c.sequential,
                             propagate_dense=c.propagate == "dense")
 
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        c = self.config
+        return (tokens * d_in**2 if c.clip or c.dim == "ada" else 0.0) + 12.0 * d_out * d_in
+
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         hdiag = stats.gram.diagonal() if stats is not None and stats.gram is not None else None
         return quantize_rtn(W, spec, hdiag)
@@ -300,6 +304,9 @@ class GPTQPass(_QuantPass[GPTQConfig]):
         c = self.config
         return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), uses_layer_inputs=c.dim == "ada",
                             observe_once=not c.sequential, propagate_dense=c.propagate == "dense")
+
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        return gptq_work(d_out, d_in, tokens) * (2 if self.config.dim == "ada" else 1)
 
     def quantize(self, name: str, W: torch.Tensor, spec: QuantSpec, stats: LinearStats | None) -> Quantized:
         assert stats is not None and stats.gram is not None

@@ -30,6 +30,7 @@ from ..errors import ConfigError
 from ..modules.sparse import Sparse24Linear
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
+from ..solvers.gptq import gptq_work
 from ..solvers.metrics import relative_output_error
 from ..solvers.sparse import nm_mask, parse_pattern, sparsegpt_prune, unstructured_mask
 from .base import Capabilities, LayerContext, LinearPass, PassResult, Stored, dense_bits, meta_storage_bits
@@ -165,6 +166,9 @@ class MagnitudePass(PrunePass[MagnitudeConfig]):
 
     name = "magnitude"
 
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        return 8.0 * d_out * d_in
+
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         score = W.abs().float()
         keep = nm_mask(score, *nm) if nm else unstructured_mask(score, self.config.unstructured_sparsity, per_row=False)
@@ -180,6 +184,9 @@ class WandaPass(PrunePass[WandaConfig]):
     def capabilities(self) -> Capabilities:
         return Capabilities(requires_calibration=True, statistics=frozenset({"rms"}), observe_once=not self.config.sequential,
                             propagate_dense=self.config.propagate == "dense")
+
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        return tokens * d_in + 8.0 * d_out * d_in
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.sq_sum is not None
@@ -197,6 +204,9 @@ class SparseGPTPass(PrunePass[SparseGPTConfig]):
     def capabilities(self) -> Capabilities:
         return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), observe_once=not self.config.sequential,
                             propagate_dense=self.config.propagate == "dense")
+
+    def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
+        return gptq_work(d_out, d_in, tokens)
 
     def prune(self, name: str, W: torch.Tensor, stats: LinearStats | None, nm: tuple[int, int] | None) -> torch.Tensor:
         assert stats is not None and stats.gram is not None

@@ -29,6 +29,7 @@ from ..passes.base import ModelPass, Pass
 from ..pipeline import distributed
 from ..recipe import Recipe, as_recipe
 from .checks import check_calib_length, check_eval, check_finite, check_offload_dir, check_output_dir
+from .cost import announce as announce_cost
 from .memory import check_fits, streamed_estimate
 from .model import ModelHandle, RunPlan
 from .order import check_order
@@ -109,6 +110,7 @@ def plan(
         _check_lengths(handle.model, eval_spec, data_dir, cfg, needs_ids and calib is not None and not isinstance(calib, torch.Tensor))
         check_opened(tuple(export), handle.model, handle.tokenizer or tokenizer, str(model) if isinstance(model, (str, Path)) else "")
         pass_plans, targets = plan_targets(handle.model, adapter, passes)
+        announce_cost(passes, targets, cfg.samples * cfg.seqlen)
         if dist is not None:
             distributed.check_passes(passes, dist)
         ids, extra, info = _tokenize(passes, cfg, calib, docs, handle.tokenizer or tokenizer, data_dir, needs_ids, dist)

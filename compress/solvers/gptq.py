@@ -95,6 +95,16 @@ def _nf_step(bits: int) -> Step:
     return step
 
 
+#: multiply-adds a Python-level column step of the sweep costs in time (its per-column overhead)
+COLUMN_STEP = 2e6
+
+
+def gptq_work(d_out: int, d_in: int, tokens: int) -> float:
+    """Estimated multiply-adds of a GPTQ solve: the Gram's accumulation, the damped inverse's
+    factors, the lazy-batch sweep and its per-column loop."""
+    return tokens * d_in**2 + 2.0 * d_in**3 + d_out * d_in**2 + COLUMN_STEP * d_in
+
+
 def gptq_ggml(
     W: torch.Tensor, H: torch.Tensor, t: GGMLType, *, blocksize: int = 128, damp: float = 0.01, actorder: bool = False,
     name: str = "", cache: FactorCache | None = None,
