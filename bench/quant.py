@@ -41,6 +41,36 @@ ROWS: list[tuple[str, str, list[str] | None]] = [
 ]
 
 
+TITLE = "Quantization on SmolLM2-135M-Instruct"
+NOTES = [
+    "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
+    "bits_per_weight: stored bits of the decoder linears (codes + float16 scales + zero-points) per weight.",
+    "dims: per-layer grouping chosen (AdaDim) or used.",
+    "seconds_vs_forward: compression time / one dense fp32 forward over the 32x512 calibration tokens, same run.",
+    "The model's weights sit on a 4-bit grid of 32-blocks along the input dimension (Q4_1 GGUF): 4-bit per-OC is flattered.",
+    "BCQ rows since 2026-12-07: feedback=true (GPTQ's sweep on the BCQ grid under the full Gram, 2 least-squares refits of "
+    "(alpha, beta)). Without it (the refinement weighted by diag(XtX) alone): g64 32.88, g192 45.60. Per layer (relative output "
+    "error on the calibration Gram, SmolLM2 layers 3/15/27, q/o/up/down), BCQ g192 with feedback sits at 0.86-1.01x GPTQ "
+    "3-bit g192's and 1.04-1.24x GPTQ g64's: at 3.4 bits/weight its 80 bits of alpha and beta per group leave it groups of "
+    "192, where uniform GPTQ has groups of 48.",
+    "Timing caveat: the test suite and other benchmarks shared the 2 cores during parts of these runs, so `seconds` are upper "
+    "bounds; bench/results/speed.md has the clean timings.",
+    "Each row's config records the defaults its passes ran with (tests/test_bench_defaults.py ties them to the code).",
+    "GPTQ defaults since 2026-12-03: actorder=true (static groups), clip=true (diag(XtX)-weighted range shrink per group), "
+    "sequential=false (one forward per layer). The row 'actorder=false,clip=false,sequential=true' is the previous defaults.",
+    "propagate=dense (one forward per layer; the next layer calibrated on the dense layer's outputs) stays an option: W3 g64 "
+    "37.18 against 35.35 with the default (+5.2 %), W4 g64 23.27 against 23.21 (bench/results/speed.md).",
+    "AWQ rows: awq:samples=8 runs the scale search's attention/MLP blocks on 8 of the 32 calibration sequences (CPU time); "
+    "channel magnitudes and the o/down Gram use all 32. Group 128 does not divide this model's 576-wide inputs, so AWQ is "
+    "measured at group 64.",
+    "Rows not re-run after 2026-12-07's change of GPTQ's H^-1 path (torch.cholesky_inverse, then one Cholesky of the reversed H "
+    "and a triangular inverse: the same factor up to round-off, faster): every gptq row. Round-off moves single codes: W4 g64 "
+    "is 23.21 in bench/results/speed.md (run after the change) against 23.17 here. Rows of bench/quant.py not in the table: "
+    "the previous defaults (W3 g64 59.84 in an earlier run of this file) and activation order without clipping (42.59, "
+    "bench/results/defaults_search.md).",
+]
+
+
 def _defaults(recipe: list[str]) -> dict[str, Any]:
     """The options each pass of the recipe takes from its defaults (a test ties them to this file)."""
     from dataclasses import fields
@@ -71,18 +101,7 @@ def main() -> None:
     for method, options, recipe in rows:
         recipe = recipe or [f"{method}:{options}"]
         bench.row(method, recipe, {"options": options, "recipe": recipe, "defaults": _defaults(recipe)}, extra=_dims)
-    bench.results.write_markdown("Quantization on SmolLM2-135M-Instruct", [
-        "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
-        "bits_per_weight: stored bits of the decoder linears (codes + float16 scales + zero-points) per weight.",
-        "dims: per-layer grouping chosen (AdaDim) or used.",
-        "seconds_vs_forward: compression time / one dense fp32 forward over the 32x512 calibration tokens, same run.",
-        "The model's weights sit on a 4-bit grid of 32-blocks along the input dimension (Q4_1 GGUF): 4-bit per-OC is flattered.",
-        "BCQ rows since 2026-12-07: feedback=true (GPTQ's sweep on the BCQ grid under the full Gram, 2 least-squares refits of "
-        "(alpha, beta)). Without it (the refinement weighted by diag(XtX) alone): g64 32.88, g192 45.60. Per layer (relative output "
-        "error on the calibration Gram, SmolLM2 layers 3/15/27, q/o/up/down), BCQ g192 with feedback sits at 0.86-1.01x GPTQ "
-        "3-bit g192's and 1.04-1.24x GPTQ g64's: at 3.4 bits/weight its 80 bits of alpha and beta per group leave it groups of "
-        "192, where uniform GPTQ has groups of 48.",
-    ])
+    bench.results.write_markdown(TITLE, NOTES)
 
 
 if __name__ == "__main__":
