@@ -70,11 +70,12 @@ def _one(width: str, recipe: list[str]) -> dict[str, Any]:
         for b in range(0, SAMPLES, bs):
             model(input_ids=ids[b : b + bs], use_cache=False)
     forward = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.model.layers[0].parameters())
     t0 = time.perf_counter()
     compress(model, recipe, ids)
     secs = time.perf_counter() - t0
     return {"forward_seconds": round(forward, 2), "seconds": round(secs, 2), "x_forward": round(secs / forward, 2),
-            "layer_params": sum(p.numel() for p in model.model.layers[0].parameters())}
+            "layer_params": params}
 
 
 def _estimated_vs_gptq(width: str, recipe: list[str]) -> float | None:
