@@ -135,6 +135,8 @@ def main() -> None:
             ref = next((r for r in res.data["rows"] if r["width"] == width and r["method"] == "gptq" and "x_forward" in r), None)
             if ref is not None and isinstance(row.get("x_forward"), float) and isinstance(ref["x_forward"], float):
                 row["measured_x_gptq"] = round(row["x_forward"] / ref["x_forward"], 2)
+            # a re-measured row replaces the earlier one of the same width and pass
+            res.data["rows"] = [r for r in res.data["rows"] if (r["width"], r["method"]) != (width, name)]
             res.add(row)
             print(row, flush=True)
             res.write_markdown("Per-layer compression cost at three widths", [

@@ -88,8 +88,15 @@ from .base import Capabilities, LayerContext, LinearPass, PassPlan, PassResult, 
 
 logger = logging.getLogger(__name__)
 
-#: widest layer (max of d_out, d_in) K-SVD is practical on here (bench/results/layer_cost.md); wider warns
-KSVD_PRACTICAL_WIDTH = 1024
+#: widest layer (max of d_out, d_in) K-SVD is practical on (one 576/1536 layer took 445 forwards of itself on
+#: this CPU, bench/results/layer_cost.md); a wider target warns at planning
+KSVD_PRACTICAL_WIDTH = 512
+#: multiply-adds per (row, non-zero, atom²) one OMP step costs in time (batched small products; set against
+#: bench/results/layer_cost.md)
+KSVD_OMP = 18.0
+#: time of the closed form's refits per counted multiply-add (element-wise work and float64; set against
+#: bench/results/layer_cost.md)
+CF_SCALE = 1.4
 #: multiply-adds one K-SVD atom update costs in time (a Python-level step per atom)
 KSVD_ATOM_STEP = 5e6
 
@@ -134,7 +141,8 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
         profile = frozenset({"gram"}) if c.share > 1 else frozenset()
         if c.allocate == "global":  # the knapsack weighs each target's error by how much the loss depends on it
             profile = frozenset({"gram", SENSITIVITY})
-        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), profile=profile)
+        # every sub-group's Gram from one forward of the layer (as GPTQ's default), not one forward per sub-group
+        return Capabilities(requires_calibration=True, statistics=frozenset({"gram"}), profile=profile, observe_once=True)
 
     def produces(self, kinds: frozenset[str]) -> frozenset[str]:
         return frozenset({"DictLinear", "Linear"})  # a target too small to gain is kept dense
@@ -161,11 +169,11 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
         whiten = tokens * d_in**2 + d_in**3 / 3 + 2.0 * d_out * d_in**2
         if c.solver == "ksvd":
             # per iteration: batched OMP (s steps, each a k-wide Gram product per row) and k atom updates
-            return whiten + c.iters * (2.0 * d_out * s * k * k + 8.0 * d_out * s * d_in + KSVD_ATOM_STEP * k)
+            return whiten + c.iters * (KSVD_OMP * d_out * s * k * k + 8.0 * d_out * s * d_in + KSVD_ATOM_STEP * k)
         cg = c.refits + c.reselect * (1 + RESELECT_REFITS)  # coefficient refits
         atoms = c.refits + 1 + c.reselect * (1 + RESELECT_REFITS)  # atom refits (with their error checks)
-        return (whiten + 12.0 * d_out * d_in * min(d_out, d_in) + cg * 2 * CG_ITERS * d_out * k * k
-                + atoms * (d_out * k * k + 3.0 * d_out * k * d_in) + c.reselect * 2.0 * k * d_in * d_out)
+        return whiten + 12.0 * d_out * d_in * min(d_out, d_in) + CF_SCALE * (
+            cg * 2 * CG_ITERS * d_out * k * k + atoms * (d_out * k * k + 3.0 * d_out * k * d_in) + c.reselect * 2.0 * k * d_in * d_out)
 
     def faster(self) -> str | None:
         return "solver=closed-form" if self.config.solver == "ksvd" else "reselect=2 (lower quality)"

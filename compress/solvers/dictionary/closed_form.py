@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from ..linalg import SOLVE_DTYPE
-from .coding import _sq_error, refit_atoms, refit_on_support, refit_on_support_cg, select_support
+from .coding import _sq_error_fast, refit_atoms, refit_on_support, refit_on_support_cg, select_support
 
 #: importance exponent λ of the closed-form path's score |c|·‖a_j‖^λ (ROCKET's geometric mean)
 IMPORTANCE_LAMBDA = 0.5
@@ -48,7 +48,7 @@ def closed_form(
     norms = atom_norm(atoms).to(SOLVE_DTYPE).clamp_min(0).pow(IMPORTANCE_LAMBDA)
     mask = select_support(V.abs() * norms[None, :], s, recover)
     C = torch.where(mask, V, torch.zeros((), dtype=SOLVE_DTYPE))
-    best = (_sq_error(Y, C, atoms), atoms, C, mask)
+    best = (_sq_error_fast(Y, C, atoms), atoms, C, mask)
 
     def alternate(atoms: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, rounds: int) -> None:
         nonlocal best
@@ -60,7 +60,7 @@ def closed_form(
                 C = refit_on_support_cg(atoms, Y, mask, C) if cg else refit_on_support(atoms, Y, mask)
             if not (torch.isfinite(atoms).all() and torch.isfinite(C).all()):
                 return  # a degenerate step (all-zero atoms or codes): keep the best so far
-            err = _sq_error(Y, C, atoms)
+            err = _sq_error_fast(Y, C, atoms)
             if err < best[0]:
                 best = (err, atoms, C, mask)
 
@@ -75,7 +75,7 @@ def closed_form(
         norms = atom_norm(atoms).to(SOLVE_DTYPE).clamp_min(0).pow(IMPORTANCE_LAMBDA)
         mask = select_support(full.abs() * norms[None, :], s, recover)
         C = refit_on_support_cg(atoms, Y, mask, full * mask) if cg else refit_on_support(atoms, Y, mask)
-        err = _sq_error(Y, C, atoms)
+        err = _sq_error_fast(Y, C, atoms)
         if err < best[0]:
             best = (err, atoms, C, mask)
         alternate(atoms, C, mask, RESELECT_REFITS)
