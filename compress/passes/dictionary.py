@@ -188,12 +188,12 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
                 ok = [d for d in range(1, n + 1) if n % d == 0]
                 raise ConfigError(f"cospadi: share={c.share} does not divide the model's {n} layers; use share= one of {', '.join(map(str, ok))}")
         if c.solver == "ksvd":
-            wide = [(n, s) for n, s in site.shapes.items() if self.selects(n, site.adapter) and max(s) > KSVD_PRACTICAL_WIDTH]
+            wide = [(t, hw) for t, hw in site.shapes.items() if self.selects(t, site.adapter) and max(hw) > KSVD_PRACTICAL_WIDTH]
             if wide:
-                n, (d_out, d_in) = max(wide, key=lambda w: max(w[1]))
+                t, (d_out, d_in) = max(wide, key=lambda w: max(w[1]))
                 logger.warning("cospadi solver=ksvd on %s (%dx%d) and %d other target(s) wider than %d: K-SVD's OMP is "
                                "impractical at this width (bench/results/layer_cost.md); solver=closed-form is faster",
-                               n, d_out, d_in, len(wide) - 1, KSVD_PRACTICAL_WIDTH)
+                               t, d_out, d_in, len(wide) - 1, KSVD_PRACTICAL_WIDTH)
         return super().check(site)
 
     def check_target(self, d_out: int, d_in: int, stored: Stored | None) -> str | None:

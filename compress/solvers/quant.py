@@ -115,8 +115,8 @@ def qparams_clipped(
     if x.numel() * len(CLIP_GRID) <= _CLIP_BATCH:
         # every shrink at once (one set of tensor ops instead of eleven); argmin takes the first
         # minimum, as the loop below keeps the earlier shrink on a tie
-        p = torch.tensor(CLIP_GRID, dtype=x.dtype, device=x.device)[:, None]
-        s, z = qparams(x, spec, p)  # (grid, n)
+        grid = torch.tensor(CLIP_GRID, dtype=x.dtype, device=x.device)[:, None]
+        s, z = qparams(x, spec, grid)  # (grid, n)
         q = torch.clamp(torch.round(x / s[..., None]) + z[..., None], 0, spec.maxq)
         d = ((q - z[..., None]) * s[..., None] - x).square()
         e = (d * weight if weight is not None else d).sum(dim=-1)
