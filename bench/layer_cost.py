@@ -50,6 +50,35 @@ PASSES: dict[str, list[str]] = {
 
 SAMPLES, SEQLEN = 32, 512
 
+TITLE = "Per-layer compression cost at three widths"
+NOTES = [
+    "x_forward: seconds to compress the layer (the whole compress() call) / seconds of one dense forward of the same layer over "
+    "the same 32 x 512 calibration ids, measured in the same process, one job on the CPU (2 threads).",
+    "measured_x_gptq: x_forward over the gptq row's at the same width. estimated_x_gptq: the planner's estimate of the same "
+    "ratio (compress/planning/cost.py, constants fitted to these rows; a pass estimated above 10x GPTQ on a model is announced "
+    "before its first layer, with a faster option).",
+    "The smollm2 rows of cospadi closed-form, lq-lora, eora and bcq were re-measured after the cospadi change below (the first "
+    "run of lq-lora, eora and bcq shared the CPU with a test run). qwen0.5b cospadi ksvd was stopped by hand after 198 s.",
+    "Where the time goes (cProfile, one thread, SmolLM2 layers): cospadi closed form: the coefficient refits by conjugate "
+    "gradients (each step an n x k by k x k product; 16 refits per matrix) were 75-80 % of a 4864 x 896 matrix's 163 s; now 4 "
+    "CG steps per refit instead of 24 (the relative whitened error within 0.4 %), keep-or-drop errors in float32, and every "
+    "sub-group's Gram from one forward of the layer: 11.6 -> 7.2 forwards at the SmolLM2 width, 18.3 at the 0.5B width, "
+    "where k = 1163 atoms exceed the 896 inputs of gate/up and the refits grow with n·k². K-SVD: its batched OMP (s steps, "
+    "each a k-wide product per row, Python-level per step) is 445 forwards of a 576/1536 layer. BCQ: 15 element-wise "
+    "refinement rounds per matrix and the feedback sweeps (2 refits). LQ-LoRA: the alternations (subspace iterations and NF "
+    "rounding, about 30) then the GPTQ sweep. GPTQ (whole SmolLM2, bench/results/speed.md): the two layer forwards with "
+    "their Gram accumulation, then the column sweep.",
+    "8B on paper (32 layers of 4096/14336; one layer is 218 M weights, 14.6x the 0.5B layer): a layer forward over 32 x 512 "
+    "tokens is about 57 s on this CPU (the 0.5B forward scaled by weights: 125 GFLOP/s measured). GPTQ: 4-5 forwards per layer "
+    "(the estimate, scaled by its measured/estimated ratio at the two smaller widths) is about 4.5 min a layer, 2.3 h for the "
+    "model; the others at their 8B estimate times that: wanda about 1 h, sparsegpt 2.3 h, svd-llm 3 h, lq-lora 6 h, bcq 10 h, "
+    "cospadi closed form about 24 h, K-SVD years. On one H100 (assumed: bf16 forwards at 200 TFLOP/s effective, float32 and "
+    "float64 matmuls at 50 TFLOP/s, GPTQ's column loop launch-bound at 50 us per column, no overlap, weights already on the "
+    "device): GPTQ about 2.6 s a layer (the 39 k column steps dominate), 1.5 min for the model; the cospadi closed form about "
+    "5-10 s a layer (its refits are large matmuls), 3-5 min; K-SVD's small batched OMP products at 20 TFLOP/s effective about "
+    "2 h a layer. These 8B figures are arithmetic, not measurements.",
+]
+
 
 def _one(width: str, recipe: list[str]) -> dict[str, Any]:
     """In the child: build the layer, time its forward, then the compression."""
@@ -139,13 +168,7 @@ def main() -> None:
             res.data["rows"] = [r for r in res.data["rows"] if (r["width"], r["method"]) != (width, name)]
             res.add(row)
             print(row, flush=True)
-            res.write_markdown("Per-layer compression cost at three widths", [
-                "x_forward: seconds to compress the layer (the whole compress() call) / seconds of one dense forward of the same "
-                "layer over the same 32 x 512 calibration ids, measured in the same process, one job on the CPU.",
-                "A row stopped at the timeout has no ratio: its forward is that width's forward in the other rows.",
-                "measured_x_gptq: x_forward over the gptq row's at the same width. estimated_x_gptq: the planner's estimate of the "
-                "same ratio (compress/planning/cost.py; a pass estimated above 10x GPTQ on a model is announced before its first layer).",
-            ])
+            res.write_markdown(TITLE, NOTES)
 
 
 if __name__ == "__main__":

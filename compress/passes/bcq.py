@@ -49,7 +49,7 @@ class BCQConfig(PassConfig):
 
 
 #: multiply-adds one refinement round costs per weight in time (measured: element-wise, memory bound)
-BCQ_ROUND = 2000.0
+BCQ_ROUND = 10000.0
 
 
 @register_pass
