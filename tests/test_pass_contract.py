@@ -112,7 +112,7 @@ CASES: dict[str, Row] = {
     "ria": Row("pattern=2:4", 0.6, _two_four, ("bits", 32 / 2 + 1)),
     "armor": Row("block=8,iters=20,lr=1e-3", 0.6, _two_four, ("bits", 31.9)),  # core + indices + block-diagonal wrappers: below dense
     "lq-lora": Row("bits=3,group=16,rank=4", 0.05, _lora(4), ("bits", 31.9)),  # below dense with the branch
-    "cospadi": Row(f"ratio={RATIO},iters=3", 0.5, _dictionary, ("bits", 32 * (1 - RATIO))),  # dictionary + values + row masks
+    "cospadi": Row(f"ratio={RATIO},solver=ksvd,iters=3", 0.5, _dictionary, ("bits", 32 * (1 - RATIO))),  # dictionary + values + row masks
     "slicegpt": Row("sparsity=0.25", 0.6, _sliced, ("slice", 0.2), refused=(("generic", "needs the residual layout"),)),
     # tiny widths round the kept sizes: 0.3 requested removes 0.25 (mlp 48/64, q/k 6/8, v/o 6/8)
     "awq": Row("grid=4", 0.05, _quant, ("bits", 4 + 16 / 16 + 4 / 16), then="rtn:bits=4,group=16",

@@ -1,47 +1,33 @@
 """CoSpaDi: calibration-guided sparse dictionary learning (arXiv 2509.22075), with ROCKET's closed
-form (arXiv 2602.11008) as the fast path.
+form (arXiv 2602.11008). Each target W (d_out × d_in) becomes a :class:`~compress.modules.DictLinear`:
+k atoms A (k × d_in) and coefficients C (d_out × k) with s non-zeros per row, fitted in the space
+whitened by the Cholesky factor of the layer's input Gram (the output error on the calibration inputs).
 
-Each target W (d_out × d_in) becomes a :class:`~compress.modules.DictLinear`: a dictionary of k
-atoms A (k × d_in) and coefficients C (d_out × k) with s non-zeros per output row, fitted in the
-space whitened by the Cholesky factor of the layer's input Gram, so that the objective is the
-output error on the calibration inputs (see :mod:`compress.solvers.dictionary`).
-
-Size. ``ratio`` is the fraction of the target's *stored bits* removed: dictionary + values (in the
-model's dtype) + the support (a packed k-bit mask per row, or packed ⌈log₂ k⌉-bit indices with
-row offsets, whichever is smaller) ≤ (1 − ratio) · d_out·d_in · bits per weight. SVD-LLM's ratio at
-the same value stores (1 − ratio) of the weights as factors, so the two are compared at equal
-stored size. k and s follow from ``ratio`` and ``rho`` = k/s (by default CoSpaDi's 2 for K-SVD and
-2.5 for the closed form), or from ``nonzeros`` = s when given.
+Size: ``ratio`` is the fraction of the target's *stored bits* removed (dictionary + values + the
+support, a packed mask or packed indices, whichever is smaller), as SVD-LLM's ratio for its factors,
+so the two compare at equal stored size. k and s follow from ``ratio`` and ``rho`` = k/s (by default
+2 for K-SVD, the paper's, and 2.5 for the closed form), or from ``nonzeros`` = s.
 
 Options:
 
-- ``solver=closed-form`` is the default: K-SVD did not finish SmolLM2-135M in 35 minutes on this CPU,
-  and its cost per layer grows with d_out·s·k² per iteration (bench/results/layer_cost.md); wider
-  than :data:`KSVD_PRACTICAL_WIDTH` it is announced at planning.
-- ``solver=ksvd`` (the paper): K-SVD with batched OMP; ``iters`` iterations at most (it stops
-  earlier when an iteration gains less than 1e-6 relative), dictionary initialised from the top
-  singular vectors of the whitened weight (``init=svd``; ``init=data`` takes random rows, the
-  paper's choice). ``solver=closed-form`` (ROCKET): eigenbasis, importance-scored sparsification,
-  least-squares refit of the atoms, then ``refits`` rounds of coefficient (conjugate gradients) and
-  atom refits and ``reselect`` rounds of support reselection (hard-thresholding pursuit), each
-  step kept only if it lowers the error. ROCKET's own refinement is 100 Adam steps on the fixed
-  support; ours is deterministic, has no learning rate, and may move the support.
+- ``solver=closed-form`` (ROCKET; the default: K-SVD did not finish SmolLM2-135M in 35 minutes on this
+  CPU): eigenbasis, importance-scored sparsification, a least-squares refit of the atoms, then
+  ``refits`` rounds of coefficient (conjugate gradients) and atom refits and ``reselect`` rounds of
+  support reselection (hard-thresholding pursuit), each step kept only if it lowers the error (ROCKET
+  refines by 100 Adam steps on a fixed support). ``solver=ksvd`` (the paper): K-SVD with batched OMP,
+  ``iters`` iterations at most, dictionary from the top singular vectors (``init=svd``) or random rows
+  (``init=data``); its cost grows with d_out·s·k² per iteration (bench/results/layer_cost.md), and a
+  target wider than :data:`KSVD_PRACTICAL_WIDTH` is announced at planning.
 - Quantizing afterwards (``--pass gptq:bits=4``) quantizes the atoms with the layer's input Gram and
-  the coefficient values in groups (see :mod:`compress.passes.quant`); a shared dictionary is
-  quantized per layer, so each layer then stores its own quantized copy.
+  the coefficient values in groups; a shared dictionary is quantized per layer.
 - ``share=n``: one dictionary per projection type for each group of n consecutive layers, fitted on
-  the stacked weights whitened by the group's summed Gram; each layer's coefficients are then
-  fitted in its own whitened space during the layer loop (OMP for ``solver=ksvd``, the closed
-  form's least-squares selection and refit otherwise). The group's statistics come from one
-  profiling forward of the model before the loop: a dictionary must exist when the group's first
-  layer is compressed, and fitting it only at the group's last layer would mean revisiting layers
-  the loop has already propagated through (and, for a model streamed from disk, already written).
-- ``allocate=global``: per-target ratios (0.05–0.90, at the pass's rho) chosen by a multiple-choice
-  knapsack over the candidates' predicted loss increases so that the targets' total stored bits
-  meet the budget (see :mod:`compress.solvers.allocate`): each candidate's relative whitened error
-  (the closed form's first step, on the profiled statistics; it misranks rho, so rho is not
-  allocated) times the target's loss sensitivity from the loss-gradient statistics
-  (:mod:`compress.pipeline.gradients`, one layer-walked backward pass over 16 calibration sequences).
+  the stacked weights whitened by the group's summed Gram (from one profiling forward before the
+  loop, so it exists when the group's first layer is compressed); each layer's coefficients are
+  fitted in its own whitened space.
+- ``allocate=global``: per-target ratios (0.05–0.90, at the pass's rho) by a multiple-choice knapsack
+  over predicted loss increases under the targets' total stored bits (:mod:`compress.solvers.allocate`):
+  each candidate's relative whitened error (the closed form's first step; it misranks rho, so rho is
+  not allocated) times the target's loss sensitivity (:mod:`compress.pipeline.gradients`).
 
 Example recipe::
 
@@ -71,6 +57,7 @@ from ..solvers.allocate import allocate_fraction
 from ..solvers.dictionary import (
     code_with_dictionary,
     dict_shape,
+    dict_work,
     factorize_dict,
     first_step_errors,
     largest_fitting,
@@ -79,8 +66,6 @@ from ..solvers.dictionary import (
 from ..solvers.dictionary import (
     stored_bits as dict_bits,
 )
-from ..solvers.dictionary.closed_form import RESELECT_REFITS
-from ..solvers.dictionary.coding import CG_ITERS
 from ..solvers.linalg import SOLVE_DTYPE, cholesky_psd
 from ..solvers.lowrank import rank_for_ratio
 from ..solvers.metrics import predicted_increase, relative_output_error
@@ -91,14 +76,6 @@ logger = logging.getLogger(__name__)
 #: widest layer (max of d_out, d_in) K-SVD is practical on (one 576/1536 layer took 445 forwards of itself on
 #: this CPU, bench/results/layer_cost.md); a wider target warns at planning
 KSVD_PRACTICAL_WIDTH = 512
-#: multiply-adds per (row, non-zero, atom²) one OMP step costs in time (batched small products; set against
-#: bench/results/layer_cost.md)
-KSVD_OMP = 18.0
-#: time of the closed form's refits per counted multiply-add (element-wise work and float64; set against
-#: bench/results/layer_cost.md)
-CF_SCALE = 1.4
-#: multiply-adds one K-SVD atom update costs in time (a Python-level step per atom)
-KSVD_ATOM_STEP = 5e6
 
 
 @dataclass
@@ -161,19 +138,8 @@ class CoSpaDiPass(LinearPass[CoSpaDiConfig]):
         return dict_shape(d_out, d_in, ratio, self.rho if rho is None else rho, elt_bits)
 
     def work(self, d_out: int, d_in: int, tokens: int) -> float | None:
-        c = self.config
-        shape = self.shape_for(d_out, d_in, 16)
-        if shape is None:
-            return 0.0
-        k, s = shape
-        whiten = tokens * d_in**2 + d_in**3 / 3 + 2.0 * d_out * d_in**2
-        if c.solver == "ksvd":
-            # per iteration: batched OMP (s steps, each a k-wide Gram product per row) and k atom updates
-            return whiten + c.iters * (KSVD_OMP * d_out * s * k * k + 8.0 * d_out * s * d_in + KSVD_ATOM_STEP * k)
-        cg = c.refits + c.reselect * (1 + RESELECT_REFITS)  # coefficient refits
-        atoms = c.refits + 1 + c.reselect * (1 + RESELECT_REFITS)  # atom refits (with their error checks)
-        return whiten + 12.0 * d_out * d_in * min(d_out, d_in) + CF_SCALE * (
-            cg * 2 * CG_ITERS * d_out * k * k + atoms * (d_out * k * k + 3.0 * d_out * k * d_in) + c.reselect * 2.0 * k * d_in * d_out)
+        c, shape = self.config, self.shape_for(d_out, d_in, 16)
+        return 0.0 if shape is None else dict_work(d_out, d_in, *shape, tokens, c.solver, iters=c.iters, refits=c.refits, reselect=c.reselect)
 
     def faster(self) -> str | None:
         return "solver=closed-form" if self.config.solver == "ksvd" else "reselect=2 (lower quality)"

@@ -130,6 +130,23 @@ def gptq_ggml(
     return ggml.encode(codes.long(), g), float(losses.sum())
 
 
+def _gptq_nf(W: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, spec: QuantSpec, blocksize: int,
+             keep: torch.Tensor | None) -> tuple[Quantized, float]:
+    """GPTQ's sweep on NormalFloat levels: the absmax scales of the original weights' groups (as round
+    to nearest stores them), fixed up front."""
+    if spec.dim != "oc" or keep is not None:
+        raise ValueError("NormalFloat levels take per-OC groups on an unpruned weight")
+    d_out, d_in = W.shape
+    g, n_groups = spec.groups(d_out, d_in)
+    scales = W.reshape(d_out, n_groups, g).abs().amax(dim=2).clamp_min(1e-12).to(SCALE_DTYPE).to(SWEEP_DTYPE)
+    cols = perm // g
+    codes_p, losses = _static_sweep(W[:, perm], U, scales[:, cols], torch.zeros_like(scales)[:, cols], _nf_step(spec.bits), blocksize)
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
+    q = Quantized(q=codes.to(torch.uint8), scales=scales.to(SCALE_DTYPE), zeros=torch.zeros_like(scales, dtype=torch.uint8), spec=spec)
+    return q, float(losses.sum())
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -157,17 +174,9 @@ def gptq_quantize(
     scales = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)
     zeros = torch.zeros(channels, n_groups, dtype=SWEEP_DTYPE)
     codes = torch.zeros(d_out, d_in, dtype=SWEEP_DTYPE)
-    static = spec.dim == "oc" and (static_groups or actorder or spec.levels == "nf")
+    static = spec.dim == "oc" and (static_groups or actorder)
     if spec.levels == "nf":
-        if spec.dim != "oc" or keep is not None:
-            raise ValueError("NormalFloat levels take per-OC groups on an unpruned weight")
-        # absmax scales of the original weights' groups, as round to nearest stores them
-        scales = W.reshape(d_out, n_groups, g).abs().amax(dim=2).clamp_min(1e-12).to(SCALE_DTYPE).to(SWEEP_DTYPE)
-        cols = perm // g
-        codes_p, losses = _static_sweep(W[:, perm], U, scales[:, cols], zeros[:, cols], _nf_step(spec.bits), blocksize)
-        codes[:, perm] = codes_p
-        q = Quantized(q=codes.to(torch.uint8), scales=scales.to(SCALE_DTYPE), zeros=zeros.to(torch.uint8), spec=spec)
-        return q, float(losses.sum())
+        return _gptq_nf(W, U, perm, spec, blocksize, keep)
     if static:
         for k in range(n_groups):
             block = W[:, k * g : (k + 1) * g]

@@ -45,6 +45,7 @@ import torch
 from ..linalg import SOLVE_DTYPE
 from .closed_form import IMPORTANCE_LAMBDA, RECOVER_FRACTION, RESELECT_REFITS, closed_form, first_step_errors
 from .coding import (
+    CG_ITERS,
     DictFactors,
     _sq_error,
     decode_coefficients,
@@ -70,6 +71,7 @@ __all__ = [
     "code_with_dictionary",
     "decode_coefficients",
     "decode_support",
+    "dict_work",
     "dict_shape",
     "encode_coefficients",
     "factorize_dict",
@@ -147,3 +149,24 @@ def code_with_dictionary(W: torch.Tensor, A: torch.Tensor, s: int, L: torch.Tens
     else:
         raise ValueError(f"unknown coding method {method!r}")
     return DictFactors(A=A, C=C, mask=mask, error=_sq_error(Y, C, atoms_w), energy=float(Y.square().sum()))
+
+
+#: multiply-adds per (row, non-zero, atom²) one OMP step costs in time (batched small products)
+KSVD_OMP = 18.0
+#: multiply-adds one K-SVD atom update costs in time (a Python-level step per atom)
+KSVD_ATOM_STEP = 5e6
+#: time of the closed form's refits per counted multiply-add (element-wise work and float64)
+CF_SCALE = 1.4
+
+
+def dict_work(d_out: int, d_in: int, k: int, s: int, tokens: int, solver: str, *, iters: int, refits: int, reselect: int) -> float:
+    """Estimated multiply-adds of one target's factorization (constants set against
+    bench/results/layer_cost.md): the whitening, then K-SVD's iterations (batched OMP: s steps, each a
+    k-wide Gram product per row; k atom updates) or the closed form's SVD and refits."""
+    whiten = tokens * d_in**2 + d_in**3 / 3 + 2.0 * d_out * d_in**2
+    if solver == "ksvd":
+        return whiten + iters * (KSVD_OMP * d_out * s * k * k + 8.0 * d_out * s * d_in + KSVD_ATOM_STEP * k)
+    cg = refits + reselect * (1 + RESELECT_REFITS)  # coefficient refits
+    atoms = refits + 1 + reselect * (1 + RESELECT_REFITS)  # atom refits (with their error checks)
+    return whiten + 12.0 * d_out * d_in * min(d_out, d_in) + CF_SCALE * (
+        cg * 2 * CG_ITERS * d_out * k * k + atoms * (d_out * k * k + 3.0 * d_out * k * d_in) + reselect * 2.0 * k * d_in * d_out)
