@@ -506,6 +506,8 @@ def test_propagate_dense_is_offered_where_the_mechanism_is_the_same(spec: str, c
         assert calls[0] == per_batch * calls[1], (propagate, calls)
     with pytest.raises(ConfigError, match="propagate=dense .* needs sequential=false"):
         compress(make_tiny("llama"), [f"{spec}{sep}propagate=dense,sequential=true"], calib_ids)
+    with pytest.raises(ConfigError, match="rtn runs only with clip=true or dim=ada; add clip=true"):
+        compress(make_tiny("llama"), ["rtn:bits=4,group=16,propagate=dense"], calib_ids)
 
 
 def test_targets_option_limits_compression(calib_ids: torch.Tensor) -> None:

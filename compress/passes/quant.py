@@ -78,6 +78,9 @@ class RTNConfig(PassConfig):
     def validate(self) -> None:
         super().validate()
         check_propagate(self)
+        if self.propagate == "dense" and self.pass_name == "rtn" and not (self.clip or self.dim == "ada"):
+            raise ConfigError("pass 'rtn': propagate=dense takes the outputs of the statistics forward, which rtn runs only with "
+                              "clip=true or dim=ada; add clip=true or drop propagate=dense")
         if self.format != "int" and self.dim != "oc":
             raise ConfigError(f"pass '{self.pass_name}': format={self.format} groups along the input of each output row; "
                               f"dim={self.dim} cannot apply: use dim=oc or format=int")
