@@ -138,8 +138,9 @@ def main() -> None:
         "sequential=true: each sub-group observed after the ones before it were quantized.",
         "propagate=dense: the next layer's inputs are the dense layer's outputs from the statistics forward (one forward per "
         "layer instead of two; later layers do not see earlier layers' errors).",
-        "Run of 2026-12-07: our H^-1 came from two triangular solves (torch.cholesky_inverse had taken 15x longer, 3.4 s vs "
-        "0.22 s at n = 1536); the later factor from one Cholesky of the reversed H was not yet in. Where the rest of our time "
+        "Run of 2026-12-07: our H^-1 came from two triangular solves instead of torch.cholesky_inverse (a first timing of 3.4 s "
+        "against 0.22 s was taken while a benchmark shared the CPU; alone, over 5 runs, the medians are 0.082 s and 0.119 s, so "
+        "that change did not speed GPTQ up); the later factor from one Cholesky of the reversed H was not yet in. Where our time "
         "goes (cProfile of the default row, 106 s under the profiler): the two layer forwards 67 s (of which Gram accumulation "
         "17 s), the column sweep 19 s, factorizations 8 s, the clipping search 5 s, the reported output error 4 s.",
     ])
