@@ -30,7 +30,28 @@ TINY_CONFIGS = {
     "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8),
     # fused q/k/v and gate/up projections (a layout of its own, not Llama's)
     "phi3": dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Qwen2.5-0.5B's attention: 14 query heads on 2 key-value heads (7:1), and q/k/v biases that carry much of the
+    # projections' output (make_tiny sets them; a fresh model's biases are zero)
+    "qwen2-gqa7": dict(num_attention_heads=14, num_key_value_heads=2, head_dim=8),
 }
+
+
+def family_of(key: str) -> str:
+    """The transformers model type of a TINY_CONFIGS key (a variant is named family-variant)."""
+    return key.split("-")[0]
+
+
+def _qwen_biases(model: torch.nn.Module, seed: int) -> None:
+    """Biases like Qwen2.5's: the query and key biases are large on a few dimensions of every head
+    (there they outweigh W x), the value bias is of the size of W x."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.model.layers:  # type: ignore[union-attr]
+            for name, scale, share in (("q_proj", 4.0, 0.25), ("k_proj", 4.0, 0.25), ("v_proj", 1.0, 1.0)):
+                lin = layer.self_attn.get_submodule(name)
+                size = lin.weight.norm(dim=1).mean()
+                mask = torch.rand(lin.out_features, generator=g) < share
+                lin.bias.copy_(torch.randn(lin.out_features, generator=g) * size * scale * mask)
 
 
 #: a family no declared adapter covers: it goes through the generic adapter
@@ -48,7 +69,7 @@ def make_tiny(family: str, seed: int = 0, hidden: int = 32, intermediate: int = 
         )
     else:
         cfg = AutoConfig.for_model(
-            family,
+            family_of(family),
             vocab_size=vocab,
             hidden_size=hidden,
             intermediate_size=intermediate,
@@ -66,6 +87,8 @@ def make_tiny(family: str, seed: int = 0, hidden: int = 32, intermediate: int = 
                 U, S, Vh = torch.linalg.svd(m.weight, full_matrices=False)
                 decay = torch.exp(-torch.arange(S.numel(), dtype=S.dtype) / 6.0)
                 m.weight.copy_((U * (S * decay)) @ Vh)
+    if family == "qwen2-gqa7":
+        _qwen_biases(model, seed)
     return model.eval()
 
 

@@ -232,3 +232,45 @@ def test_round_to_sets_the_mlp_width_granularity(calib_ids: torch.Tensor) -> Non
     compress(model, ["modegpt:ratio=0.3,parts=mlp,allocate=uniform,round_to=16"], calib_ids)
     widths = {layer.mlp.down_proj.in_features for layer in model.model.layers}
     assert widths == {32}, widths  # 64 × (1 − 0.45) = 35.2 → 32 with round_to 16 (40 with the default 8)
+
+
+def test_qwen_shaped_attention_reaches_the_exact_optimum_with_its_biases(calib_ids: torch.Tensor) -> None:
+    """Qwen2.5's shape (14 query heads on 2 key-value heads, large q/k/v biases): the query–key pairs
+    kept are the ones an exact count on the projections' outputs (bias included) ranks first, and the
+    value–output error equals the Eckart–Young optimum of the stacked value path, bias included.
+    A solver that scores W alone keeps other pairs and misses that optimum."""
+    model = make_tiny("qwen2-gqa7")
+    cfg = model.config
+    h, kv, hd, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    a = model.model.layers[0].self_attn
+    seen: list[torch.Tensor] = []
+    hook = a.q_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, d).double()))
+    with torch.no_grad():
+        model(input_ids=calib_ids)
+    hook.remove()
+    X = torch.cat(seen)  # layer 0's attention input: the same in the compressed model
+
+    def out(lin: torch.nn.Module) -> torch.Tensor:
+        return X @ lin.weight.double().T + lin.bias.double()
+
+    rep, half = h // kv, hd // 2
+    eq = out(a.q_proj).square().sum(0).view(kv, rep, hd)
+    ek = out(a.k_proj).square().sum(0).view(kv, 1, hd)
+    score = (eq * ek).sum(1)
+    top = torch.sort(torch.topk(score[:, :half] + score[:, half:], 2, dim=1).indices, dim=1).values
+    want_rope = torch.cat([top, top + half], 1)
+    V = out(a.v_proj).view(-1, kv, hd)
+    O = a.o_proj.weight.double()
+    Y = [torch.cat([O[:, j * hd : (j + 1) * hd] for j in range(g * rep, (g + 1) * rep)]) @ V[:, g].T for g in range(kv)]
+    optimum = sum(float((torch.linalg.svdvals(y)[4:] ** 2).sum()) for y in Y)
+
+    per_layer = {"qk": (h + kv) * hd * d, "vo": (h + kv) * hd * d, "mlp": 3 * d * cfg.intermediate_size}
+    ratio = 0.5 * (per_layer["qk"] + per_layer["vo"]) / sum(per_layer.values())
+    compress(model, [f"modegpt:ratio={ratio},parts=qk+vo,allocate=uniform"], calib_ids)
+    assert isinstance(a, ModularAttentionMixin) and a.qk_dim == 4 and a.v_dim == 4
+    assert a.rope_index.tolist() == want_rope.tolist()
+    V2 = out(a.v_proj).view(-1, kv, 4)
+    O2 = a.o_proj.weight.double()
+    err = sum(float((Y[g] - torch.cat([O2[:, j * 4 : (j + 1) * 4] for j in range(g * rep, (g + 1) * rep)]) @ V2[:, g].T).square().sum())
+              for g in range(kv))
+    assert err <= optimum * (1 + 1e-4) + 1e-9, (err, optimum)

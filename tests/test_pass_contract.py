@@ -27,7 +27,7 @@ from compress.solvers.lowrank import rank_for_ratio
 from compress.solvers.sparse import satisfies_nm
 from compress.solvers.sparse24 import unpack_24
 
-from .conftest import GENERIC_FAMILY, TINY_CONFIGS, make_tiny
+from .conftest import GENERIC_FAMILY, TINY_CONFIGS, family_of, make_tiny
 
 RATIO = 0.3
 Check = Callable[[str, torch.nn.Module, int, int], None]
@@ -75,7 +75,9 @@ def _lora(rank: int) -> Check:
 
 
 def _modular(name: str, mod: torch.nn.Module, m: int, n: int) -> None:
-    assert type(mod) is torch.nn.Linear and mod.out_features * mod.in_features < m * n, name
+    # the global allocation may keep one pair's whole width in a lightly reduced layer: the row's
+    # size bound (target_ratio) checks the total
+    assert type(mod) is torch.nn.Linear and mod.out_features * mod.in_features <= m * n, name
 
 
 def _sliced(name: str, mod: torch.nn.Module, m: int, n: int) -> None:
@@ -130,6 +132,11 @@ def _family(adapter: str) -> str:
     return GENERIC_FAMILY if adapter == "generic" else adapter
 
 
+def _adapter_name(row: str) -> str:
+    """The adapter a table row's model goes through (a variant row, e.g. qwen2-gqa7, through its family's)."""
+    return row if row == "generic" else family_of(row)
+
+
 def test_every_registered_pass_has_a_contract_row() -> None:
     missing = set(all_passes()) - set(CASES) - set(CHAINED)
     assert not missing, f"passes without a row in the contract table of tests/test_pass_contract.py: {sorted(missing)}"
@@ -138,9 +145,9 @@ def test_every_registered_pass_has_a_contract_row() -> None:
 def test_every_adapter_is_in_the_table() -> None:
     from compress.adapters import ADAPTERS as DECLARED
 
-    assert {a.name for a in DECLARED} | {"generic"} == set(ADAPTERS)
+    assert {a.name for a in DECLARED} | {"generic"} == {_adapter_name(r) for r in ADAPTERS}
     for adapter in ADAPTERS:
-        assert get_adapter(make_tiny(_family(adapter))).name == adapter
+        assert get_adapter(make_tiny(_family(adapter))).name == _adapter_name(adapter)
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -191,8 +198,8 @@ def _round_trips(model: torch.nn.Module, report: object, logits: torch.Tensor, t
 def test_pass_contract(pass_name: str, adapter: str, tied: bool, calib_ids: torch.Tensor, tmp_path: Path) -> None:
     row = CASES[pass_name]
     model = make_tiny(_family(adapter), tied=tied)
-    assert get_adapter(model).name == adapter
-    refused = dict(row.refused).get(adapter)
+    assert get_adapter(model).name == _adapter_name(adapter)
+    refused = dict(row.refused).get(_adapter_name(adapter))
     if refused is not None:
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(ConfigError, match=refused):

@@ -1,19 +1,17 @@
 """MoDeGPT: reduce the inner width of each decoder layer's three module pairs (arXiv 2408.09632).
 
-The pass removes a fraction ``ratio`` of the decoder layers' linear parameters without a gradient
-step and without new module types: the MLP's intermediate width (Nyström), the query/key head width
-(CR decomposition, in whole rotary pairs, per key-value group) and the value/output head width
-(whitened SVD per key-value group). The result is dense, smaller matrices: it is the one method of
-the toolkit that is faster on any hardware. The math is in :mod:`compress.solvers.modular`; the
-attention with reduced widths in :mod:`compress.modules.modular`.
+The pass removes a fraction ``ratio`` of the decoder layers' linear parameters, without a gradient
+step: the MLP's intermediate width (Nyström), the query/key head width (CR, in whole rotary pairs,
+per key-value group) and the value/output head width (whitened SVD per key-value group), leaving
+dense, smaller matrices (faster on any hardware). Math: :mod:`compress.solvers.modular`; attention
+with reduced widths: :mod:`compress.modules.modular`.
 
 Per-layer sparsity φ (the fraction of the layer's linear parameters removed): ``allocate=global``
 (default) takes φ = L·ratio·softmax(−s/ε) over the block-influence scores s (1 − cos of a layer's
 input and output, from one forward of the dense model before the first layer), capped at
 ``max_sparsity``; ``allocate=uniform`` takes φ = ratio in every layer. Removing φ of every module's
-inner width removes φ of the layer's linear parameters (each inner dimension carries the same
-number of weights in both matrices of its pair), so ``ratio`` is the fraction of all decoder linear
-parameters removed, up to rounding (reported).
+inner width removes φ of the layer's linear parameters, so ``ratio`` is the fraction of all decoder
+linear parameters removed, up to rounding (reported).
 
 Choices where the paper is silent, with the reason:
 
@@ -21,8 +19,9 @@ Choices where the paper is silent, with the reason:
   O_h·W_v of a group's query heads, whitened by the input correlation), not the unofficial
   implementation's SVD of the whitened W_v alone;
 * query/key scores use the diagonal energies of W_q C W_qᵀ and W_k C W_kᵀ (the paper's column norms
-  of C_q^{1/2}, C_k^{1/2}); a query/key bias (Qwen2) is sliced with its rows but does not enter the
-  score;
+  of C_q^{1/2}, C_k^{1/2});
+* a q/k/v bias (Qwen2) enters both solvers as an input column ([W | b] on [x; 1]): Qwen2.5's q/k
+  biases carry 45–100 % of those outputs' energy, and its value bias often cancels the mean of W_v x;
 * each part is re-observed on the layer as the earlier parts left it (attention first, then the MLP
   on the compressed attention's output), like the engine's other passes.
 
@@ -44,9 +43,10 @@ from ..config import PassConfig, option
 from ..errors import ConfigError
 from ..modules.base import CompressedLinear, hf_config, linear_at, set_linear_weight, weight_of
 from ..modules.modular import NO_DENSE_REASON, full_rope_index, make_modular
+from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.allocate import allocate_sparsity, knapsack
-from ..solvers.modular import MLP_RIDGE, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
+from ..solvers.modular import MLP_RIDGE, affine_system, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
 from .base import Capabilities, LayerContext, ModelContext, ModelPass, PassPlan, Shapes, Site, Stored, layer_relative_name, require_layout
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class MoDeGPTConfig(PassConfig):
     allocate: str = option(
         "global", "per-layer sparsity: from block-influence scores ('global'), the same in every layer ('uniform'), or a knapsack "
         "over each layer's measured relative reconstruction errors ('knapsack')", choices=("global", "uniform", "knapsack"))
-    temperature: float = option(0.1, "global allocation: softmax temperature ε over the block-influence scores (smaller: more uneven)",
-                                min=0.0, min_open=True)
+    temperature: float = option(0.1, "global allocation: softmax temperature ε over block influence (smaller: more uneven)", min=0.0, min_open=True)
     max_sparsity: float = option(0.8, "global allocation: the most any layer loses", min=0.0, max=1.0, min_open=True, max_open=True)
     parts: str = option("mlp+qk+vo", "modules to reduce, '+'-separated: mlp (Nyström), qk (CR), vo (SVD)")
     ridge: float = option(MLP_RIDGE, "MLP leverage-score ridge, times the mean diagonal of the correlation", min=0.0, min_open=True)
@@ -70,19 +69,22 @@ class MoDeGPTConfig(PassConfig):
 
 def _projections(adapter: ModelAdapter) -> tuple[str, str, str, str]:
     """The adapter's q, k, v and o projections, relative to its attention module."""
-    prefix = adapter.attention + "."
-    names = (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj)
-    rel = tuple(n.removeprefix(prefix) for n in names)
-    return rel[0], rel[1], rel[2], rel[3]
+    q, k, v, o = (n.removeprefix(adapter.attention + ".") for n in (adapter.q_proj, adapter.k_proj, adapter.v_proj, adapter.o_proj))
+    return q, k, v, o
+
+
+#: statistics of the attention input: its Gram, and its sum for a q/k/v bias
+ATTN_KINDS = frozenset({"gram", "mean"})
+
+
+def _affine(st: LinearStats, lins: list[nn.Linear]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    assert st.gram is not None
+    return affine_system(st.gram, st.x_sum, st.n_tokens, [m.weight.detach() for m in lins], [m.bias for m in lins])
 
 
 @dataclass(frozen=True)
-class _Geometry:
-    heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    intermediate: int
+class _Geometry:  # query heads, key-value heads, head width, hidden size, MLP width
+    heads: int; kv_heads: int; head_dim: int; hidden: int; intermediate: int  # noqa: E702
 
 
 @register_pass
@@ -120,7 +122,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
     def capabilities(self) -> Capabilities:
         # the knapsack reads every layer's correlations (dense model) before the first layer is reduced
         return Capabilities(requires_calibration=True, uses_layer_inputs=True,
-                            profile=frozenset({"gram"}) if self.config.allocate == "knapsack" else frozenset())
+                            profile=ATTN_KINDS if self.config.allocate == "knapsack" else frozenset())
 
     #: layer sparsities the knapsack chooses from
     GRID = tuple(j / 20 for j in range(20))
@@ -137,8 +139,8 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
         a, g = self._adapter, self._g
         grid = [phi for phi in self.GRID if phi <= self.config.max_sparsity + 1e-12]
         sizes = [self._sizes(g, phi) for phi in grid]
-        C_attn = stats.linears[a.q_proj].gram
-        q, k, v, o = (weight_of(layer.get_submodule(n)).detach().cpu() for n in (a.q_proj, a.k_proj, a.v_proj, a.attn_output))
+        C_attn, (q, k, v) = _affine(stats.linears[a.q_proj], [linear_at(layer, n) for n in (a.q_proj, a.k_proj, a.v_proj)])
+        o = weight_of(layer.get_submodule(a.attn_output)).detach().cpu()
         err = [0.0] * len(grid)
         if "qk" in self.parts:
             e = qk_errors(q, k, C_attn, g.heads, g.kv_heads, g.head_dim, [s["qk"] // 2 for s in sizes])
@@ -253,10 +255,13 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
         at run time otherwise."""
         return super().stored_bits(d_out, d_in, dtype, before) if self.config.allocate == "uniform" else None
 
+    @staticmethod
+    def _part_names(adapter: ModelAdapter) -> dict[str, tuple[str, ...]]:
+        return {"mlp": (adapter.gate_proj, adapter.up_proj, adapter.mlp_output), "qk": (adapter.q_proj, adapter.k_proj),
+                "vo": (adapter.v_proj, adapter.attn_output)}
+
     def _pair_names(self, adapter: ModelAdapter) -> tuple[str, ...]:
-        names = {"mlp": (adapter.gate_proj, adapter.up_proj, adapter.mlp_output), "qk": (adapter.q_proj, adapter.k_proj),
-                 "vo": (adapter.v_proj, adapter.attn_output)}
-        return tuple(n for p in self.parts for n in names[p])
+        return tuple(n for p in self.parts for n in self._part_names(adapter)[p])
 
     def selects(self, name: str, adapter: ModelAdapter) -> bool:  # the module pairs, whatever targets= says
         return layer_relative_name(name, adapter.layers_path) in self._pair_names(adapter)
@@ -303,7 +308,6 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
 
     def compress_layer(self, index: int, layer: nn.Module, ctx: LayerContext) -> dict[str, dict[str, Any]]:
         a, g, dims = ctx.adapter, self._g, self._dims[index]
-        infos: dict[str, dict[str, Any]] = {}
         base = {"sparsity": round(self._phi[index], 6)}
         if self._influence:
             base["influence"] = round(self._influence[index], 6)
@@ -313,39 +317,37 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
             rope = full_rope_index(g.kv_heads, g.head_dim)
             qk, vo = g.head_dim, g.head_dim
             if dims["qk"] < g.head_dim or dims["vo"] < g.head_dim:
-                C = ctx.observe([a.q_proj], frozenset({"gram"})).linears[a.q_proj].gram
-                assert C is not None
+                C, (Wq, Wk, Wv) = _affine(ctx.observe([a.q_proj], ATTN_KINDS).linears[a.q_proj], [q, k, v])
                 if dims["qk"] < g.head_dim:
-                    rope = cr_qk(q.weight, k.weight, C, g.heads, g.kv_heads, g.head_dim, dims["qk"] // 2).to(q.weight.device)
+                    rope = cr_qk(Wq, Wk, C, g.heads, g.kv_heads, g.head_dim, dims["qk"] // 2).to(q.weight.device)
                     qk = dims["qk"]
                     rep = g.heads // g.kv_heads
                     q_rows = torch.cat([h * g.head_dim + rope[h // rep] for h in range(g.heads)])
                     k_rows = torch.cat([j * g.head_dim + rope[j] for j in range(g.kv_heads)])
                     for lin, rows in ((q, q_rows), (k, k_rows)):
                         set_linear_weight(lin, lin.weight[rows], None if lin.bias is None else lin.bias[rows])
-                    infos[a.q_proj] = infos[a.k_proj] = {**base, "qk_dim": qk, "head_dim": g.head_dim}
                 if dims["vo"] < g.head_dim:
                     vo = dims["vo"]
-                    W_v, W_o, T = svd_vo(v.weight, o.weight, C, g.heads, g.kv_heads, g.head_dim, vo)
-                    b_v = None if v.bias is None else torch.einsum("grh,gh->gr", T, v.bias.double().view(g.kv_heads, g.head_dim)).reshape(-1)
-                    set_linear_weight(v, W_v, b_v)
+                    W_v, W_o, _ = svd_vo(Wv, o.weight, C, g.heads, g.kv_heads, g.head_dim, vo)
+                    d_in = v.weight.shape[1]  # with a bias, the last column of the affine weight is the new bias
+                    set_linear_weight(v, W_v[:, :d_in], None if v.bias is None else W_v[:, d_in])
                     set_linear_weight(o, W_o)
-                    infos[a.v_proj] = infos[a.attn_output] = {**base, "v_dim": vo, "head_dim": g.head_dim}
                 del C
                 make_modular(attn, qk, vo, rope.to(q.weight.device), _projections(a))
             if dims["mlp"] < g.intermediate:
-                C = ctx.observe([a.mlp_output], frozenset({"gram"})).linears[a.mlp_output].gram
-                assert C is not None
+                C_mlp = ctx.observe([a.mlp_output], frozenset({"gram"})).linears[a.mlp_output].gram
+                assert C_mlp is not None
                 gate, up, down = (linear_at(layer, n) for n in (a.gate_proj, a.up_proj, a.mlp_output))
-                kept, W_down = nystrom_mlp(C, down.weight, dims["mlp"], self.config.ridge)
+                kept, W_down = nystrom_mlp(C_mlp, down.weight, dims["mlp"], self.config.ridge)
                 kept = kept.to(gate.weight.device)
                 for lin in (gate, up):
                     set_linear_weight(lin, lin.weight[kept], None if lin.bias is None else lin.bias[kept])
                 set_linear_weight(down, W_down)
-                del C
-                for n in (a.gate_proj, a.up_proj, a.mlp_output):
-                    infos[n] = {**base, "intermediate": dims["mlp"], "intermediate_before": g.intermediate}
-        return infos
+                del C_mlp
+        # every pair of the parts is recorded, also where the layer's allocation keeps its whole width
+        widths = {"qk": {"qk_dim": qk, "head_dim": g.head_dim}, "vo": {"v_dim": vo, "head_dim": g.head_dim},
+                "mlp": {"intermediate": dims["mlp"], "intermediate_before": g.intermediate}}
+        return {n: {**base, **widths[p]} for p in self.parts for n in self._part_names(a)[p]}
 
     def finish(self, ctx: ModelContext) -> None:
         widths = {d["mlp"] for d in self._dims.values()}

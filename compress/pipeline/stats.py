@@ -1,6 +1,6 @@
 """Calibration statistics of linear-layer inputs.
 
-Statistics are plain sums (XᵀX, Σ|x|, Σx², token counts) held in one :class:`LayerStats` object
+Statistics are plain sums (XᵀX, Σx, Σ|x|, Σx², token counts) held in one :class:`LayerStats` object
 per decoder layer, never inside hook closures, so that a data-parallel calibration can all-reduce
 them unchanged (see :meth:`LinearStats.tensors`).
 """
@@ -16,7 +16,7 @@ BATCH_DTYPE = torch.float32
 ACCUM_DTYPE = torch.float64
 
 #: statistics a pass may declare
-KINDS = frozenset({"gram", "abs_mean", "rms", "abs_max"})
+KINDS = frozenset({"gram", "mean", "abs_mean", "rms", "abs_max"})
 #: a profile kind: the loss-gradient statistics of every target (see compress.pipeline.gradients),
 #: in :attr:`LayerStats.sensitivity` during the profile
 SENSITIVITY = "sensitivity"
@@ -33,6 +33,7 @@ class LinearStats:
         self.kinds = frozenset(kinds)
         self.n_tokens = 0
         self.gram: torch.Tensor | None = None  # (d_in, d_in) Σ xᵀx
+        self.x_sum: torch.Tensor | None = None  # (d_in,) Σ x
         self.abs_sum: torch.Tensor | None = None  # (d_in,) Σ |x|
         self.sq_sum: torch.Tensor | None = None  # (d_in,) Σ x²
         self.abs_max: torch.Tensor | None = None  # (d_in,) max |x|
@@ -46,6 +47,9 @@ class LinearStats:
             # accumulated in place (float32 into float64 promotes element by element: the same sums
             # without a float64 copy of each batch's product, 1.6 GB at a 14336-wide input)
             self.gram = g.to(ACCUM_DTYPE, copy=True) if self.gram is None else self.gram.add_(g)
+        if "mean" in self.kinds:
+            s = x.sum(0).to(device="cpu", dtype=ACCUM_DTYPE)
+            self.x_sum = s if self.x_sum is None else self.x_sum.add_(s)
         if "abs_mean" in self.kinds:
             s = x.abs().sum(0).to(device="cpu", dtype=ACCUM_DTYPE)
             self.abs_sum = s if self.abs_sum is None else self.abs_sum.add_(s)
@@ -59,7 +63,7 @@ class LinearStats:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The sums as tensors (for all-reduce or caching); ``abs_max`` reduces with max."""
         out = {"n_tokens": torch.tensor(float(self.n_tokens), dtype=ACCUM_DTYPE)}
-        for k in ("gram", "abs_sum", "sq_sum", "abs_max"):
+        for k in ("gram", "x_sum", "abs_sum", "sq_sum", "abs_max"):
             v = getattr(self, k)
             if v is not None:
                 out[k] = v

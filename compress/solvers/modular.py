@@ -100,6 +100,24 @@ def svd_vo(
     return torch.cat(new_v, 0), torch.cat(new_o, 1), torch.stack(trans)
 
 
+def affine_system(
+    C: torch.Tensor, x_sum: torch.Tensor | None, n: int, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(Gram, weights) of linears that read one input: ``C`` and the weights when none has a bias;
+    otherwise the Gram of [x; 1], [[C, Σx], [Σxᵀ, n]], and each weight as [W | b] (a zero column
+    where a linear has no bias), so that the solvers above see the affine maps x ↦ Wx + b."""
+    if all(b is None for b in biases):
+        return C, weights
+    assert x_sum is not None, "a bias needs the inputs' sum (statistic 'mean')"
+    d = C.shape[0]
+    out = C.new_empty(d + 1, d + 1)
+    out[:d, :d] = C
+    out[:d, d] = out[d, :d] = x_sum.to(C.dtype)
+    out[d, d] = float(n)
+    cols = [W.new_zeros(W.shape[0]) if b is None else b.to(W.dtype) for W, b in zip(weights, biases)]
+    return out, [torch.cat([W, b[:, None]], 1) for W, b in zip(weights, cols)]
+
+
 def nystrom_errors(C: torch.Tensor, W_down: torch.Tensor, keeps: list[int], ridge: float = MLP_RIDGE) -> list[float]:
     """Relative output error of the down projection ‖W_down (C − C_{:,S} C_SS⁻¹ C_{S,:}) W_downᵀ‖_tr /
     tr(W_down C W_downᵀ) for each kept width (channels chosen by :func:`nystrom_mlp`'s scores)."""
