@@ -45,7 +45,7 @@ def slicegpt_sparsity_for(model, params_target: int, round_to: int = 8) -> float
 
 
 def _notes(data: dict) -> list[str]:  # type: ignore[type-arg]
-    return [
+    return MODEL_NOTES.get(data["protocol"].get("model", ""), []) + [
         "ppl: token-level WikiText-2 test perplexity, first windows of 2048 tokens (see protocol).",
         "params: all parameters of the model (tied embedding/head once). params_removed: fraction of the dense model's parameters removed.",
         "options ratio: MoDeGPT's fraction of the decoder linear parameters removed (requested; rounding of the kept widths moves it slightly).",
@@ -59,7 +59,26 @@ def _notes(data: dict) -> list[str]:  # type: ignore[type-arg]
     ]
 
 
-TITLE = "MoDeGPT on SmolLM2-135M-Instruct, with SliceGPT and SVD-LLM at equal parameters"
+MODELS = {"smollm2-135m-instruct-q4_1-gguf": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
+
+
+def title(data: dict) -> str:  # type: ignore[type-arg]
+    model = data["protocol"].get("model", "")
+    return f"MoDeGPT on {MODELS.get(model, model)}, with SliceGPT and SVD-LLM at equal parameters"
+
+
+#: what a run on a model adds to the notes (the measured per-layer errors behind the rows)
+MODEL_NOTES = {
+    "qwen2.5-coder-0.5b": [
+        "Model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF dequantized to fp32 (../shared/models/qwen2.5-coder-0.5b/fetch.sh): "
+        "q/k/v biases, 14 query heads on 2 key-value heads, untied head, vocabulary 151,936; the first 4 perplexity windows.",
+        "Before 2026-12-07 the solvers ignored the q/k/v biases: modegpt ratio=0.25 (global) gave 1235.7 (issue 30's table). "
+        "On this model the query and key biases carry 45-100 % of those projections' output energy and the value bias often "
+        "cancels the mean of W_v x (bench/results/modegpt_qwen_parts.md). Every row here is after the fix.",
+        "SliceGPT also slices the embedding and the untied head (272 M of the 630 M parameters here); MoDeGPT reduces only the "
+        "decoder linears (358 M), so equal parameters need a larger MoDeGPT ratio (0.385 for SliceGPT 0.25's size).",
+    ],
+}
 
 
 def measure_speed(out: Path, model_path: str, prompt: int, new: int) -> None:
@@ -101,7 +120,7 @@ def measure_speed(out: Path, model_path: str, prompt: int, new: int) -> None:
 
     res = Results.__new__(Results)
     res.path, res.data, res.columns = out, data, COLUMNS
-    res.write_markdown(TITLE, _notes(data))
+    res.write_markdown(title(data), _notes(data))
 
 
 COLUMNS = ["method", "options", "ppl", "params", "params_removed", "prefill_vs_dense", "decode_vs_dense", "seconds", "seconds_vs_forward"]
@@ -172,7 +191,7 @@ def main() -> None:
         else:
             bench.row("slicegpt", [f"slicegpt:sparsity={sp}"], {"options": f"sparsity={sp} (<= modegpt {r} parameters)"}, measure=keep)
     bench.results.path.with_suffix(".json").write_text(json.dumps(bench.results.data, indent=2) + "\n")
-    bench.results.write_markdown(TITLE, _notes(bench.results.data))
+    bench.results.write_markdown(title(bench.results.data), _notes(bench.results.data))
 
 
 if __name__ == "__main__":
