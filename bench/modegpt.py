@@ -73,7 +73,7 @@ MODEL_NOTES = {
         "Model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF dequantized to fp32 (../shared/models/qwen2.5-coder-0.5b/fetch.sh): "
         "q/k/v biases, 14 query heads on 2 key-value heads, untied head, vocabulary 151,936; the first 4 perplexity windows.",
         "Before 2026-12-07 the solvers ignored the q/k/v biases: modegpt ratio=0.25 (global) gave 1235.7 (issue 30's table). "
-        "On this model the query and key biases carry 45-100 % of those projections' output energy and the value bias often "
+        "On this model the query biases carry 58-99 % and the key biases 22-100 % of those projections' output energy per layer and the value bias often "
         "cancels the mean of W_v x (bench/results/modegpt_qwen_parts.md). Every row here is after the fix.",
         "SliceGPT also slices the embedding and the untied head (272 M of the 630 M parameters here); MoDeGPT reduces only the "
         "decoder linears (358 M), so equal parameters need a larger MoDeGPT ratio (0.385 for SliceGPT 0.25's size).",

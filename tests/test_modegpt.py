@@ -260,8 +260,8 @@ def test_qwen_shaped_attention_reaches_the_exact_optimum_with_its_biases(calib_i
     top = torch.sort(torch.topk(score[:, :half] + score[:, half:], 2, dim=1).indices, dim=1).values
     want_rope = torch.cat([top, top + half], 1)
     V = out(a.v_proj).view(-1, kv, hd)
-    O = a.o_proj.weight.double()
-    Y = [torch.cat([O[:, j * hd : (j + 1) * hd] for j in range(g * rep, (g + 1) * rep)]) @ V[:, g].T for g in range(kv)]
+    W_o = a.o_proj.weight.double()
+    Y = [torch.cat([W_o[:, j * hd : (j + 1) * hd] for j in range(g * rep, (g + 1) * rep)]) @ V[:, g].T for g in range(kv)]
     optimum = sum(float((torch.linalg.svdvals(y)[4:] ** 2).sum()) for y in Y)
 
     per_layer = {"qk": (h + kv) * hd * d, "vo": (h + kv) * hd * d, "mlp": 3 * d * cfg.intermediate_size}

@@ -21,7 +21,7 @@ Choices where the paper is silent, with the reason:
 * query/key scores use the diagonal energies of W_q C W_qᵀ and W_k C W_kᵀ (the paper's column norms
   of C_q^{1/2}, C_k^{1/2});
 * a q/k/v bias (Qwen2) enters both solvers as an input column ([W | b] on [x; 1]): Qwen2.5's q/k
-  biases carry 45–100 % of those outputs' energy, and its value bias often cancels the mean of W_v x;
+  biases carry 22–100 % of those outputs' energy, and its value bias often cancels the mean of W_v x;
 * each part is re-observed on the layer as the earlier parts left it (attention first, then the MLP
   on the compressed attention's output), like the engine's other passes.
 
