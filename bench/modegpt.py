@@ -77,6 +77,8 @@ MODEL_NOTES = {
         "cancels the mean of W_v x (bench/results/modegpt_qwen_parts.md). Every row here is after the fix.",
         "SliceGPT also slices the embedding and the untied head (272 M of the 630 M parameters here); MoDeGPT reduces only the "
         "decoder linears (358 M), so equal parameters need a larger MoDeGPT ratio (0.385 for SliceGPT 0.25's size).",
+        "On this model the prefill/decode columns were not measured (no speed phase), and the seconds are upper bounds: the "
+        "quantization benchmark, statistics captures and the test suite shared the two cores during these rows.",
     ],
 }
 
