@@ -78,8 +78,10 @@ ATTN_KINDS = frozenset({"gram", "mean"})
 
 
 def _affine(st: LinearStats, lins: list[nn.Linear]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    assert st.gram is not None
-    return affine_system(st.gram, st.x_sum, st.n_tokens, [m.weight.detach() for m in lins], [m.bias for m in lins])
+    assert st.gram is not None  # the solvers run where the statistics are (the CPU), as set_linear_weight moves results back
+    dev = st.gram.device
+    return affine_system(st.gram, st.x_sum, st.n_tokens, [m.weight.detach().to(dev) for m in lins],
+                         [None if m.bias is None else m.bias.detach().to(dev) for m in lins])
 
 
 @dataclass(frozen=True)
