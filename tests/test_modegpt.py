@@ -274,3 +274,26 @@ def test_qwen_shaped_attention_reaches_the_exact_optimum_with_its_biases(calib_i
     err = sum(float((Y[g] - torch.cat([O2[:, j * 4 : (j + 1) * 4] for j in range(g * rep, (g + 1) * rep)]) @ V2[:, g].T).square().sum())
               for g in range(kv))
     assert err <= optimum * (1 + 1e-4) + 1e-9, (err, optimum)
+
+
+def test_the_mean_statistic_survives_the_cache_and_gives_the_affine_maps_energies(tmp_path: Path) -> None:
+    """Σx is cached like the Gram, and [[C, Σx], [Σxᵀ, n]] with [W | b] gives Σ(Wx + b)² exactly."""
+    from compress.pipeline.stats import LayerStats
+    from compress.solvers.modular import affine_system, qk_energy
+    from compress.statscache import StatsCache
+
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 50, 6, generator=g) + 2.0
+    W, b = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    stats = LayerStats(frozenset({"gram", "mean"}))
+    for x in X:
+        stats.observe("q", x)
+    cache = StatsCache(tmp_path, "k")
+    cache.save_layer(0, stats)
+    st = StatsCache(tmp_path, "k").load_layer(0).linears["q"]
+    assert st.n_tokens == 150 and torch.allclose(st.x_sum, X.reshape(-1, 6).double().sum(0))
+    C, (Wa, Wn) = affine_system(st.gram, st.x_sum, st.n_tokens, [W, W], [b, None])
+    direct = (X.reshape(-1, 6).double() @ W.T + b).square().sum(0)
+    torch.testing.assert_close(qk_energy(Wa, C), direct, rtol=1e-6, atol=1e-6)  # batch products in float32
+    torch.testing.assert_close(qk_energy(Wn, C), (X.reshape(-1, 6).double() @ W.T).square().sum(0), rtol=1e-6, atol=1e-6)
+    assert affine_system(st.gram, None, 0, [W], [None]) == (st.gram, [W])
