@@ -82,8 +82,8 @@ def plan(
     strings. ``calib``: a :class:`CalibConfig` (replaces the recipe's calibration block), a mapping of
     settings that override the recipe's block (the CLI's flags), or token ids (samples × seqlen).
     ``out``: the output directory of a run that writes a checkpoint (None: in memory). ``precomputed_stats``:
-    the statistics come from a provider (a sweep): only passes reading the layer inputs need forwards. ``budget`` (``"bits=3.0"``, ``"size=0.5"``,
-    ``"params=0.75"``; then ``recipe`` is None): the recipe is chosen per target by the search among the
+    the statistics come from a provider (a sweep): only passes reading the layer inputs need forwards.
+    ``budget`` (``"bits=3.0"``, ``"size=0.5"``, ``"params=0.75"``; then ``recipe`` is None): the recipe is chosen per target by the search among the
     ``search`` candidates (:mod:`compress.planning.searched`)."""
     rec, found = _search(model, recipe, out, budget, search, calib, batch_size, overwrite, eval_spec, data_dir, tokenizer,
                          device, dtype, gguf_file, trust_remote_code)

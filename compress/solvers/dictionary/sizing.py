@@ -67,4 +67,3 @@ def largest_fitting(fits: Callable[[int], bool], lo: int, hi: int) -> int | None
         else:
             hi = mid - 1
     return lo
-
