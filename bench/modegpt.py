@@ -69,6 +69,11 @@ def title(data: dict) -> str:  # type: ignore[type-arg]
 
 #: what a run on a model adds to the notes (the measured per-layer errors behind the rows)
 MODEL_NOTES = {
+    "smollm2-135m-instruct-q4_1-gguf": [
+        "Since 2026-12-07 MoDeGPT records every module pair of a reduced part, also where a layer keeps its whole width, so "
+        "the JSON's target_ratio and bits_per_weight now count all decoder linears; the rows above predate that (re-run of "
+        "ratio=0.25 after it: ppl 46.884 and 108,007,488 parameters as here, bits_per_weight 24.01 instead of 23.735).",
+    ],
     "qwen2.5-coder-0.5b": [
         "Model: Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF dequantized to fp32 (../shared/models/qwen2.5-coder-0.5b/fetch.sh): "
         "q/k/v biases, 14 query heads on 2 key-value heads, untied head, vocabulary 151,936; the first 4 perplexity windows.",

@@ -392,7 +392,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
         return [
             f"MoDeGPT: ratio {self.config.ratio:g} requested, allocation {alloc}. Mean kept widths: MLP {mean['mlp']:.1f}/{g.intermediate}, "
             f"query/key {mean['qk']:.1f}/{g.head_dim}, value/output {mean['vo']:.1f}/{g.head_dim}. Decoder linear parameters removed: "
-            f"{removed:.4f} (of the layers it changed: {summary['target_ratio']:.4f}); whole model: {summary['model_ratio']:.4f} ({summary['model_params_before']:,} -> "
+            f"{removed:.4f} (of its targets: {summary['target_ratio']:.4f}); whole model: {summary['model_ratio']:.4f} ({summary['model_params_before']:,} -> "
             f"{summary['model_params_after']:,})."
         ]
 
