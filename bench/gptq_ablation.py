@@ -8,7 +8,8 @@ Every row uses ``propagate=dense`` (the next layer's inputs from the dense layer
 layer, about 2x faster on the CPU; on SmolLM2 it costs 35.35 -> 37.18 at the defaults), so that the
 rows compare the solver's options and nothing else. Rows: the defaults; activation order off;
 the clipping search off; both off; both off with static groups (activation order's other half); the
-clipping search on the attention linears only and on the MLP linears only.
+clipping search on the attention linears only and on the MLP linears only (two gptq passes split
+by ``targets``: the second observes its linears' inputs after the first quantized the attention).
 """
 
 from __future__ import annotations
