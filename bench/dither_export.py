@@ -43,9 +43,10 @@ def dither_(W: torch.Tensor, gen: torch.Generator, block: int = BLOCK, amplitude
     """Move every weight uniformly within ``amplitude`` of its grid cell, in place; returns the mean step
     over mean |w|."""
     step = grid_step(W, block) * amplitude
+    rel = float(step.mean() / W.abs().mean().clamp_min(1e-30))
     u = torch.rand(W.shape, generator=gen, dtype=W.dtype) - 0.5
     W.add_(u * step.repeat_interleave(block, dim=1))
-    return float(step.mean() / W.abs().mean().clamp_min(1e-30))
+    return rel
 
 
 def main() -> None:
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None, help="print the dense perplexity before and after (WikiText-2)")
     ap.add_argument("--windows", type=int, default=16)
     args = ap.parse_args()
+    if not 0.0 < args.amplitude <= 1.0:
+        ap.error(f"--amplitude {args.amplitude}: the offset spans a fraction of one grid cell, in (0, 1]")
     from compress.adapters import get_adapter
     from compress.models import load_model
 

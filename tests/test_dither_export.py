@@ -50,3 +50,11 @@ def test_dither_stays_within_half_a_step_and_leaves_the_grid() -> None:
     # off the grid: no weight is within 1 % of a step of a grid point any more, bar chance
     frac = ((W - before) / step.repeat_interleave(32, dim=1)).abs()
     assert float((frac < 0.01).float().mean()) < 0.05
+
+
+def test_amplitude_scales_the_offset() -> None:
+    W, step = _gridded()
+    before = W.clone()
+    dither_export.dither_(W, torch.Generator().manual_seed(1), amplitude=0.25)
+    assert bool(((W - before).abs() <= step.repeat_interleave(32, dim=1) / 8 + 1e-7).all())
+    assert float((W - before).abs().max()) > 0
