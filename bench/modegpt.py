@@ -86,7 +86,7 @@ MODEL_NOTES = {
         "quantization benchmark, statistics captures and the test suite shared the two cores during these rows.",
         "Part ablation (the ratio=0.03,parts=...,allocate=uniform rows): each removes about 11 M parameters (3 % of the decoder "
         "linears) from one part only: 49 % of the query/key width gives 185.18, 48 % of the value/output width 51.20, and 3.45 % "
-        "of the MLP width 135.14. Per parameter removed the MLP is the part that breaks. Lead, not yet fixed: in that row's layer 3 "
+        "of the MLP width 135.14. Per parameter removed the MLP is the part that breaks. Cause, measured and not yet fixed: in that row's layer 3 "
         "the refitted down projection has weights up to 11.95 in the row of hidden dimension 62 (2.09 in the dense model, where "
         "a single weight of that row, in column 2247, carries the first token's massive activation): the selection drops intermediate "
         "channel 2247 of layer 3 (no kept gate/up row matches it; layer 2's channel 1980 is kept) and the refit rebuilds it from others.",
