@@ -18,6 +18,7 @@ from compress.checkpoint import export_dense, read_manifest, save_checkpoint
 from compress.errors import ConfigError
 from compress.modules.modular import ModularAttentionMixin, full_rope_index, make_modular
 from compress.solvers.allocate import allocate_sparsity
+from compress.solvers.modular import nystrom_errors, nystrom_mlp
 
 from .conftest import make_tiny
 
@@ -117,6 +118,38 @@ def test_nystrom_drops_dead_channels_and_refits_exactly(calib_ids: torch.Tensor)
         assert not isinstance(layer.self_attn, ModularAttentionMixin)
     assert model.config.intermediate_size == 32 and len(alive) == 32
     torch.testing.assert_close(_logits(model), ref, atol=1e-4, rtol=1e-4)
+
+
+def _spiky_activations(seed: int, n: int = 512, d: int = 48) -> torch.Tensor:
+    """Intermediate activations with a massive-activation channel (0) that is nonzero on the first token
+    only, where eleven other channels spike too (the pattern of Qwen2.5's layer 3)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, 0] = 0
+    X[0] = 0
+    X[0, 0] = 300.0
+    X[0, 1:12] = 300.0 * torch.rand(11, generator=g, dtype=torch.float64)
+    return X
+
+
+def test_mlp_selection_keeps_the_channel_that_writes_a_massive_activation() -> None:
+    X, held_out = _spiky_activations(0), _spiky_activations(1)
+    W = 0.05 * torch.randn(16, 48, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    W[:, 0] = 0
+    W[3, 0] = 2.0  # the one weight that carries channel 0 to the output
+
+    def held_out_error(kept: torch.Tensor, W_new: torch.Tensor) -> float:
+        W_hat = torch.zeros_like(W)
+        W_hat[:, kept] = W_new
+        return float((held_out @ (W - W_hat).T).norm() / (held_out @ W.T).norm())
+
+    kept, W_new = nystrom_mlp(X.T @ X, W, 36)  # the default ranking
+    lev_kept, lev_W = nystrom_mlp(X.T @ X, W, 36, select="leverage")
+    assert 0 in kept.tolist() and 0 not in lev_kept.tolist()  # leverage sees channel 0 as spanned by the spiking ones
+    assert held_out_error(kept, W_new) < 0.6 * held_out_error(lev_kept, lev_W)
+    W_hat = torch.zeros_like(W).index_copy(1, kept, W_new)
+    calib_error = float(((X @ (W - W_hat).T).norm() / (X @ W.T).norm()) ** 2)
+    assert nystrom_errors(X.T @ X, W, [36])[0] == pytest.approx(calib_error, rel=1e-3)  # the knapsack sees the same channels
 
 
 def test_allocation_keeps_the_budget_and_the_cap() -> None:

@@ -1,10 +1,10 @@
 """MoDeGPT: reduce the inner width of each decoder layer's three module pairs (arXiv 2408.09632).
 
-The pass removes a fraction ``ratio`` of the decoder layers' linear parameters, without a gradient
-step: the MLP's intermediate width (Nyström), the query/key head width (CR, in whole rotary pairs,
-per key-value group) and the value/output head width (whitened SVD per key-value group), leaving
-dense, smaller matrices (faster on any hardware). Math: :mod:`compress.solvers.modular`; attention
-with reduced widths: :mod:`compress.modules.modular`.
+The pass removes a fraction ``ratio`` of the decoder layers' linear parameters, without a gradient step:
+the MLP's intermediate width (Nyström), the query/key head width (CR, in whole rotary pairs, per
+key-value group) and the value/output head width (whitened SVD per key-value group), leaving dense,
+smaller matrices (faster on any hardware). Math: :mod:`compress.solvers.modular`; attention with
+reduced widths: :mod:`compress.modules.modular`.
 
 Per-layer sparsity φ (the fraction of the layer's linear parameters removed): ``allocate=global``
 (default) takes φ = L·ratio·softmax(−s/ε) over the block-influence scores s (1 − cos of a layer's
@@ -18,6 +18,7 @@ Choices where the paper is silent, with the reason:
 * the value–output factorization is the exact optimum of the stated objective (the stacked
   O_h·W_v of a group's query heads, whitened by the input correlation), not the unofficial
   implementation's SVD of the whitened W_v alone;
+* MLP channels are ranked by their removal cost, not by leverage alone (``select``; the solver says why);
 * query/key scores use the diagonal energies of W_q C W_qᵀ and W_k C W_kᵀ (the paper's column norms
   of C_q^{1/2}, C_k^{1/2});
 * a q/k/v bias (Qwen2) enters both solvers as an input column ([W | b] on [x; 1]): Qwen2.5's q/k
@@ -46,7 +47,7 @@ from ..modules.modular import NO_DENSE_REASON, full_rope_index, make_modular
 from ..pipeline.stats import LinearStats
 from ..registry import register_pass
 from ..solvers.allocate import allocate_sparsity, knapsack
-from ..solvers.modular import MLP_RIDGE, affine_system, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
+from ..solvers.modular import MLP_RIDGE, MLP_SELECT, affine_system, cr_qk, nystrom_errors, nystrom_mlp, qk_errors, svd_vo, vo_errors
 from .base import Capabilities, LayerContext, ModelContext, ModelPass, PassPlan, Shapes, Site, Stored, layer_relative_name, require_layout
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class MoDeGPTConfig(PassConfig):
     temperature: float = option(0.1, "global allocation: softmax temperature ε over block influence (smaller: more uneven)", min=0.0, min_open=True)
     max_sparsity: float = option(0.8, "global allocation: the most any layer loses", min=0.0, max=1.0, min_open=True, max_open=True)
     parts: str = option("mlp+qk+vo", "modules to reduce, '+'-separated: mlp (Nyström), qk (CR), vo (SVD)")
-    ridge: float = option(MLP_RIDGE, "MLP leverage-score ridge, times the mean diagonal of the correlation", min=0.0, min_open=True)
+    ridge: float = option(MLP_RIDGE, "MLP selection ridge, times the mean diagonal of the correlation", min=0.0, min_open=True)
+    select: str = option("obs", "MLP channels kept: largest removal cost ‖W_down[:,i]‖²/[(C+λI)⁻¹]_ii ('obs'), or the paper's leverage of C alone", choices=MLP_SELECT)
     round_to: int = option(8, "round each layer's kept MLP width to a multiple of this", min=1)
 
 
@@ -152,7 +154,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
             err = [x + y for x, y in zip(err, e)]
         if "mlp" in self.parts:
             down = weight_of(layer.get_submodule(a.mlp_output)).detach().cpu()
-            e = nystrom_errors(stats.linears[a.mlp_output].gram, down, [s["mlp"] for s in sizes], self.config.ridge)
+            e = nystrom_errors(stats.linears[a.mlp_output].gram, down, [s["mlp"] for s in sizes], self.config.ridge, self.config.select)
             err = [x + y for x, y in zip(err, e)]
         kept = [((g.heads + g.kv_heads) * (s["qk"] + s["vo"]) + 3 * s["mlp"]) * g.hidden for s in sizes]
         self._options.append(list(zip(kept, err)))
@@ -259,8 +261,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
 
     @staticmethod
     def _part_names(adapter: ModelAdapter) -> dict[str, tuple[str, ...]]:
-        return {"mlp": (adapter.gate_proj, adapter.up_proj, adapter.mlp_output), "qk": (adapter.q_proj, adapter.k_proj),
-                "vo": (adapter.v_proj, adapter.attn_output)}
+        return {"mlp": (adapter.gate_proj, adapter.up_proj, adapter.mlp_output), "qk": (adapter.q_proj, adapter.k_proj), "vo": (adapter.v_proj, adapter.attn_output)}
 
     def _pair_names(self, adapter: ModelAdapter) -> tuple[str, ...]:
         return tuple(n for p in self.parts for n in self._part_names(adapter)[p])
@@ -290,8 +291,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
         model, adapter = ctx.model, ctx.adapter
         self._refused = ctx.plan.refused
         self._g = g = self._geometry(model, adapter)
-        n = len(adapter.layers(model))
-        c = self.config
+        n, c = len(adapter.layers(model)), self.config
         self._influence: list[float] = []
         if c.allocate == "uniform":
             self._phi = [min(c.ratio, c.max_sparsity)] * n
@@ -340,7 +340,7 @@ class MoDeGPTPass(ModelPass[MoDeGPTConfig]):
                 C_mlp = ctx.observe([a.mlp_output], frozenset({"gram"})).linears[a.mlp_output].gram
                 assert C_mlp is not None
                 gate, up, down = (linear_at(layer, n) for n in (a.gate_proj, a.up_proj, a.mlp_output))
-                kept, W_down = nystrom_mlp(C_mlp, down.weight, dims["mlp"], self.config.ridge)
+                kept, W_down = nystrom_mlp(C_mlp, down.weight, dims["mlp"], self.config.ridge, self.config.select)
                 kept = kept.to(gate.weight.device)
                 for lin in (gate, up):
                     set_linear_weight(lin, lin.weight[kept], None if lin.bias is None else lin.bias[kept])
