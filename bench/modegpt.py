@@ -71,7 +71,7 @@ def title(data: dict) -> str:  # type: ignore[type-arg]
 MODEL_NOTES = {
     "smollm2-135m-instruct-q4_1-gguf": [
         "Since 2026-12-07 MoDeGPT records every module pair of a reduced part, also where a layer keeps its whole width, so "
-        "the JSON's target_ratio and bits_per_weight now count all decoder linears; the rows above predate that (re-run of "
+        "the JSON's target_ratio and bits_per_weight now count all decoder linears; the select=leverage rows predate that (re-run of "
         "ratio=0.25 after it: ppl 46.884 and 108,007,488 parameters as here, bits_per_weight 24.01 instead of 23.735).",
         "Since 2026-12-08 the MLP keeps the channels whose single removal costs the refitted output most (select=obs, the "
         "default); the rows marked select=leverage are the earlier runs with the paper's ranking (same widths, so the same speed; "
