@@ -209,6 +209,7 @@ def test_a_later_pass_gets_only_widths_it_can_take(calib_ids: torch.Tensor) -> N
     (["gptq:bits=4,group=8", "modegpt:ratio=0.2"], r"modegpt must come before gptq"),
     (["magnitude:sparsity=0.5", "modegpt:ratio=0.2"], r"modegpt must come first: magnitude already changed model\.layers\.0\."),
     (["modegpt:ratio=1.5"], r"ratio"),
+    (["modegpt:select=greedy"], r"select.*obs.*leverage"),
 ])
 def test_bad_options_are_refused_before_the_model_is_touched(recipe: list[str], message: str, calib_ids: torch.Tensor) -> None:
     model = make_tiny("llama")
